@@ -1,0 +1,43 @@
+"""Lazy imports of heavy optional dependencies, each failing with the pip extra to install.
+
+Nothing here imports torch, tensorrt or triton at module import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from pddnet.errors import PddnetError
+
+_HINTS = {
+    "torch": "pip install 'pddnet[train]'  (pins torch==2.13.0; a CPU build is enough)",
+    "tensorrt": "pip install 'pddnet[gpu]'  (needs an NVIDIA GPU, CUDA and TensorRT >= 10.7)",
+    "triton": "pip install 'pddnet[dev]'  (or: pip install triton)",
+    "tritonclient": "pip install 'tritonclient[grpc]'",
+    "cuda": "pip install 'pddnet[gpu]'  (cuda-python)",
+}
+
+
+def require(module: str, purpose: str) -> ModuleType:
+    """Import ``module`` or raise PddnetError naming what needs it and how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # also raised when sys.modules[module] is None
+        root = module.split(".")[0]
+        hint = _HINTS.get(root, f"pip install {root}")
+        raise PddnetError(f"{purpose} needs the '{root}' package, which is not importable here "
+                          f"({exc}). Install it with: {hint}") from exc
+
+
+def torch() -> ModuleType:
+    return require("torch", "the PyTorch reference model")
+
+
+def available(module: str) -> bool:
+    """True when ``module`` imports; never raises."""
+    try:
+        importlib.import_module(module)
+    except Exception:
+        return False
+    return True

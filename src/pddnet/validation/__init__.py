@@ -1,0 +1,1 @@
+"""Metrics (numpy only), reference-vs-backend comparison, reports and benchmarks."""
