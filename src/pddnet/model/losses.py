@@ -1,0 +1,75 @@
+"""Training losses: the non-local label loss and the diffusion penalty of PDD-Net.
+
+The label loss supervises the whole displacement distribution, not only its mean: the
+moving scan's one-hot labels are sampled at every candidate displacement, weighted by the
+predicted probabilities, and compared with the fixed labels at each control point.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pddnet.model import ops
+
+Tensor = torch.Tensor
+
+
+def one_hot(labels: Tensor, num_classes: int) -> Tensor:
+    """``(I, J, K)`` integer labels -> ``(1, num_classes, I, J, K)`` float one-hot."""
+    return F.one_hot(labels.long(), num_classes).permute(3, 0, 1, 2).unsqueeze(0).float()
+
+
+def class_weights(label_maps, num_classes: int, power: float = 0.5) -> Tensor:
+    """``frequency^-power`` per class, normalised to mean 1 over the classes present."""
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for lab in label_maps:
+        counts += torch.bincount(torch.as_tensor(lab).long().reshape(-1), minlength=num_classes)[
+            :num_classes].double()
+    present = counts > 0
+    w = torch.zeros(num_classes, dtype=torch.float64)
+    w[present] = (counts[present] / counts.sum()).pow(-power)
+    w[present] /= w[present].mean()
+    return w.float()
+
+
+def soft_labels(labels_onehot: Tensor, factor: int = 2) -> Tensor:
+    """Average-pool one-hot labels by ``factor``: soft labels, cheaper to sample densely."""
+    return F.avg_pool3d(labels_onehot, factor, stride=factor) if factor > 1 else labels_onehot
+
+
+def nonlocal_label_loss(probs: Tensor, fixed_onehot: Tensor, moving_onehot: Tensor, grid,
+                        disp_size: int, capture: float, weights: Tensor) -> Tensor:
+    """Class-weighted MSE between fixed labels and probability-weighted moving labels.
+
+    Args:
+        probs: ``(G_i, G_j, G_k, L^3)`` displacement probabilities.
+        fixed_onehot, moving_onehot: ``(1, n_classes, I, J, K)`` one-hot or soft labels.
+        grid, disp_size, capture: the model's control grid and displacement set.
+        weights: ``(n_classes,)`` class weights.
+
+    Returns:
+        scalar: ``sum_c w_c mean_k (sum_d p(k, d) M_c(x_k + d) - F_c(x_k))^2 / n_classes``.
+    """
+    L = disp_size
+    dt, dev = probs.dtype, probs.device
+    disp = torch.linspace(-capture, capture, L, dtype=dt, device=dev)
+    pos = [(ops.cell_centres(int(g), dtype=dt, device=dev)[:, None] + disp).reshape(1, -1)
+           for g in grid]
+    n_cls = moving_onehot.shape[1]
+    moving = ops.lattice_sample(moving_onehot, *pos)  # (1, n, 1, Gi*L, Gj*L, Gk*L)
+    moving = moving.reshape(n_cls, grid[0], L, grid[1], L, grid[2], L)
+    moving = moving.permute(0, 1, 3, 5, 2, 4, 6).reshape(n_cls, *grid, L ** 3)
+    predicted = torch.einsum("nijkd,ijkd->nijk", moving, probs)
+    target = ops.control_features(fixed_onehot, grid)[0]  # (n, Gi, Gj, Gk)
+    per_class = (predicted - target).square().mean(dim=(1, 2, 3))
+    return (weights.to(dt) * per_class).sum() / n_cls
+
+
+def diffusion_penalty(grid_disp: Tensor) -> Tensor:
+    """Sum over axes of the mean squared forward difference of the control-grid displacement.
+
+    ``grid_disp`` is ``(G_i, G_j, G_k, 3)`` in normalised units (as in the authors' code, so
+    the paper's weight 1.5 keeps its meaning).
+    """
+    return sum(grid_disp.diff(dim=a).square().mean() for a in range(3))

@@ -1,0 +1,180 @@
+"""Weakly supervised training of PDD-Net: non-local label loss + diffusion penalty.
+
+Random pairs of training subjects, each scan independently augmented by a small random
+affine transform; Adam (the paper: lr 0.01, 1500 iterations). Every iteration draws its
+randomness from ``(seed, iteration)``, so a resumed run continues exactly as an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pddnet.errors import PddnetError
+from pddnet.model import losses, ops
+from pddnet.model.checkpoint import read_checkpoint, save_checkpoint
+from pddnet.model.config import PDDConfig
+from pddnet.model.network import PDDNet, normalise_intensity
+
+NUM_CLASSES = 14  # background + the 13 Learn2Reg abdomen labels
+
+
+@dataclass
+class TrainOptions:
+    iterations: int = 1500
+    lr: float = 0.01
+    diffusion_weight: float = 1.5
+    seed: int = 0
+    augment: bool = True
+    max_rotation_deg: float = 6.0
+    max_scale: float = 0.06
+    max_shift: float = 0.05      # normalised units (fraction of the half field of view)
+    checkpoint_every: int = 100
+    threads: int | None = None
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    history: list = field(default_factory=list)  # [iteration, loss, label, diffusion, seconds]
+
+
+def random_affine(rng: np.random.Generator, opts: TrainOptions) -> np.ndarray:
+    """A random ``(3, 4)`` affine in normalised array-order coordinates (output -> input)."""
+    angles = np.deg2rad(rng.uniform(-opts.max_rotation_deg, opts.max_rotation_deg, 3))
+    rot = np.eye(3)
+    for axis, ang in enumerate(angles):
+        c, s = math.cos(ang), math.sin(ang)
+        a, b = [ax for ax in range(3) if ax != axis]
+        r = np.eye(3)
+        r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
+        rot = rot @ r
+    scale = np.diag(1.0 + rng.uniform(-opts.max_scale, opts.max_scale, 3))
+    shift = rng.uniform(-opts.max_shift, opts.max_shift, 3)
+    return np.concatenate([rot @ scale, shift[:, None]], axis=1)
+
+
+def apply_affine(image: torch.Tensor, labels: torch.Tensor, theta: np.ndarray):
+    """Resample a ``(1,1,I,J,K)`` image (trilinear) and its labels (nearest) with ``theta``."""
+    shape = image.shape[2:]
+    base = ops.identity_grid(shape)
+    mat = torch.as_tensor(theta, dtype=torch.float32)
+    coords = base @ mat[:, :3].T + mat[:, 3]
+    img = ops.grid_sample3d(image, coords[None])
+    lab = ops.grid_sample3d(labels.float(), coords[None], mode="nearest")
+    return img, lab.round().long()
+
+
+class Trainer:
+    """Holds the model, optimiser and data; ``step(i)`` runs iteration ``i``."""
+
+    def __init__(self, model: PDDNet, subjects, opts: TrainOptions):
+        if len(subjects) < 2:
+            raise PddnetError(f"training needs at least 2 subjects with labels, got {len(subjects)}")
+        shapes = {tuple(img.shape) for img, _ in subjects}
+        if len(shapes) != 1:
+            raise PddnetError(f"all training images must share one shape; got {sorted(shapes)}. "
+                              f"Resample the data to a common grid first.")
+        self.model, self.opts = model, opts
+        self.image_shape = shapes.pop()
+        cfg = model.config
+        self.images = [torch.from_numpy(normalise_intensity(img, cfg.intensity))[None, None]
+                       for img, _ in subjects]
+        self.labels = [torch.from_numpy(np.asarray(lab, dtype=np.int64))[None, None]
+                       for _, lab in subjects]
+        top = max(int(lab.max()) for lab in self.labels)
+        if top >= NUM_CLASSES:
+            raise PddnetError(f"label value {top} found; PDD-Net trains on labels 0..{NUM_CLASSES - 1}")
+        self.weights = losses.class_weights([lab for lab in self.labels], NUM_CLASSES)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
+
+    def _sample(self, rng: np.random.Generator, index: int):
+        img, lab = self.images[index], self.labels[index]
+        if self.opts.augment:
+            img, lab = apply_affine(img, lab, random_affine(rng, self.opts))
+        return img, lab
+
+    def step(self, iteration: int) -> dict[str, float]:
+        opts, cfg = self.opts, self.model.config
+        rng = np.random.default_rng([opts.seed, iteration])
+        a, b = rng.choice(len(self.images), size=2, replace=False)
+        fixed, fixed_lab = self._sample(rng, int(a))
+        moving, moving_lab = self._sample(rng, int(b))
+        self.model.train()
+        out = self.model(fixed, moving)
+        f_oh = losses.soft_labels(losses.one_hot(fixed_lab[0, 0], NUM_CLASSES))
+        m_oh = losses.soft_labels(losses.one_hot(moving_lab[0, 0], NUM_CLASSES))
+        label = losses.nonlocal_label_loss(out.probs, f_oh, m_oh, cfg.grid, cfg.disp_size,
+                                           cfg.capture, self.weights)
+        diff = losses.diffusion_penalty(out.grid_disp)
+        loss = label + opts.diffusion_weight * diff
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.item(), "label": label.item(), "diffusion": diff.item()}
+
+
+def train(subjects, config: PDDConfig, out, opts: TrainOptions, *, resume=None,
+          progress: bool = True, metadata: dict | None = None) -> TrainState:
+    """Train on ``subjects`` (list of ``(image_HU, labels)`` arrays) and write checkpoints.
+
+    Writes ``out`` every ``opts.checkpoint_every`` iterations and at the end (atomically, so a
+    Ctrl-C leaves the last complete checkpoint). With ``resume`` (a checkpoint written by this
+    function), continues from its iteration with its optimiser state and history.
+    """
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    state = TrainState()
+    model = PDDNet(config, seed=opts.seed)
+    trainer = Trainer(model, subjects, opts)
+    if resume is not None:
+        ckpt = read_checkpoint(resume)
+        if ckpt.get("train") is None:
+            raise PddnetError(f"{resume} holds no training state to resume from (was it written "
+                              f"by 'pddnet train'?)")
+        if PDDConfig.from_dict(ckpt["config"]) != config:
+            raise PddnetError(f"{resume} was trained with a different config; resume with the "
+                              f"same --preset")
+        model.load_state_dict(ckpt["state_dict"])
+        trainer.optimizer.load_state_dict(ckpt["train"]["optimizer"])
+        state = TrainState(iteration=int(ckpt["train"]["iteration"]),
+                           history=list(ckpt["train"]["history"]))
+        if state.iteration >= opts.iterations:
+            raise PddnetError(f"{resume} is already at iteration {state.iteration} >= "
+                              f"--iterations {opts.iterations}; ask for more iterations")
+
+    def write():
+        save_checkpoint(out, model, image_shape=trainer.image_shape, metadata=metadata, train={
+            "iteration": state.iteration,
+            "optimizer": trainer.optimizer.state_dict(),
+            "history": state.history,
+            "options": asdict(opts),
+        })
+
+    from tqdm import tqdm
+
+    bar = tqdm(range(state.iteration, opts.iterations), initial=state.iteration,
+               total=opts.iterations, desc="train", disable=not progress, unit="it")
+    smooth = None
+    for it in bar:
+        t0 = time.perf_counter()
+        stats = trainer.step(it)
+        if not math.isfinite(stats["loss"]):
+            raise PddnetError(f"training diverged at iteration {it} (loss {stats['loss']}); "
+                              f"lower --lr or check the data")
+        state.iteration = it + 1
+        state.history.append([it, stats["loss"], stats["label"], stats["diffusion"],
+                              time.perf_counter() - t0])
+        smooth = stats["loss"] if smooth is None else 0.95 * smooth + 0.05 * stats["loss"]
+        bar.set_postfix(loss=f"{smooth:.4f}", diff=f"{stats['diffusion']:.4f}")
+        if state.iteration % opts.checkpoint_every == 0 or state.iteration == opts.iterations:
+            write()
+    model.eval()
+    return state
