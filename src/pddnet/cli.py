@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import click
 
@@ -37,6 +38,209 @@ def main() -> None:
 @main.group()
 def data() -> None:
     """Datasets: synthesise the embedded abdomen, inspect Learn2Reg folders."""
+
+
+@data.command("synth")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder to write the Learn2Reg layout into (new or empty).")
+@click.option("--subjects", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Number of subjects; >= 8 gives the default split (4 test, 2 validation, "
+                   "the rest training), 4-7 a reduced one (2 test, 2 validation).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Random seed; subject i depends only on (seed, i).")
+@click.option("--preset", type=click.Choice(["small", "l2r"]), default="small",
+              show_default=True,
+              help="l2r: 192x160x256 at 2 mm (Learn2Reg abdomen grid); small: 96x80x128 at 4 mm.")
+@click.option("--overwrite", is_flag=True,
+              help="Write into a non-empty folder that is not a previous synth output.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@_friendly
+def data_synth(out_dir: Path, subjects: int, seed: int, preset: str, overwrite: bool,
+               no_progress: bool) -> None:
+    """Write a synthetic abdominal CT dataset (images, 13 labels, dataset json).
+
+    Prints the initial Dice (no registration) of every test and validation pair and the time
+    per subject.
+    """
+    from pddnet.data.synth import write_dataset
+
+    report = write_dataset(out_dir, subjects=subjects, seed=seed, preset=preset,
+                           progress=not no_progress, overwrite=overwrite)
+    click.echo(report.summary())
+
+
+@data.command("info")
+@click.argument("dataset", type=click.Path(path_type=Path))
+@_friendly
+def data_info(dataset: Path) -> None:
+    """Describe a Learn2Reg dataset (a folder with one *_dataset.json, or the json itself).
+
+    Prints counts, geometry, label names, pairs per split and every problem found (missing
+    files, geometry mismatches); exits with status 1 when there are problems.
+    """
+    from pddnet.data.learn2reg import Learn2RegDataset
+
+    ds = Learn2RegDataset(dataset)
+    click.echo(ds.describe())
+    if ds.problems():
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------------------------
+# register (pddnet.runtime; torch-free)
+# --------------------------------------------------------------------------------------------
+class _ManyValuesCommand(click.Command):
+    """Lets ``--moving A B C`` stand for ``--moving A --moving B --moving C``."""
+
+    many = ("--moving", "--moving-labels")
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            a = args[i]
+            if a == "--":
+                out += args[i:]
+                break
+            if a in self.many:
+                j = i + 1
+                while j < len(args) and not args[j].startswith("-"):
+                    out += [a, args[j]]
+                    j += 1
+                if j == i + 1:
+                    out.append(a)
+                i = j
+                continue
+            out.append(a)
+            i += 1
+        return super().parse_args(ctx, out)
+
+
+@main.command("register", cls=_ManyValuesCommand)
+@click.option("--model", required=True, type=click.Path(dir_okay=False),
+              help="The .onnx written by `pddnet export`.")
+@click.option("--fixed", required=True, type=click.Path(dir_okay=False),
+              help="Fixed (reference) CT, NIfTI, any orientation and spacing.")
+@click.option("--moving", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="One or more moving CTs (--moving A B C); the fixed features are computed "
+                   "once and reused.")
+@click.option("--moving-labels", multiple=True, type=click.Path(dir_okay=False),
+              help="Label maps of the moving scans, one per moving scan, same order.")
+@click.option("--fixed-labels", type=click.Path(dir_okay=False),
+              help="Label map of the fixed scan (Dice/HD95 in the summary).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder (a subfolder per moving scan when there are several).")
+@click.option("--threads", type=click.IntRange(min=1), help="Backend intra-op threads.")
+@click.option("--backend", default="onnxruntime", show_default=True, help="Inference backend.")
+@click.option("--providers", default="cpu", show_default=True,
+              help="ONNX Runtime execution providers, comma-separated: cpu, cuda, tensorrt.")
+@click.option("--spacing-tolerance", default=0.3, show_default=True, type=click.FloatRange(min=0,
+              min_open=True), help="Allowed relative difference from the model's training "
+                                   "spacing, per axis.")
+@click.option("--l2r-half", is_flag=True,
+              help="Also write disp_l2r2020.npz (Learn2Reg 2020: half resolution, float16).")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@_friendly
+def register(model, fixed, moving, moving_labels, fixed_labels, out, threads, backend, providers,
+             spacing_tolerance, l2r_half, overwrite) -> None:
+    """Register moving CT scan(s) to a fixed one with an exported model (no torch needed).
+
+    Writes disp.nii.gz (voxels of the fixed grid, warped(x) = moving(x + u(x))), disp.npz,
+    warped.nii.gz, warped_labels.nii.gz (with --moving-labels) and summary.json, and prints
+    per-stage times and Dice.
+    """
+    from pddnet.runtime.batch import register_files
+
+    register_files(model, fixed, list(moving), out=out, moving_labels=list(moving_labels),
+                   fixed_labels=fixed_labels, threads=threads, backend=backend,
+                   providers=[p for p in providers.split(",") if p.strip()],
+                   overwrite=overwrite, spacing_tolerance=spacing_tolerance, l2r_half=l2r_half,
+                   echo=click.echo)
+
+
+# --------------------------------------------------------------------------------------------
+# train / evaluate / export (PyTorch side)
+# --------------------------------------------------------------------------------------------
+@main.command("train")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Learn2Reg-layout dataset (e.g. from `pddnet data synth`).")
+@click.option("--preset", "preset_name", default="small", show_default=True,
+              type=click.Choice(["small", "paper", "tiny"]), help="Model configuration.")
+@click.option("--iterations", default=1500, show_default=True, type=click.IntRange(min=1))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
+@click.option("--resume", type=click.Path(dir_okay=False, exists=True),
+              help="Continue from a checkpoint written by `pddnet train`.")
+@click.option("--lr", default=0.01, show_default=True, type=float, help="Adam learning rate.")
+@click.option("--diffusion-weight", default=1.5, show_default=True, type=float,
+              help="Weight of the diffusion penalty (the paper: 1.5).")
+@click.option("--minconv", type=click.Choice(["approx", "exact"]),
+              help="Override the preset's min-convolution.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--no-augment", is_flag=True, help="Disable the random affine augmentation.")
+@click.option("--checkpoint-every", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", type=click.IntRange(min=1), help="torch intra-op threads.")
+@_friendly
+def train_cmd(data_dir, preset_name, iterations, out, resume, lr, diffusion_weight, minconv, seed,
+              no_augment, checkpoint_every, threads) -> None:
+    """Train PDD-Net (non-local label loss + diffusion penalty) and write a checkpoint."""
+    from pddnet.model.config import preset
+    from pddnet.model.train import TrainOptions, load_training_subjects, train
+
+    subjects, meta = load_training_subjects(data_dir)
+    cfg = preset(preset_name, **({"minconv": minconv} if minconv else {}))
+    opts = TrainOptions(iterations=iterations, lr=lr, diffusion_weight=diffusion_weight,
+                        seed=seed, augment=not no_augment, checkpoint_every=checkpoint_every,
+                        threads=threads)
+    click.echo(f"training preset {preset_name!r} on {len(subjects)} subjects "
+               f"({meta['image_shape']} @ {meta['spacing_mm']} mm), {iterations} iterations")
+    state = train(subjects, cfg, out, opts, resume=resume,
+                  metadata={**meta, "preset": preset_name})
+    last = state.history[-1]
+    click.echo(f"wrote {out} (iteration {state.iteration}, loss {last[1]:.5f})")
+
+
+@main.command("evaluate")
+@click.option("--model", "checkpoint", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Checkpoint written by `pddnet train`.")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--split", default="test", show_default=True,
+              type=click.Choice(["train", "val", "test"]))
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="JSON file for the table (default: evaluate_<split>.json beside the model).")
+@click.option("--max-pairs", type=click.IntRange(min=1), help="Evaluate only the first N pairs.")
+@click.option("--threads", type=click.IntRange(min=1), help="torch intra-op threads.")
+@_friendly
+def evaluate_cmd(checkpoint, data_dir, split, out, max_pairs, threads) -> None:
+    """Register a split's pairs with the PyTorch reference and print Dice, HD95, SDlogJ, folding."""
+    from pathlib import Path
+
+    from pddnet.validation.evaluate import evaluate_checkpoint, format_table, write_json
+
+    result = evaluate_checkpoint(checkpoint, data_dir, split=split, max_pairs=max_pairs,
+                                 threads=threads)
+    click.echo(format_table(result))
+    path = Path(out) if out else Path(checkpoint).with_name(f"evaluate_{split}.json")
+    write_json(result, path)
+    click.echo(f"wrote {path}")
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, exists=True))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .onnx to write.")
+@click.option("--shape", nargs=3, type=click.IntRange(min=6),
+              help="Input grid I J K (default: the shape the checkpoint was trained at).")
+@click.option("--probs", is_flag=True, help="Also output the displacement probabilities.")
+@click.option("--entropy", is_flag=True, help="Also output the per-control-point entropy.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+@_friendly
+def export_cmd(checkpoint, out, shape, probs, entropy, overwrite) -> None:
+    """Export a checkpoint to ONNX with the ai.pddnet custom ops as local functions."""
+    from pddnet.export.onnx_export import export_checkpoint
+
+    outputs = tuple(n for n, on in (("probs", probs), ("entropy", entropy)) if on)
+    path = export_checkpoint(checkpoint, out, image_shape=tuple(shape) if shape else None,
+                             outputs=outputs, overwrite=overwrite)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":  # pragma: no cover

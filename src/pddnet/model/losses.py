@@ -59,8 +59,9 @@ def nonlocal_label_loss(probs: Tensor, fixed_onehot: Tensor, moving_onehot: Tens
     n_cls = moving_onehot.shape[1]
     moving = ops.lattice_sample(moving_onehot, *pos)  # (1, n, 1, Gi*L, Gj*L, Gk*L)
     moving = moving.reshape(n_cls, grid[0], L, grid[1], L, grid[2], L)
-    moving = moving.permute(0, 1, 3, 5, 2, 4, 6).reshape(n_cls, *grid, L ** 3)
-    predicted = torch.einsum("nijkd,ijkd->nijk", moving, probs)
+    # bring the (small) probabilities into the lattice layout instead of permuting the labels
+    p = probs.reshape(*grid, L, L, L).permute(0, 3, 1, 4, 2, 5)
+    predicted = torch.stack([(m * p).sum(dim=(1, 3, 5)) for m in moving.unbind(0)])
     target = ops.control_features(fixed_onehot, grid)[0]  # (n, Gi, Gj, Gk)
     per_class = (predicted - target).square().mean(dim=(1, 2, 3))
     return (weights.to(dt) * per_class).sum() / n_cls

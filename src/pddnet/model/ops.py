@@ -192,10 +192,44 @@ def correlation(feat_fixed: Tensor, feat_moving: Tensor, grid, disp_size: int,
                            pos[1].reshape(1, -1), pos[2].reshape(1, -1))
         m = m.reshape(n_ch, gi, L, grid[1], L, grid[2], L)
         f = fixed[:, i0:i0 + gi, None, :, None, :, None]
-        # one channel at a time: cache-friendly, several times faster than one broadcast
-        ssd = sum((fc - mc).square() for fc, mc in zip(f.unbind(0), m.unbind(0)))
-        slabs.append(ssd.permute(0, 2, 4, 1, 3, 5))
+        slabs.append(_ChannelSSD.apply(f, m).permute(0, 2, 4, 1, 3, 5))
     return torch.cat(slabs, 0)
+
+
+class _ChannelSSD(torch.autograd.Function):
+    """``sum_c (f_c - m_c)^2`` over the leading axis, ``f`` broadcast against ``m``.
+
+    Computed one channel at a time in both directions: several times faster on CPUs than one
+    broadcast expression, and the backward pass needs no per-channel autograd graph.
+    """
+
+    @staticmethod
+    def forward(ctx, f: Tensor, m: Tensor) -> Tensor:
+        ctx.save_for_backward(f, m)
+        out = torch.zeros(torch.broadcast_shapes(f.shape[1:], m.shape[1:]), dtype=m.dtype,
+                          device=m.device)
+        for fc, mc in zip(f, m):
+            out.add_((fc - mc).square_())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        f, m = ctx.saved_tensors
+        grad_f = torch.empty_like(f) if ctx.needs_input_grad[0] else None
+        grad_m = torch.empty_like(m) if ctx.needs_input_grad[1] else None
+        for c, (fc, mc) in enumerate(zip(f, m)):
+            g = (fc - mc).mul_(grad).mul_(2.0)  # d/df_c
+            if grad_f is not None:
+                grad_f[c] = _sum_to(g, fc.shape)
+            if grad_m is not None:
+                torch.neg(g, out=grad_m[c])
+        return grad_f, grad_m
+
+
+def _sum_to(x: Tensor, shape) -> Tensor:
+    """Reduce a broadcast result back to ``shape``."""
+    dims = [i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1]
+    return x.sum(dim=dims, keepdim=True) if dims else x
 
 
 # --------------------------------------------------------------------------------------------

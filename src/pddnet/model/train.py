@@ -178,3 +178,28 @@ def train(subjects, config: PDDConfig, out, opts: TrainOptions, *, resume=None,
             write()
     model.eval()
     return state
+
+
+def load_training_subjects(data_dir) -> tuple[list, dict]:
+    """The training split of a Learn2Reg-layout dataset as ``[(image_HU, labels)]`` arrays,
+    plus metadata (dataset name, image shape, spacing) recorded in the checkpoint."""
+    from tqdm import tqdm
+
+    from pddnet.data.io import load_nifti
+    from pddnet.data.learn2reg import Learn2RegDataset
+
+    dataset = Learn2RegDataset(data_dir)
+    chosen = [s for s in dataset.train_subjects() if s.label is not None]
+    if len(chosen) < 2:
+        raise PddnetError(f"{data_dir}: training needs at least 2 training subjects with label "
+                          f"maps, found {len(chosen)}")
+    subjects, spacing = [], None
+    for s in tqdm(chosen, desc="load", unit="subject", leave=False):
+        img, lab = load_nifti(s.image, kind="image"), load_nifti(s.label, kind="label")
+        if img.shape != lab.shape:
+            raise PddnetError(f"{s.name}: image {img.shape} and labels {lab.shape} differ")
+        spacing = spacing or [round(float(v), 4) for v in img.spacing]
+        subjects.append((img.array, lab.array))
+    meta = {"dataset": str(dataset.json_path.name), "image_shape": list(subjects[0][0].shape),
+            "spacing_mm": spacing, "train_subjects": [s.name for s in chosen]}
+    return subjects, meta
