@@ -1,0 +1,317 @@
+"""The session API: load a model once, register pairs, reuse a fixed scan's features.
+
+>>> reg = Registrar("model.onnx", threads=4)                     # doctest: +SKIP
+>>> res = reg.register("fixed.nii.gz", "moving.nii.gz")          # doctest: +SKIP
+>>> res.save("out/")                                             # doctest: +SKIP
+
+Image-guided intervention (one pre-operative fixed scan, many intra-operative moving scans):
+
+>>> reg.set_fixed("preop.nii.gz")                                # doctest: +SKIP
+>>> for m in scans: reg.register_moving(m).save(...)             # doctest: +SKIP
+
+``set_fixed`` pre-processes the fixed scan and runs the feature network on it once; every
+``register_moving`` then runs only the moving scan's pre-processing and features, the head and
+post-processing. The first result after ``set_fixed`` carries the fixed scan's cost in its
+timings; later ones record it as saved (``result.reuse``). Results equal those of independent
+:meth:`Registrar.register` calls exactly (same arrays, same backend).
+
+Fields follow ``docs/conventions.md``: ``(i, j, k, 3)`` float32 in voxels of the fixed file,
+``warped(x) = moving(x + u(x))``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pddnet.data.io import Volume
+from pddnet.errors import PddnetError
+from pddnet.export import contract as C
+from pddnet.runtime.backends import create_backend
+from pddnet.runtime.model import load_model
+from pddnet.runtime.postprocess import field_to_fixed_grid, labels_on_fixed_grid, warp_to_fixed
+from pddnet.runtime.preprocess import (DEFAULT_SPACING_TOLERANCE, PreparedFixed, VolumeLike,
+                                       _codes, prepare_fixed, prepare_moving)
+from pddnet.runtime.split import FEATURES_INPUT, FEATURES_OUTPUT, split_model
+
+STAGES = ("load", "preprocess", "features", "head", "postprocess", "metrics", "write")
+
+
+@dataclass
+class RegistrationResult:
+    """One registered pair.
+
+    Attributes:
+        disp: ``(i, j, k, 3)`` float32 displacement in voxels of the fixed file's grid.
+        affine: the fixed file's 4x4 affine (the grid of ``disp``, ``warped``...).
+        warped: the moving image warped onto the fixed grid, float32 HU (trilinear, border).
+        warped_labels: the moving labels warped (nearest), uint8, or ``None``.
+        disp_model: ``(I, J, K, 3)`` the model's own output on the model grid (RAS+ voxels).
+        model_outputs: the other outputs (``grid_disp``, optionally ``probs``, ``entropy``).
+        notes: what pre- and post-processing did, in order.
+        timings_ms: per stage (``load``, ``preprocess``, ``features``, ``head``,
+            ``postprocess``, ``metrics``, ``write``; ``None`` where not run yet).
+        metrics: field statistics always; Dice/HD95 (Learn2Reg) with fixed and moving labels.
+        reuse: whether the fixed features were reused and the time that saved.
+    """
+
+    disp: np.ndarray
+    affine: np.ndarray
+    warped: np.ndarray
+    warped_labels: np.ndarray | None
+    disp_model: np.ndarray
+    model_outputs: dict[str, np.ndarray]
+    notes: list[str]
+    timings_ms: dict[str, float | None]
+    metrics: dict[str, Any]
+    inputs: dict[str, Any]
+    model: dict[str, Any]
+    backend: dict[str, Any]
+    reuse: dict[str, Any]
+    saved_to: Path | None = field(default=None, repr=False)
+
+    @property
+    def dice(self) -> float | None:
+        """Mean Dice after registration (``None`` without labels)."""
+        return self.metrics.get("dice_mean")
+
+    def save(self, out_dir: str | os.PathLike, *, overwrite: bool = False,
+             l2r_half: bool = False) -> dict[str, Path]:
+        """Write the outputs (:mod:`pddnet.runtime.outputs`); refuses existing files unless
+        ``overwrite``. Returns ``{file name: path}``."""
+        from pddnet.runtime.outputs import write_outputs
+
+        paths = write_outputs(self, out_dir, overwrite=overwrite, l2r_half=l2r_half)
+        self.saved_to = Path(out_dir)
+        return paths
+
+    def summary(self, outputs: list[str] | None = None) -> dict[str, Any]:
+        """The ``summary.json`` content (strict JSON types)."""
+        from pddnet import __version__
+        from pddnet.validation.metrics import jsonable
+
+        norm = np.sqrt(np.einsum("...a,...a->...", self.disp, self.disp))
+        return jsonable({
+            "pddnet_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "inputs": self.inputs,
+            "model": self.model,
+            "backend": self.backend,
+            "notes": self.notes,
+            "timings_ms": {k: (None if v is None else round(v, 3))
+                           for k, v in self.timings_ms.items()},
+            "reuse": self.reuse,
+            "field": {
+                "file": "disp.nii.gz", "shape": list(self.disp.shape), "dtype": "float32",
+                "units": "voxels of the fixed image grid",
+                "convention": "warped(x) = moving(x + u(x)); channel a along array axis a",
+                "max_norm_voxels": float(norm.max()), "mean_norm_voxels": float(norm.mean()),
+            },
+            "metrics": self.metrics,
+            "outputs": outputs or [],
+        })
+
+
+@dataclass
+class _FixedState:
+    prepared: PreparedFixed
+    features: np.ndarray | None
+    preprocess_ms: float
+    features_ms: float
+    uses: int = 0
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+class Registrar:
+    """Register CT pairs with an exported model; torch-free.
+
+    Args:
+        model_path: the ``.onnx`` written by ``pddnet export``.
+        backend: a name from :data:`pddnet.runtime.backends.BACKENDS` (``"onnxruntime"``).
+        threads: intra-op threads of the backend (``None``: its default).
+        providers: ONNX Runtime execution providers (``["cpu"]``, ``["cuda"]``, ...).
+        spacing_tolerance: relative per-axis difference allowed between the fixed scan's
+            spacing on the model grid and the training spacing (default 0.30).
+        backend_options: further keyword options for the backend class.
+
+    The model is split into ``features`` and ``head`` (:mod:`pddnet.runtime.split`); if it cannot
+    be split, the whole model runs per pair and a note says that nothing is reused.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, backend: str = "onnxruntime",
+                 threads: int | None = None, *, providers: list[str] | str | None = None,
+                 spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
+                 backend_options: dict[str, Any] | None = None):
+        t0 = time.perf_counter()
+        self.loaded = load_model(model_path)
+        self.info = self.loaded.info
+        self.spacing_tolerance = float(spacing_tolerance)
+        opts = dict(backend_options or {})
+        if threads is not None:
+            opts["threads"] = threads
+        if providers is not None:
+            opts["providers"] = providers
+        self.split_note: str | None = None
+        try:
+            parts = split_model(self.loaded.proto)
+        except PddnetError as exc:
+            parts = None
+            self.split_note = (f"model: {exc}; running the whole model per pair (fixed features "
+                               "are not reused; 'head' timings cover the whole network)")
+        self._features = self._head = self._full = None
+        if parts is not None:
+            self._features = create_backend(backend, parts.features, label="features", **opts)
+            self._head = create_backend(backend, parts.head, label="head", **opts)
+            self._features.activate()
+            self._head.activate()
+        else:
+            self._full = create_backend(backend, self.loaded.proto, label="full", **opts)
+            self._full.activate()
+        self.load_ms = (time.perf_counter() - t0) * 1e3
+        self._fixed: _FixedState | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def close(self) -> None:
+        for b in (self._features, self._head, self._full):
+            if b is not None:
+                b.deactivate()
+
+    def __enter__(self) -> "Registrar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def reuses_features(self) -> bool:
+        return self._full is None
+
+    def describe_backend(self) -> dict[str, Any]:
+        b = self._features if self._full is None else self._full
+        d = b.describe()
+        d.pop("label", None)
+        d["mode"] = "split (features + head)" if self._full is None else "full model"
+        return d
+
+    # -- public API -----------------------------------------------------------------------
+    def set_fixed(self, fixed: VolumeLike, fixed_labels: VolumeLike | None = None) -> None:
+        """Pre-process ``fixed`` and compute its features once for :meth:`register_moving`."""
+        self._fixed = self._prepare_fixed(fixed, fixed_labels)
+
+    def register_moving(self, moving: VolumeLike,
+                        moving_labels: VolumeLike | None = None) -> RegistrationResult:
+        """Register ``moving`` to the fixed scan of :meth:`set_fixed`, reusing its features."""
+        if self._fixed is None:
+            raise PddnetError("register_moving needs a fixed scan: call set_fixed(fixed) first "
+                              "(or register(fixed, moving) for a single pair)")
+        return self._register(self._fixed, moving, moving_labels)
+
+    def register(self, fixed: VolumeLike, moving: VolumeLike,
+                 moving_labels: VolumeLike | None = None,
+                 fixed_labels: VolumeLike | None = None) -> RegistrationResult:
+        """Register one pair (independent of any :meth:`set_fixed` state)."""
+        return self._register(self._prepare_fixed(fixed, fixed_labels), moving, moving_labels)
+
+    # -- internals ------------------------------------------------------------------------
+    def _prepare_fixed(self, fixed: VolumeLike, fixed_labels: VolumeLike | None) -> _FixedState:
+        t0 = time.perf_counter()
+        prep = prepare_fixed(fixed, self.info, labels=fixed_labels,
+                             spacing_tolerance=self.spacing_tolerance)
+        pre_ms = (time.perf_counter() - t0) * 1e3
+        feats, feat_ms = None, 0.0
+        if self._features is not None:
+            feats = self._features.run({FEATURES_INPUT: prep.array})[FEATURES_OUTPUT]
+            feat_ms = self._features.last_run_ms
+        inputs = {"fixed": _describe_volume(prep.volume, fixed),
+                  "fixed_labels": _source(fixed_labels)}
+        return _FixedState(prep, feats, pre_ms, feat_ms, inputs=inputs)
+
+    def _register(self, state: _FixedState, moving: VolumeLike,
+                  moving_labels: VolumeLike | None) -> RegistrationResult:
+        fixed = state.prepared
+        t0 = time.perf_counter()
+        mov = prepare_moving(moving, fixed, self.info, labels=moving_labels)
+        pre_ms = (time.perf_counter() - t0) * 1e3
+        if self._full is None:
+            mfeat = self._features.run({FEATURES_INPUT: mov.array})[FEATURES_OUTPUT]
+            feat_ms = self._features.last_run_ms
+            outs = self._head.run({C.FIXED_FEATURES: state.features,
+                                   C.MOVING_FEATURES: mfeat})
+            head_ms = self._head.last_run_ms
+        else:
+            outs = self._full.run({C.INPUT_FIXED: fixed.array, C.INPUT_MOVING: mov.array})
+            feat_ms, head_ms = None, self._full.last_run_ms
+
+        t0 = time.perf_counter()
+        disp = field_to_fixed_grid(outs[C.OUTPUT_DISP], fixed)
+        warped = warp_to_fixed(mov.volume, disp, fixed.volume, order=1)
+        warped_labels = (warp_to_fixed(mov.labels, disp, fixed.volume, order=0)
+                         if mov.labels is not None else None)
+        post_ms = (time.perf_counter() - t0) * 1e3
+
+        t0 = time.perf_counter()
+        metrics = _metrics(disp, fixed, mov.labels, warped_labels)
+        metrics_ms = (time.perf_counter() - t0) * 1e3
+
+        first = state.uses == 0
+        state.uses += 1
+        fixed_cost = state.preprocess_ms + state.features_ms
+        if first:  # this result pays for the fixed scan
+            pre_ms += state.preprocess_ms
+            if feat_ms is not None:
+                feat_ms += state.features_ms
+        notes = list(fixed.notes) + list(mov.notes)
+        if self.split_note:
+            notes.insert(0, self.split_note)
+        if fixed.labels is not None and mov.labels is None:
+            notes.append("metrics: fixed labels given without moving labels; no Dice")
+        return RegistrationResult(
+            disp=disp, affine=fixed.volume.affine, warped=warped, warped_labels=warped_labels,
+            disp_model=outs[C.OUTPUT_DISP],
+            model_outputs={k: v for k, v in outs.items() if k != C.OUTPUT_DISP},
+            notes=notes,
+            timings_ms={"load": self.load_ms, "preprocess": pre_ms, "features": feat_ms,
+                        "head": head_ms, "postprocess": post_ms, "metrics": metrics_ms,
+                        "write": None},
+            metrics=metrics,
+            inputs={**state.inputs, "moving": _describe_volume(mov.volume, moving),
+                    "moving_labels": _source(moving_labels)},
+            model=self.info.as_dict(), backend=self.describe_backend(),
+            reuse={
+                "fixed_features": "computed" if first else "reused",
+                "fixed_preprocess_ms": state.preprocess_ms,
+                "fixed_branch_ms": state.features_ms if self._full is None else None,
+                "saved_ms": 0.0 if first or self._full is not None else fixed_cost,
+            })
+
+
+def _source(x: Any) -> str | None:
+    if x is None:
+        return None
+    if isinstance(x, Volume):
+        return str(x.path) if x.path else "<in-memory volume>"
+    return str(Path(x))
+
+
+def _describe_volume(vol: Volume, given: Any) -> dict[str, Any]:
+    return {"path": _source(given), "shape": list(vol.shape),
+            "spacing_mm": [round(s, 6) for s in vol.spacing], "orientation": _codes(vol.affine)}
+
+
+def _metrics(disp: np.ndarray, fixed: PreparedFixed, moving_labels: Volume | None,
+             warped_labels: np.ndarray | None) -> dict[str, Any]:
+    """Field statistics (SDlogJ, % folding) always; Learn2Reg label metrics with both labels."""
+    from pddnet.validation import metrics as M
+
+    if fixed.labels is None or moving_labels is None or warped_labels is None:
+        return {"sdlogj": M.sdlogj(disp), "folding_percent": M.folding_percent(disp)}
+    before = labels_on_fixed_grid(moving_labels, fixed.volume)
+    out = M.pair_metrics(fixed.labels.array, before, warped_labels, disp)
+    out["dice_mean_before"] = M.mean_dice(fixed.labels.array, before, before)
+    return out

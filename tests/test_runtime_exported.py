@@ -1,0 +1,70 @@
+"""The runtime on a model written by the real exporter (`pddnet.export.onnx_export`): the split
+reproduces the full graph exactly, and the runtime's model-grid field equals the PyTorch
+reference on the same pre-processed inputs. Needs torch (to build and export the network);
+skipped without it.
+
+Not tested here: trained weights (the network is randomly initialised, so the field is tiny and
+registration quality is meaningless), export options beyond the optional outputs.
+"""
+
+import numpy as np
+import pytest
+
+from fake_models import ct_like, grid_affine
+
+torch = pytest.importorskip("torch")
+
+SHAPE = (24, 27, 30)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    import onnx
+
+    from pddnet.export.onnx_export import export_model
+    from pddnet.model.config import preset
+    from pddnet.model.network import PDDNet
+
+    net = PDDNet(preset("tiny"), seed=0).eval()
+    path = tmp_path_factory.mktemp("exported") / "tiny.onnx"
+    onnx.save(export_model(net, SHAPE, spacing_mm=(4.0, 4.0, 4.0), outputs=("probs", "entropy")),
+              str(path))
+    return net, path
+
+
+def test_split_of_exported_model_is_exact(exported):
+    from pddnet.export import contract as C
+    from pddnet.runtime.backends import create_backend
+    from pddnet.runtime.model import load_model
+    from pddnet.runtime.split import split_model
+
+    lm = load_model(exported[1])
+    parts = split_model(lm.proto)
+    rng = np.random.default_rng(71)
+    f, m = (rng.normal(size=(1, 1) + SHAPE).astype(np.float32) for _ in range(2))
+    with create_backend("onnxruntime", lm.proto) as full, \
+            create_backend("onnxruntime", parts.features) as fe, \
+            create_backend("onnxruntime", parts.head) as hd:
+        ref = full.run({"fixed": f, "moving": m})
+        got = hd.run({C.FIXED_FEATURES: fe.run({"image": f})["features"],
+                      C.MOVING_FEATURES: fe.run({"image": m})["features"]})
+    assert set(got) == set(ref) == {"disp", "grid_disp", "probs", "entropy"}
+    for k in ref:
+        assert np.array_equal(ref[k], got[k]), k
+
+
+def test_registrar_matches_pytorch_reference(exported):
+    from pddnet.data.io import Volume
+    from pddnet.runtime.session import Registrar
+
+    net, path = exported
+    rng = np.random.default_rng(72)
+    aff = grid_affine(4.0)
+    fixed, moving = Volume(ct_like(rng, SHAPE), aff), Volume(ct_like(rng, SHAPE), aff)
+    with Registrar(path) as reg:
+        res = reg.register(fixed, moving)
+    norm = lambda v: torch.from_numpy(np.clip(v.array, -1000, 1500) / 500).float()[None, None]
+    with torch.no_grad():
+        ref = net(norm(fixed), norm(moving)).dense(SHAPE).numpy()
+    np.testing.assert_allclose(res.disp_model, ref, atol=1e-5)
+    np.testing.assert_allclose(res.disp, ref, atol=1e-5)  # RAS grid == model grid here
