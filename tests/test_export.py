@@ -47,11 +47,13 @@ def smooth_volume(rng, shape):
     return (ndi.gaussian_filter(rng.normal(size=shape), 1.5) * 4).astype(np.float32)[None, None]
 
 
-@pytest.mark.parametrize("minconv", ["approx", "exact"])
-def test_exported_network_matches_pytorch(rng, minconv):
+@pytest.mark.parametrize("minconv,fold", [("approx", True), ("exact", True), ("approx", False),
+                                          ("exact", False)])
+def test_exported_network_matches_pytorch(rng, minconv, fold):
     shape = (24, 21, 27)
     model = random_network(rng, minconv)
-    onnx_model = check_model(export_model(model, shape, outputs=("probs", "entropy")))
+    onnx_model = check_model(export_model(model, shape, outputs=("probs", "entropy"),
+                                          fold_alphas=fold))
     sess = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
     fixed = smooth_volume(rng, shape)
     moving = np.roll(fixed, tuple(rng.integers(-2, 3, size=3)), axis=(2, 3, 4))  # a clear optimum

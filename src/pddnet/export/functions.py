@@ -157,9 +157,12 @@ def correlation_function(feat_shape, grid, disp_size: int, capture: float,
     2. ``T2 = W_j @ T1`` per control index ``g_j``: ``(G_j, C, L, L, K)``.
     3. ``cross = (-2 f[g_i, g_j]) @ T2`` over channels, then ``@ W_k^T`` per ``g_k``:
        the ``-2 f.m`` term, ``(G_j, G_k, L, L, L)``.
-    4. ``|m|^2 = sum_e W_k[e]^2 G0[e] + 2 W_k[e] W_k[e+1] G1[e]`` with the channel Gram terms
-       ``G0 = sum_c T2^2`` and ``G1 = sum_c T2[e] T2[e+1]`` of neighbouring voxels (trilinear
-       weights along ``k`` have two taps).
+    4. ``|m|^2`` from channel Gram terms, never from the interpolated features: trilinear
+       weights have two taps per axis, so ``|m|^2`` is a quadratic form in the weights over
+       the Gram terms ``A_oo'[b, e] = sum_c T1[c, b + o, e + o'] ...`` of neighbouring voxels
+       of ``T1`` (small). They are interpolated along ``j`` with products of weights into
+       ``G0[e] = sum_c T2[e]^2`` and ``G1[e] = sum_c T2[e] T2[e+1]``, then along ``k``:
+       ``|m|^2 = sum_e W_k[e]^2 G0[e] + 2 W_k[e] W_k[e+1] G1[e]``.
     5. ``cost = |f|^2 + cross + |m|^2``.
     """
     _, c, ni, nj, nk = (int(s) for s in feat_shape)
@@ -173,9 +176,11 @@ def correlation_function(feat_shape, grid, disp_size: int, capture: float,
     wi = interp_matrix(pos[0], ni)  # (Gi, L, ni)
     wj = interp_matrix(pos[1], nj)  # (Gj, L, nj)
     wk = interp_matrix(pos[2], nk)  # (Gk, L, nk)
-    wk_t = wk.transpose(0, 2, 1)  # (Gk, nk, L)
-    wk_sq_t = (wk ** 2).transpose(0, 2, 1)
-    wk_pair_t = (2.0 * wk[:, :, :-1] * wk[:, :, 1:]).transpose(0, 2, 1)  # (Gk, nk-1, L)
+    # quadratic-form weights: along j for the Gram terms, along k for |m|^2 (both 2-tap)
+    wj_sq = wj ** 2                                   # same voxel twice
+    wj_pair = wj[:, :, :-1] * wj[:, :, 1:]            # voxels b and b+1
+    wk_norm_t = np.concatenate([wk ** 2, 2.0 * wk[:, :, :-1] * wk[:, :, 1:]],
+                               axis=2).transpose(0, 2, 1)  # (Gk, 2nk-1, L): [G0; G1] -> |m|^2
 
     b = Builder("Correlation", function=True, dtype=dtype)
     # fixed features at the control points: (Gi, Gj, Gk, C) and |f|^2
@@ -191,25 +196,37 @@ def correlation_function(feat_shape, grid, disp_size: int, capture: float,
 
     m = b.reshape("feat_moving", (c, ni, nj * nk))
     wj_b = b.const(wj.reshape(gj, 1, 1, L, nj))
-    wk_t_c = b.const(wk_t[None])        # (1, Gk, nk, L)
-    wk_sq_c = b.const(wk_sq_t[None])    # (1, Gk, nk, L)
-    wk_pair_c = b.const(wk_pair_t[None])
+    wk_t_c = b.const(wk.transpose(0, 2, 1)[None])  # (1, Gk, nk, L)
+    wk_norm_c = b.const(wk_norm_t[None])          # (1, Gk, 2nk-1, L)
+    wj_sq_c = b.const(wj_sq.reshape(gj, 1, L, nj))
+    wj_pair_c = b.const(wj_pair.reshape(gj, 1, L, nj - 1))
+    wj_pair2_c = b.const(2.0 * wj_pair.reshape(gj, 1, L, nj - 1))
+
+    def gram(x, y):  # sum over channels of x * y: (C, L, B, E) -> (1, L, B, E)
+        return b.op("ReduceSum", b.op("Mul", x, y), b.ints([0]), keepdims=0)
+
+    def part(x, j0, j1, k0, k1):  # T1[:, :, j0:j1, k0:k1]
+        return b.op("Slice", x, b.ints([j0, k0]), b.ints([j1, k1]), b.ints([2, 3]))
+
     slabs = []
     for i0 in range(gi):
-        t1 = b.matmul(b.const(wi[i0]), m)  # (C, L, nj*nk)
-        t1 = b.reshape(t1, (1, c, L, nj, nk))
-        t2 = b.matmul(wj_b, t1)  # (Gj, C, L, L, nk)
+        t1 = b.reshape(b.matmul(b.const(wi[i0]), m), (c, L, nj, nk))  # (C, L, nj, nk)
+        t2 = b.matmul(wj_b, b.reshape(t1, (1, c, L, nj, nk)))  # (Gj, C, L, L, nk)
         # cross term: contract channels with -2 f, then interpolate along k
         f_slab = b.op("Gather", f_neg2, b.ints(i0), axis=0)  # (Gj, Gk, C)
         cross = b.matmul(f_slab, b.reshape(t2, (gj, c, L * L * nk)))  # (Gj, Gk, L*L*nk)
         cross = b.matmul(b.reshape(cross, (gj, gk, L * L, nk)), wk_t_c)  # (Gj, Gk, L*L, L)
-        # |m|^2 from the channel Gram terms of neighbouring voxels along k
-        g0 = b.op("ReduceSumSquare", t2, b.ints([1]), keepdims=1)  # (Gj, 1, L, L, nk)
-        lo = b.op("Slice", t2, b.ints([0]), b.ints([nk - 1]), b.ints([4]))
-        hi = b.op("Slice", t2, b.ints([1]), b.ints([nk]), b.ints([4]))
-        g1 = b.op("ReduceSum", b.op("Mul", lo, hi), b.ints([1]), keepdims=1)
-        norm = b.op("Add", b.matmul(b.reshape(g0, (gj, 1, L * L, nk)), wk_sq_c),
-                    b.matmul(b.reshape(g1, (gj, 1, L * L, nk - 1)), wk_pair_c))
+        # |m|^2: Gram terms of T1 neighbours (b, e), interpolated along j, then along k
+        a00 = b.op("ReduceSumSquare", t1, b.ints([0]), keepdims=0)  # (L, nj, nk)
+        a01 = gram(part(t1, 0, nj, 0, nk - 1), part(t1, 0, nj, 1, nk))
+        a10 = gram(part(t1, 0, nj - 1, 0, nk), part(t1, 1, nj, 0, nk))
+        a11 = b.op("Add", gram(part(t1, 0, nj - 1, 0, nk - 1), part(t1, 1, nj, 1, nk)),
+                   gram(part(t1, 0, nj - 1, 1, nk), part(t1, 1, nj, 0, nk - 1)))
+        # (Gj, dx, dy, e): G0 = sum_b wj^2 a00 + 2 wj wj' a10; G1 = wj^2 a01 + wj wj' a11
+        g0 = b.op("Add", b.matmul(wj_sq_c, a00), b.matmul(wj_pair2_c, a10))
+        g1 = b.op("Add", b.matmul(wj_sq_c, a01), b.matmul(wj_pair_c, a11))
+        g = b.reshape(b.op("Concat", g0, g1, axis=3), (gj, 1, L * L, 2 * nk - 1))
+        norm = b.matmul(g, wk_norm_c)  # (Gj, Gk, L*L, L)
         cost = b.reshape(b.op("Add", cross, norm), (gj, gk, L, L, L))
         fs = b.op("Gather", f_sq, b.ints(i0), axis=0)  # (Gj, Gk, 1, 1) -> unsqueezed below
         slabs.append(b.op("Add", cost, b.op("Unsqueeze", fs, b.ints([-1]))))

@@ -42,8 +42,10 @@ def fold_batchnorm(conv, bn) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Exporter:
-    def __init__(self, model, image_shape, dtype=np.float32):
+    def __init__(self, model, image_shape, dtype=np.float32, fold_alphas=True):
         self.model = model
+        alpha = _np(model.alpha)
+        self.fold_alphas = bool(fold_alphas and alpha[0] > 0 and alpha[2] > 0)
         self.cfg: PDDConfig = model.config
         self.image_shape = tuple(int(n) for n in image_shape)
         self.feat_shape = PDDConfig.feature_shape(self.image_shape)
@@ -67,11 +69,9 @@ class _Exporter:
         offsets = _np(feats.offsets)
         self.w["offsets0"] = b.const(offsets[0], "offsets0")
         self.w["offsets1"] = b.const(offsets[1], "offsets1")
-        alpha = _np(self.model.alpha)
-        self.w["alpha"] = [b.const(np.array(a), f"alpha{i}") for i, a in enumerate(alpha[:5])]
-        self.w["neg_alpha5"] = b.const(np.array(-alpha[5]), "neg_alpha5")
-        if self.cfg.minconv == "exact":
-            self.w["penalty"] = b.const(_np(self.model.penalty), "penalty")
+        if not self.fold_alphas:
+            alpha = _np(self.model.alpha)
+            self.w["alpha"] = [b.const(np.array(a), f"alpha{i}") for i, a in enumerate(alpha[:5])]
 
     def features(self, branch: str, image: str, out: str) -> str:
         b, w = self.b, self.w
@@ -98,24 +98,43 @@ class _Exporter:
     def head(self, outputs) -> list[str]:
         b, w, cfg = self.b, self.w, self.cfg
         b.prefix = "head"
-        a = w["alpha"]
         grid, L = cfg.grid, cfg.disp_size
         feat_full = (1, cfg.channels) + self.feat_shape
         self.fns.add("Correlation", (feat_full, grid, L, cfg.capture),
                      lambda: fn.correlation_function(feat_full, grid, L, cfg.capture, self.b.dtype))
         ssd = fn.custom_node(b, "Correlation", [C.FIXED_FEATURES, C.MOVING_FEATURES],
                              grid=list(grid), disp_size=L, capture=float(cfg.capture))
-        cost = b.op("Add", b.op("Mul", ssd, a[0]), a[1], hint="DataCost")
         self.fns.add("MinConv", (grid, L, cfg.minconv),
                      lambda: fn.minconv_function(grid, L, cfg.minconv, self.b.dtype))
         self.fns.add("MeanFieldStep", (grid, L, cfg.minconv),
                      lambda: fn.mean_field_function(grid, L, cfg.minconv, self.b.dtype))
-        extra = [w["penalty"]] if cfg.minconv == "exact" else []
-        first = fn.custom_node(b, "MeanFieldStep", [cost, *extra], mode=cfg.minconv)
-        second_in = b.op("Add", b.op("Add", b.op("Mul", cost, a[2]), b.op("Mul", first, a[3])),
-                         a[4], hint="SecondInput")
-        second = fn.custom_node(b, "MeanFieldStep", [second_in, *extra], mode=cfg.minconv)
-        logits = b.reshape(b.op("Mul", second, w["neg_alpha5"]), (*grid, L ** 3))
+        alpha = _np(self.model.alpha)
+        pen = float(_np(self.model.penalty)) if cfg.minconv == "exact" else None
+
+        def mean_field(x, penalty):
+            extra = [b.const(np.array(penalty), "penalty")] if penalty is not None else []
+            return fn.custom_node(b, "MeanFieldStep", [x, *extra], mode=cfg.minconv)
+
+        if self.fold_alphas:
+            # MeanFieldStep(a x + c) = a MeanFieldStep_{p/a}(x) + c for a > 0, and the softmax
+            # ignores constants, so the six alphas fold into two scalars and the penalties:
+            # logits = -a5 a0 a2 MFS_{p/(a0 a2)}(S + (a3/a2) MFS_{p/a0}(S)), S the SSD.
+            first = mean_field(ssd, None if pen is None else pen / alpha[0])
+            second_in = b.op("Add", ssd, b.op("Mul", first, b.const(np.array(alpha[3] / alpha[2]),
+                                                                     "a3_over_a2")),
+                             hint="SecondInput")
+            second = mean_field(second_in, None if pen is None else pen / (alpha[0] * alpha[2]))
+            scale = -alpha[5] * alpha[0] * alpha[2]
+        else:  # the literal form of PDDNet.regularise
+            a = w["alpha"]
+            cost = b.op("Add", b.op("Mul", ssd, a[0]), a[1], hint="DataCost")
+            first = mean_field(cost, pen)
+            second_in = b.op("Add", b.op("Add", b.op("Mul", cost, a[2]),
+                                         b.op("Mul", first, a[3])), a[4], hint="SecondInput")
+            second = mean_field(second_in, pen)
+            scale = -alpha[5]
+        logits = b.reshape(b.op("Mul", second, b.const(np.array(scale), "logit_scale")),
+                           (*grid, L ** 3))
         made = []
         probs_name = C.OUTPUT_PROBS if C.OUTPUT_PROBS in outputs else None
         probs = b.op("Softmax", logits, axis=-1, outputs=[probs_name] if probs_name else 1)
@@ -178,9 +197,13 @@ class _Exporter:
         return model
 
 
-def export_model(model, image_shape, *, spacing_mm=None, outputs=(), source=None) -> onnx.ModelProto:
+def export_model(model, image_shape, *, spacing_mm=None, outputs=(), source=None,
+                 fold_alphas: bool = True) -> onnx.ModelProto:
     """Build the ONNX model of ``model`` (a :class:`~pddnet.model.network.PDDNet` in eval mode)
-    for inputs of ``image_shape``; ``outputs`` lists optional outputs (probs, entropy)."""
+    for inputs of ``image_shape``; ``outputs`` lists optional outputs (probs, entropy).
+
+    ``fold_alphas`` folds the six trained scalars into two (exact algebra, see ``head``) when
+    ``a0`` and ``a2`` are positive, saving four passes over the cost volume."""
     if model.training:
         raise PddnetError("export_model needs the network in eval mode (BatchNorm folding uses "
                           "the running statistics); call model.eval()")
@@ -197,7 +220,7 @@ def export_model(model, image_shape, *, spacing_mm=None, outputs=(), source=None
                         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                         **(source or {})},
     }
-    return _Exporter(model, image_shape).build(tuple(outputs), meta)
+    return _Exporter(model, image_shape, fold_alphas=fold_alphas).build(tuple(outputs), meta)
 
 
 def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
