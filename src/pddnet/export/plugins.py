@@ -145,7 +145,7 @@ def _defined_elsewhere(trtp, op: str) -> bool:
 
 def _kernels():
     """:mod:`pddnet.export.kernels`, after checking that triton is importable."""
-    require("triton", "the Triton kernels of the TensorRT plugins (pip install triton)")
+    require("triton", "the Triton kernels of the TensorRT plugins")
     from pddnet.export import kernels
 
     return kernels
