@@ -49,7 +49,10 @@ def nonlocal_label_loss(probs: Tensor, fixed_onehot: Tensor, moving_onehot: Tens
         weights: ``(n_classes,)`` class weights.
 
     Returns:
-        scalar: ``sum_c w_c mean_k (sum_d p(k, d) M_c(x_k + d) - F_c(x_k))^2 / n_classes``.
+        scalar: ``sum_c w_c mean_k (sum_d p(k, d) M_c(x_k + d) - F_c(x_k))^2``. Summed, not
+        averaged, over classes: averaged, the label term of small organs is so small that the
+        diffusion penalty with the paper's weight 1.5 wins and training collapses to a flat
+        distribution (zero displacement).
     """
     L = disp_size
     dt, dev = probs.dtype, probs.device
@@ -64,7 +67,7 @@ def nonlocal_label_loss(probs: Tensor, fixed_onehot: Tensor, moving_onehot: Tens
     predicted = torch.stack([(m * p).sum(dim=(1, 3, 5)) for m in moving.unbind(0)])
     target = ops.control_features(fixed_onehot, grid)[0]  # (n, Gi, Gj, Gk)
     per_class = (predicted - target).square().mean(dim=(1, 2, 3))
-    return (weights.to(dt) * per_class).sum() / n_cls
+    return (weights.to(dt) * per_class).sum()
 
 
 def diffusion_penalty(grid_disp: Tensor) -> Tensor:

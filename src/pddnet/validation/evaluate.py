@@ -73,7 +73,7 @@ def evaluate_checkpoint(checkpoint, data_dir, *, split: str = "test", max_pairs:
         "model": str(checkpoint), "data": str(data_dir), "split": split,
         "config": ckpt["config"], "pairs": rows, "mean": _summary(rows, keys),
         "dsc30": metrics.dsc30([r["dice"] for r in rows]),
-        "label_names": {int(k): v for k, v in dataset.label_names().items()},
+        "label_names": {int(k): v for k, v in dataset.label_names.items()},
     }
 
 
