@@ -12,7 +12,8 @@ from pddnet.errors import PddnetError
 
 _HINTS = {
     "torch": "pip install 'pddnet[train]'  (pins torch==2.13.0; a CPU build is enough)",
-    "tensorrt": "pip install 'pddnet[gpu]'  (needs an NVIDIA GPU, CUDA and TensorRT >= 10.7)",
+    "tensorrt": ("pip install 'pddnet[gpu]'  (needs an NVIDIA GPU and CUDA 12; TensorRT >= 10.9 for "
+                 "the AOT plugins, >= 10.0 for native engines, >= 11.2 for 5D GridSample)"),
     "triton": "pip install 'pddnet[dev]'  (or: pip install triton)",
     "tritonclient": "pip install 'tritonclient[grpc]'",
     "cuda": "pip install 'pddnet[gpu]'  (cuda-python)",

@@ -243,5 +243,11 @@ def export_cmd(checkpoint, out, shape, probs, entropy, overwrite) -> None:
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
+# TensorRT: check-trt, build, doctor (pddnet.cli_trt)
+from pddnet.cli_trt import add_commands as _add_trt_commands  # noqa: E402
+
+_add_trt_commands(main)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

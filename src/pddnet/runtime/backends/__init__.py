@@ -2,8 +2,8 @@
 
 ``create_backend(name, model, **options)`` builds one by name. Backends register in
 :data:`BACKENDS` as ``name -> "module:Class"`` and are imported only when asked for, so a
-TensorRT backend (``"tensorrt"``, to be added against the same base) never loads tensorrt
-unless it is selected.
+TensorRT backend (``"tensorrt"``, alias ``"trt"``) never loads tensorrt unless it is
+selected.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pddnet.runtime.backends.base import Backend, TensorSpec
 
 BACKENDS: dict[str, str] = {
     "onnxruntime": "pddnet.runtime.backends.onnxrt:OnnxRuntimeBackend",
+    "tensorrt": "pddnet.runtime.backends.trt:TensorRTBackend",
+    "trt": "pddnet.runtime.backends.trt:TensorRTBackend",
 }
 
 __all__ = ["BACKENDS", "Backend", "TensorSpec", "create_backend"]

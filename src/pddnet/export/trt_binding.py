@@ -1,0 +1,309 @@
+"""Plugin binding: the graph rewrite that prepares an exported model for TensorRT's ONNX parser.
+
+A pass in the style of onnx-ir: :class:`BindPlugins` has ``call(model) -> (model, changed)``
+and never modifies its input. For the ops it binds (``ops``) it
+
+1. **drops their local functions**, so the parser cannot inline them and must import every
+   such node with the registered plugin ``pddnet::<op>`` (the robust recipe: before
+   TensorRT 10.7 the parser prefers a local function over any plugin; 10.7-10.14 prefer a
+   registered plugin; from 10.15 a local function wins unless the node carries
+   ``plugin_namespace`` or the parser flag ``ENABLE_PLUGIN_OVERRIDE`` is set -- onnx-tensorrt
+   changelog and ``ModelImporter.cpp``);
+2. writes each bound node's **attributes in the order of docs/ops.md** followed by
+   ``plugin_namespace``/``plugin_version`` (``onnx.helper.make_node`` sorts keyword attributes
+   alphabetically, e.g. ``capture, disp_size, grid``; some TensorRT releases hand the
+   attributes to ``aot_impl`` positionally in node order). The AttributeProtos are moved, not
+   rebuilt, so values and types are preserved exactly; a missing ``mode`` is written as
+   ``"approx"`` (a quickly deployable plugin has no attribute defaults);
+3. gives ``MinConv``/``MeanFieldStep`` nodes with one input a **dummy scalar penalty** (a
+   plugin's input list is fixed, so these plugins always take ``(cost, penalty)``; in
+   ``approx`` mode the penalty is not read). In the main graph it is an initializer, inside a
+   function body a ``Constant`` node.
+
+For custom nodes it does *not* bind it removes ``plugin_namespace``/``plugin_version``
+(``strip_unbound``), so that no registered plugin can capture them on any parser version and
+the parser inlines their local function -- e.g. ``MeanFieldStep``, whose plugin is JIT only
+(two kernel launches; no ``aot_impl``), for engines that must run without Python.
+
+Whether the parser hands ``plugin_namespace``/``plugin_version`` to the plugin as fields is
+not documented; the plugins do not declare them, and they come last so that they can never
+shift the positions of the spec's attributes.
+
+Torch-free and TensorRT-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from pddnet.errors import PddnetError
+from pddnet.export import contract as C
+
+#: Attribute order of each op's spec (docs/ops.md), without the binding attributes.
+SPEC_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "DeformableSample3D": ("output_shape",),
+    "Correlation": ("grid", "disp_size", "capture"),
+    "MinConv": ("mode",),
+    "MeanFieldStep": ("mode",),
+}
+BINDING_ATTRIBUTES = ("plugin_namespace", "plugin_version")
+#: Plugins whose input list is ``(cost, penalty)`` while the ONNX op's penalty is optional.
+PENALTY_OPS = ("MinConv", "MeanFieldStep")
+#: Plugins with an ahead-of-time implementation (engine runs without Python; TensorRT >= 10.9).
+AOT_OPS = ("DeformableSample3D", "Correlation", "MinConv")
+#: Plugins with a JIT implementation only (the engine needs Python, torch and triton to run).
+JIT_ONLY_OPS = ("MeanFieldStep",)
+PLUGIN_MODES = ("auto", "native", "none")
+DUMMY_PENALTY = "pddnet/plugin_penalty_unused"
+
+
+def _ordered_attributes(node: onnx.NodeProto) -> list[onnx.AttributeProto]:
+    order = SPEC_ATTRIBUTES[node.op_type] + BINDING_ATTRIBUTES
+    by_name = {a.name: a for a in node.attribute}
+    out = []
+    for name in order:
+        if name in by_name:
+            out.append(by_name.pop(name))
+        elif name == "mode":
+            out.append(helper.make_attribute("mode", "approx"))
+        elif name == "plugin_namespace":
+            out.append(helper.make_attribute("plugin_namespace", C.PLUGIN_NAMESPACE))
+        elif name == "plugin_version":
+            out.append(helper.make_attribute("plugin_version", C.PLUGIN_VERSION))
+        else:
+            raise PddnetError(f"{node.op_type} node {node.name!r} lacks its attribute {name!r} "
+                              "(docs/ops.md); it cannot be bound to the plugin")
+    # attributes the spec does not know stay, after the spec's (never reordered among
+    # themselves), before the binding attributes
+    extra = [a for a in node.attribute if a.name in by_name]
+    return out[:len(SPEC_ATTRIBUTES[node.op_type])] + extra + out[len(SPEC_ATTRIBUTES[node.op_type]):]
+
+
+def _same_attrs(node: onnx.NodeProto, attrs: list[onnx.AttributeProto]) -> bool:
+    return [a.SerializeToString() for a in node.attribute] == \
+        [a.SerializeToString() for a in attrs]
+
+
+@dataclass
+class BindPlugins:
+    """Rewrite a model so that TensorRT imports the custom ops in ``ops`` with plugins.
+
+    Args:
+        ops: custom op types to bind (``pddnet::<op>`` must be registered when parsing);
+            ``()`` binds nothing (every function is inlined, i.e. ``--plugins native``).
+        strip_unbound: remove the binding attributes from custom nodes that are not bound.
+        penalty_dtype: dtype of the dummy penalty (any float works: ``approx`` never reads it).
+    """
+
+    ops: Sequence[str] = AOT_OPS
+    strip_unbound: bool = True
+    penalty_dtype: type = np.float32
+    log: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        unknown = [o for o in self.ops if o not in SPEC_ATTRIBUTES]
+        if unknown:
+            raise PddnetError(f"BindPlugins: unknown op(s) {unknown}; the custom ops are "
+                              f"{list(SPEC_ATTRIBUTES)}")
+        self.ops = tuple(self.ops)
+
+    # -- the pass -------------------------------------------------------------------------
+    def call(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+        """Return ``(rewritten copy, changed)``; ``model`` itself is not modified."""
+        self.log = []
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        changed = False
+        bound_present = set()
+
+        # main graph
+        needs_dummy = False
+        for node in out.graph.node:
+            c, d = self._rewrite_node(node, DUMMY_PENALTY, where="graph")
+            changed |= c
+            needs_dummy |= d
+            if node.domain == C.DOMAIN and node.op_type in self.ops:
+                bound_present.add(node.op_type)
+        if needs_dummy and DUMMY_PENALTY not in {t.name for t in out.graph.initializer}:
+            out.graph.initializer.append(
+                numpy_helper.from_array(np.array(0.0, dtype=self.penalty_dtype), DUMMY_PENALTY))
+
+        # drop the functions of bound ops, rewrite the bodies of the others
+        keep = []
+        for fn in out.functions:
+            if fn.domain == C.DOMAIN and fn.name in self.ops:
+                self.log.append(f"dropped the local function of {fn.name} (bound to plugin "
+                                f"{C.PLUGIN_NAMESPACE}::{fn.name})")
+                changed = True
+                continue
+            local_dummy = f"{DUMMY_PENALTY}_{fn.name}"
+            body_needs = False
+            for node in fn.node:
+                c, d = self._rewrite_node(node, local_dummy, where=f"function {fn.name}")
+                changed |= c
+                body_needs |= d
+                if node.domain == C.DOMAIN and node.op_type in self.ops:
+                    bound_present.add(node.op_type)
+            if body_needs:
+                const = helper.make_node(
+                    "Constant", [], [local_dummy], name=f"{fn.name}/plugin_penalty_unused",
+                    value=numpy_helper.from_array(np.array(0.0, dtype=self.penalty_dtype)))
+                fn.node.insert(0, const)
+            keep.append(fn)
+        if len(keep) != len(out.functions):
+            del out.functions[:]
+            out.functions.extend(keep)
+        pruned = _prune_functions(out)
+        if pruned:
+            changed = True
+            self.log.append(f"removed local functions no longer called: {pruned}")
+        missing = [o for o in self.ops if o not in bound_present]
+        if missing:
+            self.log.append(f"no {missing} nodes in this model: nothing to bind for them")
+        return out, changed
+
+    __call__ = call
+
+    def _rewrite_node(self, node: onnx.NodeProto, dummy: str, *, where: str) -> tuple[bool, bool]:
+        """Rewrite one node in place; returns ``(changed, uses the dummy penalty)``."""
+        if node.domain != C.DOMAIN:
+            return False, False
+        if node.op_type not in self.ops:
+            if not self.strip_unbound:
+                return False, False
+            kept = [a for a in node.attribute if a.name not in BINDING_ATTRIBUTES]
+            if len(kept) == len(node.attribute):
+                return False, False
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            self.log.append(f"{where}: {node.op_type} node {node.name!r} left unbound (binding "
+                            "attributes removed; its local function is inlined)")
+            return True, False
+        changed = False
+        attrs = _ordered_attributes(node)
+        if not _same_attrs(node, attrs):
+            copies = []
+            for a in attrs:
+                b = onnx.AttributeProto()
+                b.CopyFrom(a)
+                copies.append(b)
+            del node.attribute[:]
+            node.attribute.extend(copies)
+            changed = True
+        uses_dummy = False
+        if node.op_type in PENALTY_OPS and (len(node.input) < 2 or not node.input[1]):
+            if len(node.input) < 2:
+                node.input.append(dummy)
+            else:
+                node.input[1] = dummy
+            uses_dummy = changed = True
+            self.log.append(f"{where}: {node.op_type} node {node.name!r}: added the unused "
+                            "penalty input the plugin requires")
+        return changed, uses_dummy
+
+
+def _called(nodes: Iterable[onnx.NodeProto]) -> set[tuple[str, str]]:
+    return {(n.domain, n.op_type) for n in nodes}
+
+
+def _prune_functions(model: onnx.ModelProto) -> list[str]:
+    """Remove local functions of the custom domain that nothing calls any more."""
+    funcs = {(f.domain, f.name): f for f in model.functions}
+    reach: set[tuple[str, str]] = set()
+    todo = list(_called(model.graph.node))
+    while todo:
+        key = todo.pop()
+        if key in funcs and key not in reach:
+            reach.add(key)
+            todo.extend(_called(funcs[key].node))
+    drop = [f.name for f in model.functions if f.domain == C.DOMAIN and (f.domain, f.name)
+            not in reach]
+    if drop:
+        keep = [f for f in model.functions if not (f.domain == C.DOMAIN and f.name in drop)]
+        del model.functions[:]
+        model.functions.extend(keep)
+    return drop
+
+
+# ------------------------------------------------------------------------------------------
+# Choosing what to bind
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BindingPlan:
+    """What ``pddnet build --plugins MODE`` does for one model and one TensorRT version.
+
+    ``ops is None``: no rewrite at all (``none``); ``()``: every function inlined (``native``).
+    """
+
+    mode: str
+    ops: tuple[str, ...] | None
+    aot: bool
+    notes: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.ops is None:
+            return "none (graph parsed as is, no plugins registered)"
+        if not self.ops:
+            return "native (every custom op inlined from its local function)"
+        return f"plugins {', '.join(self.ops)}" + (" (AOT: no Python at run time)" if self.aot
+                                                    else " (JIT: Python at run time)")
+
+
+def custom_ops_in(model: onnx.ModelProto) -> list[str]:
+    """Custom op types used anywhere in ``model`` (graph or function bodies), in spec order."""
+    used = {n.op_type for n in model.graph.node if n.domain == C.DOMAIN}
+    for f in model.functions:
+        used |= {n.op_type for n in f.node if n.domain == C.DOMAIN}
+    return [o for o in SPEC_ATTRIBUTES if o in used]
+
+
+def plan_binding(mode: str, model: onnx.ModelProto, *, trt_version: tuple[int, int] | None,
+                 triton_available: bool, ops: Sequence[str] | None = None) -> BindingPlan:
+    """Decide which ops to bind.
+
+    ``auto``: the AOT-capable plugins (:data:`AOT_OPS`) of the ops the model uses, when
+    TensorRT >= 10.9 (``tensorrt.plugin.aot_impl``) and triton (PTX compilation at build time)
+    are available; otherwise native, with a note saying why. ``MeanFieldStep`` is never bound
+    by ``auto`` (its plugin is JIT only). ``native``: bind nothing. ``none``: no rewrite.
+    ``ops`` overrides the choice (library use, e.g. to try the JIT ``MeanFieldStep``).
+    """
+    if mode not in PLUGIN_MODES:
+        raise PddnetError(f"plugins must be one of {PLUGIN_MODES}, got {mode!r}")
+    used = custom_ops_in(model)
+    if mode == "none":
+        return BindingPlan(mode, None, False, ("the graph is parsed as exported; TensorRT's "
+                                               "own rules decide between functions and plugins "
+                                               "(no pddnet plugin is registered)",))
+    if mode == "native" and ops is None:
+        return BindingPlan(mode, (), False)
+    notes = []
+    if ops is not None:
+        chosen = tuple(o for o in ops if o in used)
+        skipped = [o for o in ops if o not in used]
+        if skipped:
+            notes.append(f"{skipped} not used by this model")
+    else:
+        if trt_version is not None and trt_version < (10, 9):
+            return BindingPlan(mode, (), False, (
+                f"TensorRT {trt_version[0]}.{trt_version[1]} has no AOT Python plugins "
+                "(tensorrt.plugin.aot_impl needs >= 10.9): every custom op is inlined",))
+        if not triton_available:
+            return BindingPlan(mode, (), False, (
+                "triton is not importable, so the plugin kernels cannot be compiled to PTX: "
+                "every custom op is inlined (pip install triton)",))
+        chosen = tuple(o for o in AOT_OPS if o in used)
+        if "MeanFieldStep" in used:
+            notes.append("MeanFieldStep stays a local function (its plugin is JIT only); "
+                         "TensorRT inlines it into the MinConv plugin and native MatMuls")
+    aot = all(o in AOT_OPS for o in chosen)
+    return BindingPlan(mode, chosen, aot, tuple(notes))
+
+
+__all__ = ["BindPlugins", "BindingPlan", "plan_binding", "custom_ops_in", "SPEC_ATTRIBUTES",
+           "AOT_OPS", "JIT_ONLY_OPS", "PENALTY_OPS", "PLUGIN_MODES", "DUMMY_PENALTY"]
