@@ -140,9 +140,18 @@ class _ManyValuesCommand(click.Command):
 @click.option("--l2r-half", is_flag=True,
               help="Also write disp_l2r2020.npz (Learn2Reg 2020: half resolution, float16).")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@click.option("--refine", default=0, show_default=True, type=click.IntRange(min=0),
+              metavar="N", help="Instance optimisation (pdd+inst): N Adam steps on the "
+              "network's probabilities (50 as in the paper's code; 0 = off). Needs a model "
+              "exported with --probs.")
+@click.option("--stages", default=1, show_default=True, type=click.IntRange(1, 2),
+              help="2: warp the moving scan with stage one and register it again with the "
+                   "finer stage-two model (pddnet export --stage2), composing the fields.")
+@click.option("--stage2-model", type=click.Path(dir_okay=False),
+              help="The stage-two .onnx (default: the file the model's metadata names).")
 @_friendly
 def register(model, fixed, moving, moving_labels, fixed_labels, out, threads, backend, providers,
-             spacing_tolerance, l2r_half, overwrite) -> None:
+             spacing_tolerance, l2r_half, overwrite, refine, stages, stage2_model) -> None:
     """Register moving CT scan(s) to a fixed one with an exported model (no torch needed).
 
     Writes disp.nii.gz (voxels of the fixed grid, warped(x) = moving(x + u(x))), disp.npz,
@@ -155,7 +164,8 @@ def register(model, fixed, moving, moving_labels, fixed_labels, out, threads, ba
                    fixed_labels=fixed_labels, threads=threads, backend=backend,
                    providers=[p for p in providers.split(",") if p.strip()],
                    overwrite=overwrite, spacing_tolerance=spacing_tolerance, l2r_half=l2r_half,
-                   echo=click.echo)
+                   echo=click.echo, refine=refine or None, stages=stages,
+                   stage2_model=stage2_model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,15 +219,27 @@ def train_cmd(data_dir, preset_name, iterations, out, resume, lr, diffusion_weig
               help="JSON file for the table (default: evaluate_<split>.json beside the model).")
 @click.option("--max-pairs", type=click.IntRange(min=1), help="Evaluate only the first N pairs.")
 @click.option("--threads", type=click.IntRange(min=1), help="torch intra-op threads.")
+@click.option("--modes", default="ff", show_default=True,
+              help="Comma-separated registration modes, reported side by side: ff (network), "
+                   "inst (+ instance optimisation), 2stage (two warps), 2stage+inst.")
+@click.option("--refine", "refine_steps", default=50, show_default=True,
+              type=click.IntRange(min=0), help="Adam steps of the instance optimisation in "
+                                               "the refined modes.")
 @_friendly
-def evaluate_cmd(checkpoint, data_dir, split, out, max_pairs, threads) -> None:
-    """Register a split's pairs with the PyTorch reference and print Dice, HD95, SDlogJ, folding."""
+def evaluate_cmd(checkpoint, data_dir, split, out, max_pairs, threads, modes,
+                 refine_steps) -> None:
+    """Register a split's pairs with the PyTorch reference and print Dice, HD95, SDlogJ, folding.
+
+    With several --modes the table compares feed-forward, refined and two-stage registration
+    (mean Dice, HD95, SDlogJ, folding and milliseconds per stage)."""
     from pathlib import Path
 
+    from pddnet.runtime.refine import RefineOptions
     from pddnet.validation.evaluate import evaluate_checkpoint, format_table, write_json
 
     result = evaluate_checkpoint(checkpoint, data_dir, split=split, max_pairs=max_pairs,
-                                 threads=threads)
+                                 threads=threads, modes=modes,
+                                 refine=RefineOptions(steps=refine_steps))
     click.echo(format_table(result))
     path = Path(out) if out else Path(checkpoint).with_name(f"evaluate_{split}.json")
     write_json(result, path)
@@ -231,16 +253,41 @@ def evaluate_cmd(checkpoint, data_dir, split, out, max_pairs, threads) -> None:
               help="Input grid I J K (default: the shape the checkpoint was trained at).")
 @click.option("--probs", is_flag=True, help="Also output the displacement probabilities.")
 @click.option("--entropy", is_flag=True, help="Also output the per-control-point entropy.")
+@click.option("--stage2", is_flag=True,
+              help="Also write the stage-two model (finer grid, smaller capture range, same "
+                   "weights) as <out stem>.stage2.onnx, linked from OUT's metadata, for "
+                   "`pddnet register --stages 2`.")
+@click.option("--stage2-grid", nargs=3, type=click.IntRange(min=2),
+              help="Stage-two control grid (default: 1.5 x the checkpoint's grid).")
+@click.option("--stage2-capture", type=click.FloatRange(0, 1, min_open=True),
+              help="Stage-two capture range, normalised (default: half the checkpoint's).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @_friendly
-def export_cmd(checkpoint, out, shape, probs, entropy, overwrite) -> None:
+def export_cmd(checkpoint, out, shape, probs, entropy, stage2, stage2_grid, stage2_capture,
+               overwrite) -> None:
     """Export a checkpoint to ONNX with the ai.pddnet custom ops as local functions."""
     from pddnet.export.onnx_export import export_checkpoint
+    from pddnet.runtime.stages import stage2_path
 
     outputs = tuple(n for n, on in (("probs", probs), ("entropy", entropy)) if on)
+    if (stage2_grid or stage2_capture) and not stage2:
+        raise PddnetError("--stage2-grid/--stage2-capture need --stage2")
+    second: bool | dict = bool(stage2)
+    if stage2 and (stage2_grid or stage2_capture):
+        from pddnet.model.checkpoint import read_checkpoint
+        from pddnet.runtime.refine import stage2_overrides
+
+        second = stage2_overrides(read_checkpoint(checkpoint)["config"])
+        if stage2_grid:
+            second["grid"] = list(stage2_grid)
+        if stage2_capture:
+            second["capture"] = float(stage2_capture)
     path = export_checkpoint(checkpoint, out, image_shape=tuple(shape) if shape else None,
-                             outputs=outputs, overwrite=overwrite)
+                             outputs=outputs, overwrite=overwrite, stage2=second)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if stage2:
+        s2 = stage2_path(path)
+        click.echo(f"wrote {s2} ({s2.stat().st_size / 1e6:.1f} MB, stage two)")
 
 
 # TensorRT: check-trt, build, doctor (pddnet.cli_trt)

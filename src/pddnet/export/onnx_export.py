@@ -198,12 +198,13 @@ class _Exporter:
 
 
 def export_model(model, image_shape, *, spacing_mm=None, outputs=(), source=None,
-                 fold_alphas: bool = True) -> onnx.ModelProto:
+                 fold_alphas: bool = True, metadata: dict | None = None) -> onnx.ModelProto:
     """Build the ONNX model of ``model`` (a :class:`~pddnet.model.network.PDDNet` in eval mode)
     for inputs of ``image_shape``; ``outputs`` lists optional outputs (probs, entropy).
 
     ``fold_alphas`` folds the six trained scalars into two (exact algebra, see ``head``) when
-    ``a0`` and ``a2`` are positive, saving four passes over the cost volume."""
+    ``a0`` and ``a2`` are positive, saving four passes over the cost volume. ``metadata`` adds
+    further ``pddnet.*`` keys (JSON values), e.g. ``pddnet.overrides``/``pddnet.stage2``."""
     if model.training:
         raise PddnetError("export_model needs the network in eval mode (BatchNorm folding uses "
                           "the running statistics); call model.eval()")
@@ -219,6 +220,7 @@ def export_model(model, image_shape, *, spacing_mm=None, outputs=(), source=None
         C.META_SOURCE: {"pddnet_version": __version__,
                         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                         **(source or {})},
+        **(metadata or {}),
     }
     return _Exporter(model, image_shape, fold_alphas=fold_alphas).build(tuple(outputs), meta)
 
@@ -241,11 +243,28 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def export_checkpoint(checkpoint, out, *, image_shape=None, outputs=(), overwrite=False) -> Path:
-    """``pddnet export``: checkpoint -> checked ONNX file, written atomically."""
+def export_checkpoint(checkpoint, out, *, image_shape=None, outputs=(), overwrite=False,
+                      overrides: dict | None = None, stage2: bool | dict = False) -> Path:
+    """``pddnet export``: checkpoint -> checked ONNX file, written atomically.
+
+    Args:
+        overrides: ``PDDConfig`` fields to change before exporting that keep the weights valid
+            (``grid``, ``capture``, ``disp_size``), e.g. a stage-two model on its own; recorded
+            in the ``pddnet.overrides`` metadata with the checkpoint's config.
+        stage2: also write the stage-two model (``docs/refinement.md``) next to ``out`` as
+            ``<stem>.stage2.onnx`` -- ``True`` for the default finer grid and smaller capture
+            range (:func:`pddnet.runtime.refine.stage2_overrides`), or a dict of overrides --
+            and name it (file, SHA-256, overrides) in ``out``'s ``pddnet.stage2`` metadata,
+            which ``pddnet register --stages 2`` follows. Both get the same ``outputs``.
+
+    Returns the path of ``out``.
+    """
     import torch
 
     from pddnet.model.checkpoint import load_model
+    from pddnet.model.refine import stage2_network
+    from pddnet.runtime import refine as R
+    from pddnet.runtime.stages import stage2_path
 
     model, ckpt = load_model(checkpoint)
     shape = tuple(image_shape or ckpt.get("image_shape") or ())
@@ -254,8 +273,37 @@ def export_checkpoint(checkpoint, out, *, image_shape=None, outputs=(), overwrit
     spacing = (ckpt.get("metadata") or {}).get("spacing_mm")
     source = {"checkpoint": Path(checkpoint).name, "checkpoint_sha256": sha256_file(checkpoint),
               "torch_version": torch.__version__}
-    onnx_model = export_model(model, shape, spacing_mm=spacing, outputs=outputs, source=source)
-    check_model(onnx_model)
-    with atomic_write(out, overwrite=overwrite) as tmp:
-        onnx.save_model(onnx_model, tmp)
+
+    def variant(ov):
+        try:
+            return stage2_network(model, ov).eval()
+        except (ValueError, TypeError) as exc:
+            raise PddnetError(f"export: invalid config overrides {ov}: {exc}") from exc
+
+    def write(net, path, meta):
+        onnx_model = export_model(net, shape, spacing_mm=spacing, outputs=outputs, source=source,
+                                  metadata=meta)
+        check_model(onnx_model)
+        with atomic_write(path, overwrite=overwrite) as tmp:
+            onnx.save_model(onnx_model, tmp)
+
+    base_cfg = model.config.as_dict()
+    meta: dict = {}
+    if overrides:
+        model = variant(dict(overrides))
+        meta[R.META_OVERRIDES] = {"overrides": dict(overrides), "base_config": base_cfg}
+    second = None
+    if stage2:
+        ov2 = R.stage2_overrides(model.config.as_dict()) if stage2 is True else dict(stage2)
+        second = stage2_path(out)
+        write(variant(ov2), second,
+              {R.META_OVERRIDES: {"overrides": ov2, "base_config": model.config.as_dict()}})
+        meta[R.META_STAGE2] = {"file": second.name, "sha256": sha256_file(second),
+                               "overrides": ov2}
+    try:
+        write(model, out, meta)
+    except BaseException:
+        if second is not None:
+            second.unlink(missing_ok=True)
+        raise
     return Path(out)

@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from pddnet.errors import PddnetError
 from pddnet.runtime.outputs import check_free, planned_outputs
@@ -53,9 +53,13 @@ def register_files(model: PathLike, fixed: PathLike, movings: Sequence[PathLike]
                    fixed_labels: PathLike | None = None, threads: int | None = None,
                    backend: str = "onnxruntime", providers: Sequence[str] | None = None,
                    overwrite: bool = False, spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
-                   l2r_half: bool = False, echo: Callable[[str], None] = print
-                   ) -> list[BatchItem]:
-    """Register every moving scan to ``fixed`` and save each result; prints a table."""
+                   l2r_half: bool = False, echo: Callable[[str], None] = print,
+                   refine: Any = None, stages: int = 1,
+                   stage2_model: PathLike | None = None) -> list[BatchItem]:
+    """Register every moving scan to ``fixed`` and save each result; prints a table.
+
+    ``refine``, ``stages`` and ``stage2_model`` are passed to
+    :class:`~pddnet.runtime.session.Registrar` (instance optimisation, two stages)."""
     if not movings:
         raise PddnetError("give at least one moving scan")
     if moving_labels and len(moving_labels) != len(movings):
@@ -67,7 +71,8 @@ def register_files(model: PathLike, fixed: PathLike, movings: Sequence[PathLike]
         check_free(d, names, overwrite=overwrite)
     items: list[BatchItem] = []
     with Registrar(model, backend, threads, providers=list(providers) if providers else None,
-                   spacing_tolerance=spacing_tolerance) as reg:
+                   spacing_tolerance=spacing_tolerance, refine=refine, stages=stages,
+                   stage2_model=stage2_model) as reg:
         reg.set_fixed(fixed, fixed_labels)
         for i, (m, d) in enumerate(zip(movings, dirs)):
             res = reg.register_moving(m, moving_labels[i] if moving_labels else None)
@@ -92,14 +97,17 @@ def _dice(v: float | None) -> str:
 
 def format_table(items: Sequence[BatchItem]) -> str:
     """A fixed-width table: per-stage milliseconds and Dice before -> after, per moving scan."""
-    head = ["moving", "preproc", "features", "head", "postproc", "metrics", "write", "total",
-            "Dice before", "Dice after", "output"]
+    extra = [k for k in ("refine", "stage2")
+             if any(it.result.timings_ms.get(k) is not None for it in items)]
+    head = ["moving", "preproc", "features", "head", *extra, "postproc", "metrics", "write",
+            "total", "Dice before", "Dice after", "output"]
     rows = []
     for it in items:
         t = it.result.timings_ms
         total = sum(v for k, v in t.items() if v is not None and k != "load")
         m = it.result.metrics
         rows.append([it.moving.name, _ms(t["preprocess"]), _ms(t["features"]), _ms(t["head"]),
+                     *(_ms(t.get(k)) for k in extra),
                      _ms(t["postprocess"]), _ms(t["metrics"]), _ms(t["write"]), _ms(total),
                      _dice(m.get("dice_mean_before")), _dice(m.get("dice_mean")),
                      str(it.out_dir)])

@@ -40,7 +40,8 @@ from pddnet.runtime.preprocess import (DEFAULT_SPACING_TOLERANCE, PreparedFixed,
                                        _codes, prepare_fixed, prepare_moving)
 from pddnet.runtime.split import FEATURES_INPUT, FEATURES_OUTPUT, split_model
 
-STAGES = ("load", "preprocess", "features", "head", "postprocess", "metrics", "write")
+STAGES = ("load", "preprocess", "features", "head", "refine", "stage2", "postprocess", "metrics",
+          "write")
 
 
 @dataclass
@@ -52,11 +53,15 @@ class RegistrationResult:
         affine: the fixed file's 4x4 affine (the grid of ``disp``, ``warped``...).
         warped: the moving image warped onto the fixed grid, float32 HU (trilinear, border).
         warped_labels: the moving labels warped (nearest), uint8, or ``None``.
-        disp_model: ``(I, J, K, 3)`` the model's own output on the model grid (RAS+ voxels).
-        model_outputs: the other outputs (``grid_disp``, optionally ``probs``, ``entropy``).
+        disp_model: ``(I, J, K, 3)`` the model's own output on the model grid (RAS+ voxels);
+            with refinement or two stages the final (refined, composed) model-grid field.
+        model_outputs: the other outputs (``grid_disp``, optionally ``probs``, ``entropy``;
+            with refinement/two stages also ``disp_network``, ``grid_disp_refined``, ...).
         notes: what pre- and post-processing did, in order.
-        timings_ms: per stage (``load``, ``preprocess``, ``features``, ``head``,
-            ``postprocess``, ``metrics``, ``write``; ``None`` where not run yet).
+        timings_ms: per stage (``load``, ``preprocess``, ``features``, ``head``, ``refine``,
+            ``stage2``, ``postprocess``, ``metrics``, ``write``; ``None`` where not run).
+        stages: with ``refine``/``stages=2``: the refinement and stage-two details
+            (:meth:`pddnet.runtime.stages.StagePipeline.run`), else ``None``.
         metrics: field statistics always; Dice/HD95 (Learn2Reg) with fixed and moving labels.
         reuse: whether the fixed features were reused and the time that saved.
     """
@@ -75,6 +80,7 @@ class RegistrationResult:
     backend: dict[str, Any]
     reuse: dict[str, Any]
     saved_to: Path | None = field(default=None, repr=False)
+    stages: dict[str, Any] | None = None
 
     @property
     def dice(self) -> float | None:
@@ -114,6 +120,7 @@ class RegistrationResult:
                 "max_norm_voxels": float(norm.max()), "mean_norm_voxels": float(norm.mean()),
             },
             "metrics": self.metrics,
+            "stages": self.stages,
             "outputs": outputs or [],
         })
 
@@ -139,6 +146,12 @@ class Registrar:
         spacing_tolerance: relative per-axis difference allowed between the fixed scan's
             spacing on the model grid and the training spacing (default 0.30).
         backend_options: further keyword options for the backend class.
+        refine: instance optimisation after the network (``pdd+inst``): a number of Adam steps
+            or :class:`~pddnet.runtime.refine.RefineOptions`; needs the ``probs`` output.
+        stages: 2 runs the stage-two model on the moving scan warped by stage one and
+            composes the fields (``docs/refinement.md``).
+        stage2_model: the stage-two ``.onnx`` (default: the file the model's ``pddnet.stage2``
+            metadata names, written by ``pddnet export --stage2``).
 
     The model is split into ``features`` and ``head`` (:mod:`pddnet.runtime.split`); if it cannot
     be split, the whole model runs per pair and a note says that nothing is reused.
@@ -147,7 +160,8 @@ class Registrar:
     def __init__(self, model_path: str | os.PathLike, backend: str = "onnxruntime",
                  threads: int | None = None, *, providers: list[str] | str | None = None,
                  spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
-                 backend_options: dict[str, Any] | None = None):
+                 backend_options: dict[str, Any] | None = None, refine: Any = None,
+                 stages: int = 1, stage2_model: str | os.PathLike | None = None):
         t0 = time.perf_counter()
         self.loaded = load_model(model_path)
         self.info = self.loaded.info
@@ -173,6 +187,17 @@ class Registrar:
         else:
             self._full = create_backend(backend, self.loaded.proto, label="full", **opts)
             self._full.activate()
+        self._pipeline = None
+        if refine or stages != 1:
+            from pddnet.runtime.stages import StagePipeline
+
+            try:
+                self._pipeline = StagePipeline(self.loaded, refine=refine, stages=stages,
+                                               stage2_model=stage2_model, backend=backend,
+                                               backend_options=opts, features=self._features)
+            except BaseException:
+                self.close()
+                raise
         self.load_ms = (time.perf_counter() - t0) * 1e3
         self._fixed: _FixedState | None = None
 
@@ -181,6 +206,8 @@ class Registrar:
         for b in (self._features, self._head, self._full):
             if b is not None:
                 b.deactivate()
+        if getattr(self, "_pipeline", None) is not None:
+            self._pipeline.close()
 
     def __enter__(self) -> "Registrar":
         return self
@@ -247,6 +274,10 @@ class Registrar:
         else:
             outs = self._full.run({C.INPUT_FIXED: fixed.array, C.INPUT_MOVING: mov.array})
             feat_ms, head_ms = None, self._full.last_run_ms
+        staged = None
+        if self._pipeline is not None:
+            outs, staged = self._pipeline.run(outs, fixed=fixed.array, moving=mov.array,
+                                              fixed_features=state.features)
 
         t0 = time.perf_counter()
         disp = field_to_fixed_grid(outs[C.OUTPUT_DISP], fixed)
@@ -277,8 +308,10 @@ class Registrar:
             model_outputs={k: v for k, v in outs.items() if k != C.OUTPUT_DISP},
             notes=notes,
             timings_ms={"load": self.load_ms, "preprocess": pre_ms, "features": feat_ms,
-                        "head": head_ms, "postprocess": post_ms, "metrics": metrics_ms,
-                        "write": None},
+                        "head": head_ms,
+                        "refine": staged["timings_ms"]["refine"] if staged else None,
+                        "stage2": staged["timings_ms"]["stage2"] if staged else None,
+                        "postprocess": post_ms, "metrics": metrics_ms, "write": None},
             metrics=metrics,
             inputs={**state.inputs, "moving": _describe_volume(mov.volume, moving),
                     "moving_labels": _source(moving_labels)},
@@ -288,7 +321,8 @@ class Registrar:
                 "fixed_preprocess_ms": state.preprocess_ms,
                 "fixed_branch_ms": state.features_ms if self._full is None else None,
                 "saved_ms": 0.0 if first or self._full is not None else fixed_cost,
-            })
+            },
+            stages=staged)
 
 
 def _source(x: Any) -> str | None:

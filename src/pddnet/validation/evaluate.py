@@ -2,6 +2,12 @@
 
 Per pair: initial Dice (no registration), registered Dice, HD95, SDlogJ, folding % and the
 forward time, using the Learn2Reg definitions of :mod:`pddnet.validation.metrics`.
+
+With ``modes`` (``pddnet evaluate --modes ff,inst,2stage,2stage+inst``) every pair is registered
+in each mode of :data:`pddnet.runtime.refine.MODES` -- feed-forward, instance optimisation,
+two stages, two refined stages (:func:`pddnet.model.refine.register_stages`) -- and the result
+holds them side by side under ``"modes"`` with the time of every stage; the top-level
+``pairs``/``mean``/``dsc30`` are those of the first mode.
 """
 
 from __future__ import annotations
@@ -26,8 +32,17 @@ def _summary(rows: list[dict], keys) -> dict:
 
 
 def evaluate_checkpoint(checkpoint, data_dir, *, split: str = "test", max_pairs: int | None = None,
-                        threads: int | None = None, progress: bool = True) -> dict:
-    """Register every pair of ``split`` with the checkpoint's network and measure it."""
+                        threads: int | None = None, progress: bool = True, modes=("ff",),
+                        refine=None, stage2: dict | None = None) -> dict:
+    """Register every pair of ``split`` with the checkpoint's network and measure it.
+
+    Args:
+        modes: names from :data:`pddnet.runtime.refine.MODES` (or ``"ff,inst"``).
+        refine: :class:`~pddnet.runtime.refine.RefineOptions` or a number of steps for the
+            refined modes (default: ``RefineOptions()``, 50 steps).
+        stage2: config overrides of the stage-two network (default:
+            :func:`pddnet.runtime.refine.stage2_overrides`).
+    """
     import torch
     from tqdm import tqdm
 
@@ -35,6 +50,11 @@ def evaluate_checkpoint(checkpoint, data_dir, *, split: str = "test", max_pairs:
     from pddnet.model import ops
     from pddnet.model.checkpoint import load_model
     from pddnet.model.network import normalise_intensity
+    from pddnet.model.refine import register_stages, stage2_network
+    from pddnet.runtime.refine import MODES, RefineOptions, parse_modes
+
+    mode_list = parse_modes(modes)
+    ropts = RefineOptions.coerce(refine) or RefineOptions()
 
     if threads:
         torch.set_num_threads(threads)
@@ -43,7 +63,9 @@ def evaluate_checkpoint(checkpoint, data_dir, *, split: str = "test", max_pairs:
     pairs = dataset.pairs(split)[:max_pairs] if max_pairs else dataset.pairs(split)
     if not pairs:
         raise PddnetError(f"{data_dir} has no {split} pairs to evaluate")
-    rows = []
+    net2 = stage2_network(model, stage2).eval() if any(MODES[m][0] == 2 for m in mode_list) \
+        else None
+    rows: dict[str, list] = {m: [] for m in mode_list}
     for pair in tqdm(pairs, desc=f"evaluate {split}", disable=not progress, unit="pair"):
         fixed, moving, fixed_lab, moving_lab = dataset.load_pair(pair)
         if fixed_lab is None or moving_lab is None:
@@ -53,27 +75,45 @@ def evaluate_checkpoint(checkpoint, data_dir, *, split: str = "test", max_pairs:
                               f"use 'pddnet validate' on an exported model, whose runtime resamples")
         f = torch.from_numpy(normalise_intensity(fixed.array, model.config.intensity))[None, None]
         m = torch.from_numpy(normalise_intensity(moving.array, model.config.intensity))[None, None]
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            reg = model(f, m)
-            disp = reg.dense(fixed.shape)
-        elapsed = time.perf_counter() - t0
-        warped = ops.warp(torch.from_numpy(moving_lab.array.astype(np.float32))[None, None], disp,
-                          mode="nearest")[0, 0].round().numpy().astype(np.uint8)
-        pm = metrics.pair_metrics(fixed_lab.array, moving_lab.array, warped, disp.numpy())
-        rows.append({
-            "fixed": pair.fixed.name, "moving": pair.moving.name,
-            "initial_dice": metrics.mean_dice(fixed_lab.array, moving_lab.array, moving_lab.array),
-            "dice": pm["dice_mean"], "dice_per_label": pm["dice_per_label"],
-            "hd95": pm["hd95_mean"], "sdlogj": pm["sdlogj"],
-            "folding_percent": pm["folding_percent"], "time_s": elapsed,
-        })
+        initial = metrics.mean_dice(fixed_lab.array, moving_lab.array, moving_lab.array)
+        lab = torch.from_numpy(moving_lab.array.astype(np.float32))[None, None]
+        for mode in mode_list:
+            n_stages, refined = MODES[mode]
+            t0 = time.perf_counter()
+            res = register_stages(model, f, m, refine=ropts if refined else None,
+                                  stages=n_stages, stage2=net2)
+            disp = res.disp
+            elapsed = time.perf_counter() - t0
+            warped = ops.warp(lab, disp, mode="nearest")[0, 0].round().numpy().astype(np.uint8)
+            pm = metrics.pair_metrics(fixed_lab.array, moving_lab.array, warped, disp.numpy())
+            rows[mode].append({
+                "fixed": pair.fixed.name, "moving": pair.moving.name, "initial_dice": initial,
+                "dice": pm["dice_mean"], "dice_per_label": pm["dice_per_label"],
+                "hd95": pm["hd95_mean"], "sdlogj": pm["sdlogj"],
+                "folding_percent": pm["folding_percent"], "time_s": elapsed,
+                "times_ms": res.times_ms,
+                "refine_energy": [s.refined.energy for s in res.stages if s.refined],
+            })
     keys = ("initial_dice", "dice", "hd95", "sdlogj", "folding_percent", "time_s")
+    per_mode = {}
+    for mode in mode_list:
+        mean = _summary(rows[mode], keys)
+        stage_keys = sorted({k for r in rows[mode] for k in r["times_ms"]})
+        mean["times_ms"] = {k: float(np.mean([r["times_ms"].get(k, np.nan) for r in rows[mode]]))
+                            for k in stage_keys}
+        per_mode[mode] = {"pairs": rows[mode], "mean": mean,
+                          "dsc30": metrics.dsc30([r["dice"] for r in rows[mode]])}
+    first = per_mode[mode_list[0]]
     return {
         "model": str(checkpoint), "data": str(data_dir), "split": split,
-        "config": ckpt["config"], "pairs": rows, "mean": _summary(rows, keys),
-        "dsc30": metrics.dsc30([r["dice"] for r in rows]),
+        "config": ckpt["config"], "pairs": first["pairs"], "mean": first["mean"],
+        "dsc30": first["dsc30"],
         "label_names": {int(k): v for k, v in dataset.label_names.items()},
+        "modes": per_mode,
+        "mode_settings": {
+            "refine": ropts.as_dict() if any(MODES[m][1] for m in mode_list) else None,
+            "stage2_config": net2.config.as_dict() if net2 is not None else None,
+        },
     }
 
 
@@ -95,6 +135,34 @@ def format_table(result: dict) -> str:
     lines.append(row("mean", result["mean"]))
     if result.get("dsc30") is not None:
         lines.append(f"DSC30 {100 * result['dsc30']:.2f}")
+    if len(result.get("modes") or {}) > 1:
+        lines += ["", format_modes(result["modes"])]
+    return "\n".join(lines)
+
+
+#: stage timings in the order they run (``pddnet.model.refine.register_stages``)
+STAGE_ORDER = ("features", "head", "refine", "warp", "features2", "head2", "refine2", "compose")
+
+
+def format_modes(modes: dict) -> str:
+    """Registration modes side by side: mean Dice (%), HD95, SDlogJ, folding %, DSC30 and the
+    mean milliseconds of every stage."""
+    stages = [s for s in STAGE_ORDER if any(s in m["mean"].get("times_ms", {})
+                                            for m in modes.values())]
+    head = (f"{'mode':<12} {'Dice':>6} {'HD95':>6} {'SDlogJ':>7} {'fold %':>7} {'DSC30':>6} "
+            + " ".join(f"{s:>9}" for s in stages) + f" {'total ms':>9}")
+    lines = [head, "-" * len(head)]
+    for name, m in modes.items():
+        mean, t = m["mean"], m["mean"].get("times_ms", {})
+
+        def f(v, scale=1.0, fmt="{:6.2f}"):
+            return fmt.format(v * scale) if v is not None and np.isfinite(v) else f"{'-':>6}"
+        cells = " ".join(f"{t[s]:9.0f}" if s in t and np.isfinite(t[s]) else f"{'-':>9}"
+                         for s in stages)
+        total = sum(v for v in t.values() if np.isfinite(v))
+        lines.append(f"{name:<12} {f(mean['dice'], 100)} {f(mean['hd95'])} "
+                     f"{f(mean['sdlogj'], 1, '{:7.3f}')} {f(mean['folding_percent'], 1, '{:7.3f}')} "
+                     f"{f(m.get('dsc30'), 100)} {cells} {total:9.0f}")
     return "\n".join(lines)
 
 

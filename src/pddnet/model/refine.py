@@ -1,0 +1,235 @@
+"""Instance optimisation ("pdd+inst") and the two-stage mode ("2 warps"): the PyTorch reference.
+
+The definitions (written out in ``docs/refinement.md`` and the docstring of
+:mod:`pddnet.runtime.refine`, which implements the same in numpy for the torch-free runtime):
+
+* :func:`instance_optimise`: ``theta`` on the control grid, initialised to the network's
+  expected displacement ``E``; field ``u = smooth3(theta)`` (two 3x3x3 average poolings after
+  replicate padding, :func:`pddnet.model.ops.smooth3`); energy
+  ``-mean_k P_k(u_k) + lam * diffusion_penalty(u)`` with ``P_k(u_k)`` the probability sampled
+  trilinearly in displacement space (``grid_sample`` of the ``L x L x L`` probabilities at
+  ``u_k / q``, ``align_corners=True``, zero padding); ``steps`` iterations of
+  ``torch.optim.Adam(lr)``. Everything in normalised units, computed in float64 by default.
+* :func:`compose_fields`: ``u(x) = u2(x) + u1(x + u2(x))`` in voxels.
+* :func:`register_stages`: stage one, optional refinement, warp, stage two with the finer grid
+  and smaller capture range of :func:`pddnet.runtime.refine.stage2_overrides` (same weights,
+  fixed features reused), optional refinement, composition.
+
+The authors' ``fit_sparse2dense`` (pdd_net, ``pdd_abdomen_unsupervised_2warps.py``) is the
+model for this; the differences are stated in ``docs/refinement.md`` (replicate instead of zero
+padding in the smoothing, ``align_corners=False`` grids as everywhere in pddnet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pddnet.model import ops
+from pddnet.model.config import PDDConfig
+from pddnet.model.losses import diffusion_penalty
+from pddnet.runtime.refine import RefineOptions, stage2_overrides
+
+Tensor = torch.Tensor
+
+__all__ = ["RefineOptions", "sample_probabilities", "refine_energy", "instance_optimise",
+           "compose_fields", "stage2_network", "register_stages", "StageOutput", "Stages"]
+
+
+def sample_probabilities(probs: Tensor, disp: Tensor, disp_size: int, capture: float) -> Tensor:
+    """``P_k(u_k)``: each control point's probabilities at its own displacement.
+
+    Args:
+        probs: ``(G_i, G_j, G_k, L^3)`` (lattice axis ``a`` for displacement component ``a``).
+        disp: ``(G_i, G_j, G_k, 3)`` normalised units.
+
+    Returns:
+        ``(G_i, G_j, G_k)``: trilinear interpolation at lattice coordinate ``(u + q) / h``,
+        zero outside the lattice (``grid_sample`` zeros padding, ``align_corners=True`` at
+        ``u / q``, which puts ``-1`` and ``+1`` on the outer lattice points ``-q`` and ``q``).
+    """
+    L = int(disp_size)
+    vol = probs.reshape(-1, 1, L, L, L).to(disp.dtype)
+    coords = (disp.reshape(-1, 1, 1, 1, 3) / capture).flip(-1)  # grid_sample wants (k, j, i)
+    out = F.grid_sample(vol, coords, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.reshape(disp.shape[:-1])
+
+
+def refine_energy(theta: Tensor, probs: Tensor, disp_size: int, capture: float,
+                  weight: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(E, data, smoothness)`` of parameters ``theta`` ``(G_i, G_j, G_k, 3)``.
+
+    ``u = smooth3(theta)`` over the grid axes; ``data = -mean P_k(u_k)``;
+    ``smoothness = diffusion_penalty(u)``; ``E = data + weight * smoothness``.
+    """
+    u = ops.smooth3(theta.permute(3, 0, 1, 2)).permute(1, 2, 3, 0)
+    data = -sample_probabilities(probs, u, disp_size, capture).mean()
+    smooth = diffusion_penalty(u)
+    return data + weight * smooth, data, smooth
+
+
+@dataclass
+class Refined:
+    """Result of :func:`instance_optimise`: the field (normalised, input dtype) and energies."""
+
+    grid_disp: Tensor
+    energy: list[float]
+    data: list[float]
+    steps: int
+
+
+def instance_optimise(probs: Tensor, grid_disp: Tensor, disp_size: int, capture: float,
+                      options: RefineOptions | None = None, *,
+                      dtype: torch.dtype = torch.float64) -> Refined:
+    """Fit ``smooth3(theta)`` to the probabilities with Adam (module docstring).
+
+    Args:
+        probs: ``(G_i, G_j, G_k, L^3)`` displacement probabilities of the network.
+        grid_disp: ``(G_i, G_j, G_k, 3)`` expected displacement (normalised) -- the start.
+        disp_size, capture: ``L`` and ``q`` of the model.
+        options: steps, lr, weight (lam), Adam betas and eps.
+        dtype: the precision of the optimisation (float64: the runtime's numpy computation
+            matches it to ~1e-12; the result is returned in ``grid_disp.dtype``).
+    """
+    opts = options or RefineOptions()
+    probs = probs.detach().to(dtype)
+    theta = grid_disp.detach().to(dtype).clone().requires_grad_(True)
+    adam = torch.optim.Adam([theta], lr=opts.lr, betas=opts.betas, eps=opts.eps)
+    first = None
+    with torch.enable_grad():
+        for _ in range(opts.steps):
+            adam.zero_grad()
+            e, data, _ = refine_energy(theta, probs, disp_size, capture, opts.weight)
+            if first is None:
+                first = (float(e.detach()), float(data.detach()))
+            e.backward()
+            adam.step()
+    with torch.no_grad():
+        e, data, _ = refine_energy(theta, probs, disp_size, capture, opts.weight)
+        u = ops.smooth3(theta.permute(3, 0, 1, 2)).permute(1, 2, 3, 0)
+    first = first or (float(e), float(data))
+    return Refined(u.to(grid_disp.dtype).contiguous(), [first[0], float(e)],
+                   [first[1], float(data)], opts.steps)
+
+
+def compose_fields(u1: Tensor, u2: Tensor) -> Tensor:
+    """``u(x) = u2(x) + u1(x + u2(x))``; both ``(I, J, K, 3)`` in voxels of one grid.
+
+    ``u1`` is sampled with :func:`pddnet.model.ops.warp` (trilinear, border padding), so
+    ``warp(moving, u) == warp(warp(moving, u1), u2)`` up to interpolation.
+    """
+    if u1.shape != u2.shape or u1.dim() != 4 or u1.shape[-1] != 3:
+        raise ValueError(f"compose_fields: fields must both be (I, J, K, 3), got "
+                         f"{tuple(u1.shape)} and {tuple(u2.shape)}")
+    u1_at = ops.warp(u1.permute(3, 0, 1, 2).unsqueeze(0), u2)[0].permute(1, 2, 3, 0)
+    return u2 + u1_at
+
+
+def stage2_network(model, overrides: dict[str, Any] | None = None):
+    """The same weights with the stage-two control grid and capture range.
+
+    ``overrides`` default to :func:`pddnet.runtime.refine.stage2_overrides` of the model's
+    config; any ``PDDConfig`` field that does not change the weights may be overridden.
+    """
+    from pddnet.model.network import PDDNet
+
+    cfg: PDDConfig = model.config
+    ov = dict(stage2_overrides(cfg.as_dict()) if overrides is None else overrides)
+    if "grid" in ov:
+        ov["grid"] = tuple(int(g) for g in ov["grid"])
+    for key in ("channels", "minconv"):
+        if key in ov and ov[key] != getattr(cfg, key):
+            raise ValueError(f"stage2_network: overriding {key!r} changes the weights; only the "
+                             "grid, capture range and displacement count may change")
+    net = PDDNet(dataclasses.replace(cfg, **ov))
+    net.load_state_dict(model.state_dict())
+    net.train(model.training)
+    return net
+
+
+@dataclass
+class StageOutput:
+    """One stage of :func:`register_stages` (fields in voxels of the image grid)."""
+
+    config: PDDConfig
+    grid_disp: Tensor           # (G, 3) network expectation, normalised
+    probs: Tensor               # (G, L^3)
+    refined: Refined | None     # instance optimisation, if run
+    disp: Tensor                # (I, J, K, 3) voxels: this stage's field
+    times_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Stages:
+    """All stages and the composed field ``disp`` ``(I, J, K, 3)`` in voxels."""
+
+    disp: Tensor
+    stages: list[StageOutput]
+    times_ms: dict[str, float]
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3
+
+
+def register_stages(model, fixed: Tensor, moving: Tensor, *, refine: RefineOptions | None = None,
+                    stages: int = 1, stage2: Any = None) -> Stages:
+    """Feed-forward, refined, or two-stage registration with the PyTorch reference.
+
+    Args:
+        model: a :class:`~pddnet.model.network.PDDNet` (eval mode).
+        fixed, moving: ``(1, 1, I, J, K)`` normalised intensities.
+        refine: instance optimisation of every stage's field (``None``: feed-forward fields).
+        stages: 1 or 2.
+        stage2: the stage-two network, or a dict of config overrides (default:
+            :func:`stage2_network` of ``model``).
+
+    Returns:
+        :class:`Stages`; ``times_ms`` has ``features``, ``head``, ``refine`` (stage one) and
+        for two stages ``warp``, ``features2``, ``head2``, ``refine2``, ``compose``.
+    """
+    if stages not in (1, 2):
+        raise ValueError(f"register_stages: stages must be 1 or 2, got {stages}")
+    shape = tuple(fixed.shape[2:])
+    times: dict[str, float] = {}
+    out: list[StageOutput] = []
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        ff, fm = model.features(fixed), model.features(moving)
+        times["features"] = _ms(t0)
+        u = _stage(model, ff, fm, refine, shape, times, "", out)
+        if stages == 2:
+            net2 = stage2 if isinstance(stage2, torch.nn.Module) else stage2_network(model, stage2)
+            t0 = time.perf_counter()
+            m1 = ops.warp(moving, u)
+            times["warp"] = _ms(t0)
+            t0 = time.perf_counter()
+            fm2 = net2.features(m1)
+            times["features2"] = _ms(t0)
+            u2 = _stage(net2, ff, fm2, refine, shape, times, "2", out)
+            t0 = time.perf_counter()
+            u = compose_fields(u, u2)
+            times["compose"] = _ms(t0)
+    return Stages(u, out, times)
+
+
+def _stage(net, ff, fm, refine, shape, times, suffix, out) -> Tensor:
+    cfg = net.config
+    t0 = time.perf_counter()
+    reg = net.register_features(ff, fm)
+    times["head" + suffix] = _ms(t0)
+    refined = None
+    grid = reg.grid_disp
+    if refine is not None:
+        t0 = time.perf_counter()
+        refined = instance_optimise(reg.probs, reg.grid_disp, cfg.disp_size, cfg.capture, refine)
+        grid = refined.grid_disp
+        times["refine" + suffix] = _ms(t0)
+    disp = ops.dense_displacement(grid, shape)
+    out.append(StageOutput(cfg, reg.grid_disp, reg.probs, refined, disp))
+    return disp
