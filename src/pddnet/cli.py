@@ -296,5 +296,28 @@ from pddnet.cli_trt import add_commands as _add_trt_commands  # noqa: E402
 _add_trt_commands(main)
 
 
+
+@main.command("demo")
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for every output of the demo.")
+@click.option("--subjects", default=8, show_default=True, type=click.IntRange(min=8),
+              help="Synthetic subjects (the last 4 are the test split).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Synthetic data seed.")
+@click.option("--model", "checkpoint", type=click.Path(dir_okay=False, exists=True),
+              help="Checkpoint to use instead of the shipped weights.")
+@click.option("--max-pairs", type=click.IntRange(min=1), help="Evaluate only N test pairs.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--overwrite", is_flag=True, help="Empty --out first if it is not empty.")
+@_friendly
+def demo_cmd(out, subjects, seed, checkpoint, max_pairs, threads, overwrite) -> None:
+    """The main job end to end on the embedded synthetic abdomen (what `make demo` runs)."""
+    from pathlib import Path
+
+    from pddnet.demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(out=Path(out), subjects=subjects, seed=seed, checkpoint=checkpoint,
+                         threads=threads, overwrite=overwrite, max_pairs=max_pairs))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
