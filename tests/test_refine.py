@@ -571,3 +571,46 @@ def test_evaluate_reports_modes_side_by_side(tmp_path, sharp_tiny):
     assert "refine" not in result["modes"]["ff"]["mean"]["times_ms"]
     table = format_table(result)
     assert "2stage+inst" in table and "refine2" in table
+
+
+TORCH_FREE = r"""
+import sys
+sys.modules["torch"] = None          # any `import torch` now raises ImportError
+from pddnet.cli import main
+from pddnet.runtime.session import Registrar
+
+model, fixed, moving, out = sys.argv[1:5]
+with Registrar(model, threads=1, refine=5, stages=2) as reg:
+    res = reg.register(fixed, moving)
+assert res.timings_ms["refine"] > 0 and res.timings_ms["stage2"] > 0
+try:
+    main(["register", "--model", model, "--fixed", fixed, "--moving", moving, "--out", out,
+          "--refine", "3", "--stages", "2", "--threads", "1"], standalone_mode=False)
+except SystemExit as exc:
+    assert not exc.code, exc.code
+leaked = sorted(m for m in sys.modules
+                if m.startswith("torch.") or m == "pddnet.model" or m.startswith("pddnet.model."))
+assert not leaked, leaked
+print("TORCH-FREE REFINE OK")
+"""
+
+
+def test_refinement_and_two_stages_run_without_torch(sharp_tiny, tmp_path):
+    """The runtime's refinement and second stage never import torch or pddnet.model."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fake_models import save_volume
+
+    _, _, model = sharp_tiny
+    fixed, moving = _pair(17)
+    fp = save_volume(tmp_path / "f.nii.gz", fixed.array, fixed.affine)
+    mp = save_volume(tmp_path / "m.nii.gz", moving.array, moving.affine)
+    src = Path(__file__).resolve().parents[1] / "src"
+    proc = subprocess.run([sys.executable, "-c", TORCH_FREE, str(model), str(fp), str(mp),
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(src), "PATH": ""})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "TORCH-FREE REFINE OK" in proc.stdout
+    assert (tmp_path / "out" / "summary.json").exists()

@@ -37,13 +37,14 @@ displacement ``E`` ``(G_i, G_j, G_k, 3)`` (normalised units, ``docs/conventions.
   ``align_corners=False``, times ``n / 2`` per axis to voxels (:func:`to_voxels`).
 
 Why numpy with hand-derived gradients rather than an unrolled ONNX graph: one step is about a
-dozen small array operations on ``K = G_i G_j G_k`` points (the ``smooth`` matrices, eight
-gathers, Adam), so the cost is dominated by per-operation dispatch, not arithmetic. Measured on
-the shared 2-core CPU at the ``small`` preset (``K = 4096``, ``L = 11``) one numpy step takes
-~0.25 ms (50 steps ~12 ms, ~1-2% of a feed-forward registration), while ONNX Runtime needs
-more than that just to dispatch the ~90 nodes of one step (measured with
-``benchmarks/refine_onnx_overhead.py``, see ``docs/benchmarks.md``); an unrolled 50-step graph
-would also be ~4500 nodes that every backend has to load. The gradient is
+dozen small array operations on ``K = G_i G_j G_k`` points (eight gathers of corner
+probabilities, the smoothing and its transpose, the diffusion gradient, Adam), so the cost is
+per-operation overhead and gather latency, not arithmetic. ``scripts/bench_refine.py`` writes
+the same step as an ONNX graph (180 standard nodes, equal to this code to 1e-14) and runs it
+with ONNX Runtime, probabilities bound once: on the shared 2-core CPU numpy took 1.5 ms per step
+at the ``small`` geometry (16^3, L = 11) against 4.8 ms, and 9 ms against 35 ms at the paper's
+(32^3, L = 15); an unrolled 50-step graph would also carry 9000 nodes for every backend to
+load (``docs/benchmarks.md``). The gradient is
 ``dE/dtheta = S^T dE/du`` with ``dE/du = -(1/K)(1/h) dP/dt + (2 lam / N_a) D_a^T D_a u``
 summed over the axes; tests compare it with finite differences and with autograd.
 
