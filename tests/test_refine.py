@@ -325,6 +325,20 @@ def test_stage2_geometry():
     assert reg.grid_disp.shape == (9, 9, 9, 3) and reg.probs.shape == (9, 9, 9, 125)
 
 
+def test_network_for_config_follows_an_overridden_export():
+    from pddnet.model.config import preset
+    from pddnet.model.network import PDDNet
+
+    net = PDDNet(preset("tiny"), seed=4).eval()
+    assert R.network_for_config(net, net.config.as_dict()) is net
+    cfg2 = {**net.config.as_dict(), "grid": [9, 9, 9], "capture": 0.15}
+    net2 = R.network_for_config(net, cfg2)
+    assert net2.config.grid == (9, 9, 9) and net2.config.capture == 0.15
+    assert torch.equal(net2.alpha, net.alpha)
+    with pytest.raises(ValueError, match="channels"):
+        R.network_for_config(net, {**net.config.as_dict(), "channels": 8})
+
+
 def test_register_stages_shapes_and_identity_of_stage_one():
     from pddnet.model.config import preset
     from pddnet.model.network import PDDNet

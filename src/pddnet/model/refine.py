@@ -38,7 +38,8 @@ from pddnet.runtime.refine import RefineOptions, stage2_overrides
 Tensor = torch.Tensor
 
 __all__ = ["RefineOptions", "sample_probabilities", "refine_energy", "instance_optimise",
-           "compose_fields", "stage2_network", "register_stages", "StageOutput", "Stages"]
+           "compose_fields", "stage2_network", "network_for_config", "register_stages",
+           "StageOutput", "Stages"]
 
 
 def sample_probabilities(probs: Tensor, disp: Tensor, disp_size: int, capture: float) -> Tensor:
@@ -150,6 +151,31 @@ def stage2_network(model, overrides: dict[str, Any] | None = None):
     net.load_state_dict(model.state_dict())
     net.train(model.training)
     return net
+
+
+#: config fields an export may override without changing the weights
+OVERRIDABLE = ("grid", "capture", "disp_size")
+
+
+def network_for_config(model, config: dict[str, Any]):
+    """``model`` as an exported model's ``pddnet.config`` describes it.
+
+    ``model`` itself when the configs are equal; the same weights on another grid / capture
+    range / number of displacements (:func:`stage2_network`) when only :data:`OVERRIDABLE`
+    fields differ -- a stage-two model or ``export_checkpoint(..., overrides=...)``. For
+    backends that run a checkpoint's weights behind an exported model's interface (the torch
+    reference in ``pddnet validate``). Raises ``ValueError`` naming the fields otherwise.
+    """
+    mine = model.config.as_dict()
+    theirs = PDDConfig.from_dict(dict(config)).as_dict()
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if not diff:
+        return model
+    fixed = [k for k in diff if k not in OVERRIDABLE]
+    if fixed:
+        raise ValueError("the network differs from the exported model in "
+                         + "; ".join(f"{k}: {mine.get(k)!r} vs {theirs.get(k)!r}" for k in fixed))
+    return stage2_network(model, {k: theirs[k] for k in diff})
 
 
 @dataclass
