@@ -290,6 +290,65 @@ def export_cmd(checkpoint, out, shape, probs, entropy, stage2, stage2_grid, stag
         click.echo(f"wrote {s2} ({s2.stat().st_size / 1e6:.1f} MB, stage two)")
 
 
+# --------------------------------------------------------------------------------------------
+# validate / bench (pddnet.validation)
+# --------------------------------------------------------------------------------------------
+@main.command("validate")
+@click.option("--model", "checkpoint", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Checkpoint written by `pddnet train` (the PyTorch reference).")
+@click.option("--onnx", "onnx_model", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="The .onnx exported from it (`pddnet export`).")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True),
+              help="Learn2Reg-layout dataset with label maps.")
+@click.option("--split", default="test", show_default=True,
+              type=click.Choice(["train", "val", "test"]))
+@click.option("--max-pairs", type=click.IntRange(min=1), help="Use only the first N pairs.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Report folder (report.json).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="Intra-op threads of every backend (torch.set_num_threads, ORT intra_op).")
+@click.option("--gate-disp", default=0.05, show_default=True, type=click.FloatRange(min=0),
+              help="ONNX Runtime FP32 gate: max |delta disp| vs the reference, voxels at full "
+                   "resolution, per pair.")
+@click.option("--gate-dice", default=0.1, show_default=True, type=click.FloatRange(min=0),
+              help="ONNX Runtime FP32 gate: |delta mean Dice| vs the reference, points, per pair.")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Untimed model runs before the latency runs.")
+@click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Timed model runs per backend.")
+@click.option("--in-process", is_flag=True,
+              help="Measure latency/memory in this process instead of one child per backend "
+                   "(faster; peak memory is then not per backend).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing report.json.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@_friendly
+def validate_cmd(checkpoint, onnx_model, data_dir, split, max_pairs, out_dir, threads, gate_disp,
+                 gate_dice, warmup, repeats, in_process, overwrite, no_progress) -> None:
+    """Validate every deployed form against the PyTorch reference on a dataset split.
+
+    Runs the checkpoint (torch backend) and the ONNX model (ONNX Runtime) through the same
+    pre- and post-processing, reports Dice, HD95, SDlogJ, folding, the displacement and Dice
+    differences vs the reference, latency (p50/p95/p99) and peak memory, writes
+    OUT/report.json and exits with status 1 when a gate fails (2 on errors).
+    """
+    from pddnet.validation.compare import compare, default_candidates
+    from pddnet.validation.report import (check_out_dir, failure_message, format_table,
+                                          write_report)
+
+    check_out_dir(out_dir, overwrite=overwrite)
+    ref, cands = default_candidates(checkpoint, onnx_model, gate_disp=gate_disp,
+                                    gate_dice=gate_dice)
+    report = compare(ref, cands, data_dir, split=split, max_pairs=max_pairs, threads=threads,
+                     warmup=warmup, repeats=repeats, isolate=not in_process,
+                     progress=not no_progress, echo=click.echo)
+    click.echo(format_table(report))
+    path = write_report(report, out_dir, overwrite=overwrite)
+    click.echo(f"wrote {path}")
+    if report["status"] != "passed":
+        click.echo(f"error: {failure_message(report)}", err=True)
+        sys.exit(1)
+
+
 # TensorRT: check-trt, build, doctor (pddnet.cli_trt)
 from pddnet.cli_trt import add_commands as _add_trt_commands  # noqa: E402
 

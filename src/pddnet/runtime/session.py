@@ -245,6 +245,25 @@ class Registrar:
         """Register one pair (independent of any :meth:`set_fixed` state)."""
         return self._register(self._prepare_fixed(fixed, fixed_labels), moving, moving_labels)
 
+    def run_model(self, fixed: np.ndarray, moving: np.ndarray) -> tuple[dict[str, np.ndarray],
+                                                                        float]:
+        """The model execution alone, on pre-processed ``(1, 1, I, J, K)`` float32 arrays.
+
+        Runs what :meth:`register` runs between pre- and post-processing: the feature network
+        on both scans and the head (or the whole model when it could not be split), with no
+        reuse. Returns the model's outputs and the summed wall time of the backend runs in
+        milliseconds (the latency that ``pddnet validate`` reports).
+        """
+        if self._full is not None:
+            outs = self._full.run({C.INPUT_FIXED: fixed, C.INPUT_MOVING: moving})
+            return outs, self._full.last_run_ms
+        ff = self._features.run({FEATURES_INPUT: fixed})[FEATURES_OUTPUT]
+        ms = self._features.last_run_ms
+        mf = self._features.run({FEATURES_INPUT: moving})[FEATURES_OUTPUT]
+        ms += self._features.last_run_ms
+        outs = self._head.run({C.FIXED_FEATURES: ff, C.MOVING_FEATURES: mf})
+        return outs, ms + self._head.last_run_ms
+
     # -- internals ------------------------------------------------------------------------
     def _prepare_fixed(self, fixed: VolumeLike, fixed_labels: VolumeLike | None) -> _FixedState:
         t0 = time.perf_counter()
