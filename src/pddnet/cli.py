@@ -349,6 +349,54 @@ def validate_cmd(checkpoint, onnx_model, data_dir, split, max_pairs, out_dir, th
         sys.exit(1)
 
 
+@main.command("bench")
+@click.option("--preset", "preset_name", required=True,
+              type=click.Choice(["small", "paper", "tiny"]),
+              help="Configuration and default shape (paper: 192x160x256, the Learn2Reg grid; "
+                   "tiny is for tests).")
+@click.option("--shape", nargs=3, type=click.IntRange(min=6), help="Input grid I J K.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
+              help="torch.set_num_threads / ORT intra_op_num_threads (and the GEMM's).")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs per backend.")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Untimed runs before them.")
+@click.option("--model", "checkpoint", type=click.Path(dir_okay=False, exists=True),
+              help="Checkpoint to time (default: the preset, randomly initialised).")
+@click.option("--fixed", type=click.Path(dir_okay=False, exists=True),
+              help="Fixed NIfTI (with --moving) instead of a random pair.")
+@click.option("--moving", type=click.Path(dir_okay=False, exists=True))
+@click.option("--gemm-size", default=2048, show_default=True, type=click.IntRange(min=0),
+              help="Side of the square GEMM that measures the fp32 rate (0: skip the floor).")
+@click.option("--profile-runs", default=2, show_default=True, type=click.IntRange(min=0),
+              help="ONNX Runtime runs to profile per block (0: no profile).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+@_friendly
+def bench_cmd(preset_name, shape, threads, repeats, warmup, checkpoint, fixed, moving, gemm_size,
+              profile_runs, seed, out) -> None:
+    """Time PyTorch eager and ONNX Runtime on one pair; FLOPs, GEMM floor, per-block profile.
+
+    Each backend runs in its own child process (peak RSS per backend); ONNX Runtime is timed
+    with and without enable_mem_pattern.
+    """
+    import json
+
+    from pddnet.data.io import atomic_write
+    from pddnet.validation.bench import format_bench, run_bench
+    from pddnet.validation.metrics import jsonable
+
+    result = run_bench(preset_name, shape=tuple(shape) if shape else None, threads=threads,
+                       warmup=warmup, repeats=repeats, checkpoint=checkpoint, seed=seed,
+                       fixed=fixed, moving=moving, gemm_size=gemm_size,
+                       profile_runs=profile_runs, echo=lambda s: click.echo(s, err=True))
+    click.echo(format_bench(result))
+    if out:
+        with atomic_write(out) as tmp:
+            Path(tmp).write_text(json.dumps(jsonable(result), indent=2) + "\n")
+        click.echo(f"wrote {out}")
+
+
 # TensorRT: check-trt, build, doctor (pddnet.cli_trt)
 from pddnet.cli_trt import add_commands as _add_trt_commands  # noqa: E402
 

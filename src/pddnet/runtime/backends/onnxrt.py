@@ -77,6 +77,18 @@ class OnnxRuntimeBackend(Backend):
             (G^3 x L^3 floats, ~440 MB at the paper's size) can double the resident memory.
             Measured with the ``small`` preset at 96x80x128 on 2 CPU cores: peak RSS 745 MB
             with the arena vs 427 MB without, for ~15% faster features/head.
+        mem_pattern: ONNX Runtime's memory-pattern planning (``enable_mem_pattern``): from
+            the second run on, one block laid out for all intermediate tensors is allocated per
+            run. Its effect depends on the arena. With the arena *on* it is harmful: at the
+            paper's size (192x160x256, 2 threads) peak RSS 9.3 GB against 5.0 GB without it,
+            and one run in four took twice as long. With the arena *off* (our default) it
+            lowers the peak -- 4.6 vs 5.0 GB at the paper's size, 0.32-0.34 vs 0.41-0.44 GB at
+            the ``small`` size -- and the paper-size median was faster (13.2 s vs 20.2 s and
+            16.0 s vs 19.3 s in two runs), the small-size one ~15% slower. On by default (the
+            better at the paper's size); ``pddnet bench`` measures both
+            (``docs/benchmarks.md``; all figures on a loaded 2-core machine).
+        profile: a file-name prefix: turn on ONNX Runtime's profiler; :meth:`end_profiling`
+            returns the JSON trace (node kernel times in microseconds).
         provider_options: per-provider dicts, e.g. ``{"cuda": {"device_id": 1}}``; CUDA
             defaults to ``arena_extend_strategy=kSameAsRequested`` for the same reason.
     """
@@ -85,7 +97,8 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, model: Any, *, label: str = "model",
                  providers: Sequence[str] | str | None = None, threads: int | None = None,
-                 optimization: str = "all", mem_arena: bool = False,
+                 optimization: str = "all", mem_arena: bool = False, mem_pattern: bool = True,
+                 profile: str | os.PathLike | None = None,
                  provider_options: dict[str, dict[str, Any]] | None = None):
         super().__init__(model, label=label)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
@@ -97,6 +110,8 @@ class OnnxRuntimeBackend(Backend):
         self.threads = threads
         self.optimization = optimization
         self.mem_arena = bool(mem_arena)
+        self.mem_pattern = bool(mem_pattern)
+        self.profile = None if profile is None else os.fspath(profile)
         self._provider_options = {PROVIDER_ALIASES.get(k.lower(), k): dict(v)
                                   for k, v in (provider_options or {}).items()}
         self._session = None
@@ -113,6 +128,10 @@ class OnnxRuntimeBackend(Backend):
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[self.optimization]
         so.enable_cpu_mem_arena = self.mem_arena
+        so.enable_mem_pattern = self.mem_pattern
+        if self.profile is not None:
+            so.enable_profiling = True
+            so.profile_file_prefix = self.profile
         if self.threads is not None:
             so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
@@ -142,6 +161,14 @@ class OnnxRuntimeBackend(Backend):
 
     def _unload_impl(self) -> None:
         self._session = None
+
+    def end_profiling(self) -> str:
+        """Stop the profiler (``profile=...``) and return the path of its JSON trace."""
+        self._require_active("end_profiling")
+        if self.profile is None:
+            raise PddnetError(f"onnxruntime backend ({self.label}): end_profiling needs a "
+                              "backend created with profile=PREFIX")
+        return self._session.end_profiling()
 
     def _input_specs_impl(self) -> list[TensorSpec]:
         specs = []
@@ -176,4 +203,5 @@ class OnnxRuntimeBackend(Backend):
             "threads": self.threads,
             "optimization": self.optimization,
             "mem_arena": self.mem_arena,
+            "mem_pattern": self.mem_pattern,
         }
