@@ -243,3 +243,18 @@ def test_save_refusals_leave_nothing(tmp_path, rng):
 def test_volume_affine_must_be_4x4(rng):
     with pytest.raises(PddnetError, match="4x4"):
         Volume(rng.normal(0, 1, (3, 3, 3)), np.eye(3))
+
+
+def test_atomic_write_result_has_default_permissions(tmp_path):
+    import os
+    import stat
+
+    from pddnet.data.io import atomic_write
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "x.json") as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
