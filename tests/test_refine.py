@@ -628,3 +628,73 @@ def test_refinement_and_two_stages_run_without_torch(sharp_tiny, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "TORCH-FREE REFINE OK" in proc.stdout
     assert (tmp_path / "out" / "summary.json").exists()
+
+
+def test_validate_compares_modes_side_by_side(tmp_path):
+    """``compare`` with :func:`mode_candidates`: each mode's ONNX Runtime candidate is compared
+    with the reference in the same mode, the reference in a mode with the feed-forward
+    reference; stage times and the modes table are reported; latency includes the stages."""
+    from pddnet.data.synth import write_dataset
+    from pddnet.export.onnx_export import export_checkpoint
+    from pddnet.model.checkpoint import save_checkpoint
+    from pddnet.model.config import preset
+    from pddnet.model.network import PDDNet
+    from pddnet.validation.compare import compare, default_candidates, mode_candidates
+    from pddnet.validation.report import format_table
+
+    data = tmp_path / "data"
+    write_dataset(data, subjects=4, seed=0, preset="small", progress=False)
+    net = PDDNet(preset("tiny"), seed=3).eval()
+    with torch.no_grad():
+        net.features.offsets *= 10.0
+        net.alpha[0] = 1000.0
+        net.alpha[5] = 20.0
+    shape = (48, 40, 64)
+    ckpt = save_checkpoint(tmp_path / "t.pt", net, image_shape=shape,
+                           metadata={"spacing_mm": [8.0, 8.0, 8.0]})
+    model = export_checkpoint(ckpt, tmp_path / "t.onnx", outputs=("probs",), stage2=True)
+    ref, cands = default_candidates(ckpt, model)
+    cands += mode_candidates(ckpt, model, "ff,inst,2stage", refine_steps=10)
+    assert [c.name for c in cands] == ["onnxruntime-fp32", "pytorch+inst",
+                                       "onnxruntime-fp32+inst", "pytorch+2stage",
+                                       "onnxruntime-fp32+2stage"]
+    report = compare(ref, cands, data, max_pairs=1, threads=1, warmup=0, repeats=1,
+                     isolate=False, progress=False)
+    c = report["candidates"]
+    assert c["pytorch+inst"]["compared_with"] == "pytorch" and c["pytorch+inst"]["gates"] == []
+    assert c["onnxruntime-fp32+inst"]["compared_with"] == "pytorch+inst"
+    assert c["onnxruntime-fp32+inst"]["mode"] == "inst"
+    assert [g["metric"] for g in c["onnxruntime-fp32+inst"]["gates"]] == ["delta_dice_points"]
+    assert [g["metric"] for g in c["onnxruntime-fp32+2stage"]["gates"]] == [
+        "disp_diff_max_vox", "delta_dice_points"]
+    # two stages without refinement: ONNX Runtime and PyTorch agree closely end to end
+    assert c["onnxruntime-fp32+2stage"]["summary"]["disp_diff_max_vox"] < 0.05
+    st = c["onnxruntime-fp32+2stage"]["summary"]["stage_ms"]
+    assert st["stage2"] > 0 and st["refine"] is None
+    assert c["onnxruntime-fp32+inst"]["summary"]["stage_ms"]["refine"] > 0
+    pair = c["onnxruntime-fp32+inst"]["pairs"][0]
+    assert pair["model_ms"] == pytest.approx(sum(v for v in pair["stage_ms"].values() if v))
+    assert c["onnxruntime-fp32"]["summary"]["stage_ms"]["refine"] is None
+    assert report["status"] == "passed", report["failed_gates"]
+    table = format_table(report)
+    assert "registration modes" in table and "onnxruntime-fp32+2stage" in table
+    json.dumps(report)
+
+
+def test_run_model_includes_refinement_and_stage_two(sharp_tiny):
+    from pddnet.runtime.preprocess import prepare_fixed, prepare_moving
+    from pddnet.runtime.session import Registrar
+
+    _, _, model = sharp_tiny
+    fixed, moving = _pair(18)
+    with Registrar(model, threads=1) as plain, \
+            Registrar(model, threads=1, refine=5, stages=2) as staged:
+        pf = prepare_fixed(fixed, plain.info)
+        pm = prepare_moving(moving, pf, plain.info)
+        outs0, ms0 = plain.run_model(pf.array, pm.array)
+        outs1, ms1 = staged.run_model(pf.array, pm.array)
+        res = staged.register(fixed, moving)
+    assert "disp_network" in outs1 and "probs_stage2" in outs1
+    np.testing.assert_allclose(outs1["disp_network"], outs0["disp"], atol=1e-6)
+    np.testing.assert_allclose(outs1["disp"], res.disp_model, atol=1e-5)
+    assert ms1 > ms0 > 0

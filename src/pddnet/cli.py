@@ -316,6 +316,17 @@ def export_cmd(checkpoint, out, shape, probs, entropy, stage2, stage2_grid, stag
               help="Untimed model runs before the latency runs.")
 @click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1),
               help="Timed model runs per backend.")
+@click.option("--modes", default="ff", show_default=True,
+              help="Registration modes, comma-separated: ff (network), inst (+ instance "
+                   "optimisation), 2stage, 2stage+inst. Each mode beyond ff adds the reference "
+                   "and ONNX Runtime in that mode (the model needs --probs / --stage2 at "
+                   "export); a table shows the modes side by side with their stage times.")
+@click.option("--refine", "refine_steps", default=50, show_default=True,
+              type=click.IntRange(min=1), help="Adam steps of the refined modes.")
+@click.option("--gate-dice-refined", default=0.5, show_default=True,
+              type=click.FloatRange(min=0),
+              help="Refined modes: |delta mean Dice| of ONNX Runtime vs the reference in the same "
+                   "mode, points, per pair (no displacement gate: docs/refinement.md).")
 @click.option("--in-process", is_flag=True,
               help="Measure latency/memory in this process instead of one child per backend "
                    "(faster; peak memory is then not per backend).")
@@ -323,7 +334,8 @@ def export_cmd(checkpoint, out, shape, probs, entropy, stage2, stage2_grid, stag
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @_friendly
 def validate_cmd(checkpoint, onnx_model, data_dir, split, max_pairs, out_dir, threads, gate_disp,
-                 gate_dice, warmup, repeats, in_process, overwrite, no_progress) -> None:
+                 gate_dice, warmup, repeats, modes, refine_steps, gate_dice_refined, in_process,
+                 overwrite, no_progress) -> None:
     """Validate every deployed form against the PyTorch reference on a dataset split.
 
     Runs the checkpoint (torch backend) and the ONNX model (ONNX Runtime) through the same
@@ -331,13 +343,16 @@ def validate_cmd(checkpoint, onnx_model, data_dir, split, max_pairs, out_dir, th
     differences vs the reference, latency (p50/p95/p99) and peak memory, writes
     OUT/report.json and exits with status 1 when a gate fails (2 on errors).
     """
-    from pddnet.validation.compare import compare, default_candidates
+    from pddnet.validation.compare import compare, default_candidates, mode_candidates
     from pddnet.validation.report import (check_out_dir, failure_message, format_table,
                                           write_report)
 
     check_out_dir(out_dir, overwrite=overwrite)
     ref, cands = default_candidates(checkpoint, onnx_model, gate_disp=gate_disp,
                                     gate_dice=gate_dice)
+    cands += mode_candidates(checkpoint, onnx_model, modes, refine_steps=refine_steps,
+                             gate_disp=gate_disp, gate_dice=gate_dice,
+                             gate_dice_refined=gate_dice_refined)
     report = compare(ref, cands, data_dir, split=split, max_pairs=max_pairs, threads=threads,
                      warmup=warmup, repeats=repeats, isolate=not in_process,
                      progress=not no_progress, echo=click.echo)

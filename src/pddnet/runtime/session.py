@@ -251,18 +251,26 @@ class Registrar:
 
         Runs what :meth:`register` runs between pre- and post-processing: the feature network
         on both scans and the head (or the whole model when it could not be split), with no
-        reuse. Returns the model's outputs and the summed wall time of the backend runs in
-        milliseconds (the latency that ``pddnet validate`` reports).
+        reuse, then the refinement and second stage when the Registrar has them. Returns the
+        model's outputs (``disp`` the final model-grid field) and the summed wall time of the
+        backend runs and those stages in milliseconds (the latency that ``pddnet validate``
+        reports).
         """
+        ff = None
         if self._full is not None:
             outs = self._full.run({C.INPUT_FIXED: fixed, C.INPUT_MOVING: moving})
-            return outs, self._full.last_run_ms
-        ff = self._features.run({FEATURES_INPUT: fixed})[FEATURES_OUTPUT]
-        ms = self._features.last_run_ms
-        mf = self._features.run({FEATURES_INPUT: moving})[FEATURES_OUTPUT]
-        ms += self._features.last_run_ms
-        outs = self._head.run({C.FIXED_FEATURES: ff, C.MOVING_FEATURES: mf})
-        return outs, ms + self._head.last_run_ms
+            ms = self._full.last_run_ms
+        else:
+            ff = self._features.run({FEATURES_INPUT: fixed})[FEATURES_OUTPUT]
+            ms = self._features.last_run_ms
+            mf = self._features.run({FEATURES_INPUT: moving})[FEATURES_OUTPUT]
+            ms += self._features.last_run_ms
+            outs = self._head.run({C.FIXED_FEATURES: ff, C.MOVING_FEATURES: mf})
+            ms += self._head.last_run_ms
+        if self._pipeline is not None:
+            outs, staged = self._pipeline.run(outs, fixed=fixed, moving=moving, fixed_features=ff)
+            ms += sum(v for v in staged["timings_ms"].values() if v is not None)
+        return outs, ms
 
     # -- internals ------------------------------------------------------------------------
     def _prepare_fixed(self, fixed: VolumeLike, fixed_labels: VolumeLike | None) -> _FixedState:

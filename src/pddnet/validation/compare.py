@@ -118,7 +118,11 @@ class Candidate:
     file it runs (for ``torch`` the ONNX model whose interface and pre-processing contract it
     mirrors; the weights come from ``options["checkpoint"]``), a precision label, backend
     options, further :class:`~pddnet.runtime.session.Registrar` keyword arguments
-    (``registrar``; e.g. a refined or two-stage mode) and gates against the reference."""
+    (``registrar``; e.g. a refined or two-stage mode) and gates against the reference.
+
+    ``compare_with`` names the candidate its differences and gates are computed against
+    (default: the reference); it must come earlier in the list -- e.g. ONNX Runtime with
+    refinement against the PyTorch reference with refinement (:func:`mode_candidates`)."""
 
     name: str
     backend: str
@@ -127,6 +131,15 @@ class Candidate:
     options: dict[str, Any] = field(default_factory=dict)
     gates: tuple[Gate, ...] = ()
     registrar: dict[str, Any] = field(default_factory=dict)
+    compare_with: str | None = None
+
+    @property
+    def mode(self) -> str:
+        """The registration mode (``pddnet.runtime.refine.MODES``) its ``registrar`` selects."""
+        two = int(self.registrar.get("stages", 1)) == 2
+        refined = bool(self.registrar.get("refine"))
+        return ("2stage" if two else "") + ("+inst" if two and refined else
+                                             "inst" if refined else "") or "ff"
 
     def spec(self) -> dict[str, Any]:
         """Picklable description (what a child process needs to rebuild it)."""
@@ -154,6 +167,40 @@ def default_candidates(checkpoint, onnx_model, *, gate_disp: float = 0.05,
     return ref, [ort]
 
 
+def mode_candidates(checkpoint, onnx_model, modes, *, refine_steps: int = 50,
+                    gate_disp: float = 0.05, gate_dice: float = 0.1,
+                    gate_dice_refined: float = 0.5) -> list[Candidate]:
+    """Candidates for the registration modes beyond feed-forward (``docs/refinement.md``).
+
+    For every mode of ``modes`` other than ``ff`` (``inst``, ``2stage``, ``2stage+inst``):
+    ``pytorch+MODE`` -- the reference checkpoint in that mode, compared with the feed-forward
+    reference and without gates, so its Dice/SDlogJ deltas are the mode's effect -- and
+    ``onnxruntime-fp32+MODE`` compared with ``pytorch+MODE``. Gates of the latter: without
+    refinement, the feed-forward gates (max |delta disp| <= ``gate_disp``, |delta Dice| <=
+    ``gate_dice``); with refinement only |delta Dice| <= ``gate_dice_refined``, because the
+    refinement is not smooth in its inputs (a control point crossing a lattice plane one Adam
+    step apart; the networks' outputs already differ by ~1e-6), so the fields of two backends
+    differ by tenths of a voxel in places -- the runtime's parity with the reference on the
+    same inputs is a unit test (``tests/test_refine.py``). ``onnx_model`` must be exported with
+    ``--probs`` (refined modes) and ``--stage2`` (two-stage modes).
+    """
+    from pddnet.runtime.refine import MODES, parse_modes
+
+    out: list[Candidate] = []
+    for mode in parse_modes(modes):
+        if mode == "ff":
+            continue
+        stages, refined = MODES[mode]
+        reg = {"stages": stages, **({"refine": int(refine_steps)} if refined else {})}
+        gates = ((Gate("delta_dice_points", gate_dice_refined),) if refined else
+                 (Gate("disp_diff_max_vox", gate_disp), Gate("delta_dice_points", gate_dice)))
+        out.append(Candidate(f"pytorch+{mode}", "torch", Path(onnx_model), "fp32",
+                             {"checkpoint": str(checkpoint)}, (), dict(reg)))
+        out.append(Candidate(f"onnxruntime-fp32+{mode}", "onnxruntime", Path(onnx_model), "fp32",
+                             {}, gates, dict(reg), compare_with=f"pytorch+{mode}"))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # the comparison
 # --------------------------------------------------------------------------------------------
@@ -178,9 +225,12 @@ def compare(reference: Candidate, candidates: Sequence[Candidate], data_dir, *,
     if warmup < 0 or repeats < 1:
         raise PddnetError(f"warmup must be >= 0 and repeats >= 1, got {warmup} and {repeats}")
     everyone = [reference, *candidates]
-    for c in everyone:
+    for i, c in enumerate(everyone):
         if not Path(c.model).is_file():
             raise PddnetError(f"candidate {c.name}: model file {c.model} does not exist")
+        if c.compare_with is not None and c.compare_with not in names[:i]:
+            raise PddnetError(f"candidate {c.name}: compare_with={c.compare_with!r} must name "
+                              f"the reference or an earlier candidate ({names[:i]})")
     dataset = Learn2RegDataset(data_dir)
     pairs = dataset.pairs(split)
     if max_pairs:
@@ -217,6 +267,7 @@ def compare(reference: Candidate, candidates: Sequence[Candidate], data_dir, *,
             records[reference.name].append(_pair_record(label, pair, ref, None))
             initial.append({"pair": label, "fixed": pair.fixed.name, "moving": pair.moving.name,
                             "dice_mean_before": ref.metrics.get("dice_mean_before")})
+            results = {reference.name: ref}
             for c in candidates:
                 try:
                     res = regs[c.name].register(fixed, moving, ml, fl)
@@ -224,8 +275,15 @@ def compare(reference: Candidate, candidates: Sequence[Candidate], data_dir, *,
                     records[c.name].append({"pair": label, "fixed": pair.fixed.name,
                                             "moving": pair.moving.name, "error": str(exc)})
                     continue
-                records[c.name].append(_pair_record(label, pair, res, ref))
-            del ref
+                results[c.name] = res
+                base = results.get(c.compare_with or reference.name)
+                if base is None:  # what it is compared with failed on this pair
+                    records[c.name].append({"pair": label, "fixed": pair.fixed.name,
+                                            "moving": pair.moving.name,
+                                            "error": f"{c.compare_with} failed on this pair"})
+                    continue
+                records[c.name].append(_pair_record(label, pair, res, base))
+            del ref, results
     finally:
         for r in regs.values():
             r.close()
@@ -259,6 +317,8 @@ def compare(reference: Candidate, candidates: Sequence[Candidate], data_dir, *,
             "model_sha256": _sha256(c.model), "precision": c.precision,
             "options": {k: str(v) if isinstance(v, Path) else v for k, v in c.options.items()},
             "registrar": dict(c.registrar),
+            "mode": c.mode,
+            "compared_with": None if is_ref else (c.compare_with or reference.name),
             "reference": is_ref,
             "describe": describe.get(c.name, {}),
             "summary": _summarise(recs),
@@ -292,6 +352,10 @@ def compare(reference: Candidate, candidates: Sequence[Candidate], data_dir, *,
         "notes": notes,
     }
 
+
+#: per-registration stage timings recorded per pair (``Registrar`` timings; ``refine`` and
+#: ``stage2`` only in the refined / two-stage modes); ``model_ms`` is their sum
+STAGE_KEYS = ("features", "head", "refine", "stage2")
 
 #: the timing phase pre-processes at most this many pairs and cycles through them
 MAX_TIMING_INPUTS = 4
@@ -349,7 +413,8 @@ def _pair_record(label: str, pair, res, ref) -> dict[str, Any]:
         "hd95_mean": m.get("hd95_mean"), "hd95_per_label": m.get("hd95_per_label", {}),
         "sdlogj": m.get("sdlogj"), "folding_percent": m.get("folding_percent"),
         "dice_mean_before": m.get("dice_mean_before"),
-        "model_ms": (t.get("features") or 0.0) + (t.get("head") or 0.0),
+        "stage_ms": {k: t.get(k) for k in STAGE_KEYS},
+        "model_ms": sum(t.get(k) or 0.0 for k in STAGE_KEYS),
         "delta_dice_points": None, "delta_dice_per_label_points": None,
         "disp_diff_max_vox": None, "disp_diff_mean_vox": None,
         "disp_diff_max_abs_component_vox": None,
@@ -399,6 +464,8 @@ def _summarise(recs: list[dict[str, Any]]) -> dict[str, Any]:
     labels = sorted({int(k) for r in ok for k in (r.get("dice_per_label") or {})})
     out["dice_per_label"] = {lab: _nanmean((r.get("dice_per_label") or {}).get(lab) for r in ok)
                              for lab in labels}
+    out["stage_ms"] = {k: _nanmean((r.get("stage_ms") or {}).get(k) for r in ok)
+                       for k in STAGE_KEYS}
     out["delta_dice_points_mean"] = _nanmean(r.get("delta_dice_points") for r in ok)
     out["delta_dice_points_max_abs"] = _nanmax_abs(r.get("delta_dice_points") for r in ok)
     out["disp_diff_max_vox"] = _nanmax_abs(r.get("disp_diff_max_vox") for r in ok)

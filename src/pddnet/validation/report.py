@@ -75,6 +75,8 @@ def format_table(report: dict[str, Any]) -> str:
                  f"latency: model execution, {st['warmup']} warm-up + {st['repeats']} timed runs, "
                  f"threads {st['threads'] or 'default'}; peak MB: process peak RSS "
                  f"({'one process per backend' if st['isolated'] else 'shared process'})")
+    if any(c.get("mode", "ff") != "ff" for c in report["candidates"].values()):
+        lines += format_modes(report)
     for name, c in report["candidates"].items():
         for g in c["gates"]:
             lines.append(f"  {'PASS' if g['passed'] else 'FAIL'} {name}: {g['description']}: "
@@ -83,6 +85,29 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"note: {n}")
     lines.append(f"status: {report['status'].upper()}")
     return "\n".join(lines)
+
+
+def format_modes(report: dict[str, Any]) -> list[str]:
+    """Registration modes side by side (``pddnet validate --modes``): per candidate its mode,
+    what it is compared with, mean Dice / HD95 / SDlogJ / folding, the Dice difference to that
+    candidate, and the mean milliseconds of each stage of the accuracy runs."""
+    stages = ("features", "head", "refine", "stage2")
+    head = (f"{'candidate':<28} {'mode':<12} {'vs':<22} {'Dice %':>7} {'dDice pt':>9} "
+            f"{'HD95':>6} {'SDlogJ':>7} {'fold %':>7} " + " ".join(f"{s:>9}" for s in stages))
+    lines = ["", "registration modes (stage times: mean ms of the accuracy runs):", head,
+             "-" * len(head)]
+    for name, c in report["candidates"].items():
+        s = c["summary"]
+        st = s.get("stage_ms") or {}
+        cells = " ".join(f"{_f(st.get(k), '{:.0f}'):>9}" for k in stages)
+        lines.append(f"{name[:28]:<28} {c.get('mode', 'ff'):<12} "
+                     f"{(c.get('compared_with') or '-')[:22]:<22} "
+                     f"{_f(s['dice_mean'], '{:.2f}', 100):>7} "
+                     f"{_f(s['delta_dice_points_mean'], '{:+.3f}'):>9} "
+                     f"{_f(s['hd95_mean'], '{:.2f}'):>6} {_f(s['sdlogj'], '{:.4f}'):>7} "
+                     f"{_f(s['folding_percent'], '{:.3f}'):>7} {cells}")
+    lines.append("-" * len(head))
+    return lines
 
 
 def failure_message(report: dict[str, Any]) -> str:
