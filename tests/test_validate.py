@@ -314,7 +314,8 @@ def test_cli_validate_passes_writes_report_and_isolates_backends(setup, tmp_path
     ref, ort = rep["candidates"]["pytorch"], rep["candidates"]["onnxruntime-fp32"]
     assert ref["memory"]["isolated"] and ref["memory"]["torch_loaded"]
     assert not ort["memory"]["torch_loaded"]  # the ORT child never imported torch
-    assert sorted(p.name for p in out.iterdir()) == ["report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["figures", "report.html", "report.json",
+                                                     "report.md"]  # renderings: test_report_render
     # an existing report is refused before any work, and left untouched
     before = (out / "report.json").read_bytes()
     res = _cli(_validate_args(setup, out))

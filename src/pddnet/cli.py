@@ -117,8 +117,9 @@ class _ManyValuesCommand(click.Command):
 
 
 @main.command("register", cls=_ManyValuesCommand)
-@click.option("--model", required=True, type=click.Path(dir_okay=False),
-              help="The .onnx written by `pddnet export`.")
+@click.option("--model", required=True, type=click.Path(),
+              help="The .onnx written by `pddnet export`, or a bundle (folder or .tar.gz "
+                   "from `pddnet package`: verified before anything is loaded).")
 @click.option("--fixed", required=True, type=click.Path(dir_okay=False),
               help="Fixed (reference) CT, NIfTI, any orientation and spacing.")
 @click.option("--moving", required=True, multiple=True, type=click.Path(dir_okay=False),
@@ -131,9 +132,15 @@ class _ManyValuesCommand(click.Command):
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder (a subfolder per moving scan when there are several).")
 @click.option("--threads", type=click.IntRange(min=1), help="Backend intra-op threads.")
-@click.option("--backend", default="onnxruntime", show_default=True, help="Inference backend.")
-@click.option("--providers", default="cpu", show_default=True,
-              help="ONNX Runtime execution providers, comma-separated: cpu, cuda, tensorrt.")
+@click.option("--backend", default="auto", show_default=True,
+              help="Inference backend: onnxruntime, tensorrt, ...; auto is onnxruntime for a "
+                   "model and the bundle's choice for a bundle.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
+              help="Bundle only: run its model of this precision instead of the automatic "
+                   "choice.")
+@click.option("--providers",
+              help="ONNX Runtime execution providers, comma-separated: cpu, cuda, tensorrt "
+                   "(default: cpu; for a bundle, cuda when onnxruntime-gpu sees a GPU).")
 @click.option("--spacing-tolerance", default=0.3, show_default=True, type=click.FloatRange(min=0,
               min_open=True), help="Allowed relative difference from the model's training "
                                    "spacing, per axis.")
@@ -150,8 +157,9 @@ class _ManyValuesCommand(click.Command):
 @click.option("--stage2-model", type=click.Path(dir_okay=False),
               help="The stage-two .onnx (default: the file the model's metadata names).")
 @_friendly
-def register(model, fixed, moving, moving_labels, fixed_labels, out, threads, backend, providers,
-             spacing_tolerance, l2r_half, overwrite, refine, stages, stage2_model) -> None:
+def register(model, fixed, moving, moving_labels, fixed_labels, out, threads, backend, precision,
+             providers, spacing_tolerance, l2r_half, overwrite, refine, stages,
+             stage2_model) -> None:
     """Register moving CT scan(s) to a fixed one with an exported model (no torch needed).
 
     Writes disp.nii.gz (voxels of the fixed grid, warped(x) = moving(x + u(x))), disp.npz,
@@ -162,8 +170,9 @@ def register(model, fixed, moving, moving_labels, fixed_labels, out, threads, ba
 
     register_files(model, fixed, list(moving), out=out, moving_labels=list(moving_labels),
                    fixed_labels=fixed_labels, threads=threads, backend=backend,
-                   providers=[p for p in providers.split(",") if p.strip()],
-                   overwrite=overwrite, spacing_tolerance=spacing_tolerance, l2r_half=l2r_half,
+                   providers=[p for p in providers.split(",") if p.strip()] if providers
+                   else None, precision=precision, overwrite=overwrite,
+                   spacing_tolerance=spacing_tolerance, l2r_half=l2r_half,
                    echo=click.echo, refine=refine or None, stages=stages,
                    stage2_model=stage2_model)
 
@@ -330,22 +339,25 @@ def export_cmd(checkpoint, out, shape, probs, entropy, stage2, stage2_grid, stag
 @click.option("--in-process", is_flag=True,
               help="Measure latency/memory in this process instead of one child per backend "
                    "(faster; peak memory is then not per backend).")
+@click.option("--figure-pairs", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Pairs drawn in report.md/html (slices, |u|, det J, uncertainty; 0: none).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report.json.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @_friendly
 def validate_cmd(checkpoint, onnx_model, data_dir, split, max_pairs, out_dir, threads, gate_disp,
                  gate_dice, warmup, repeats, modes, refine_steps, gate_dice_refined, in_process,
-                 overwrite, no_progress) -> None:
+                 figure_pairs, overwrite, no_progress) -> None:
     """Validate every deployed form against the PyTorch reference on a dataset split.
 
     Runs the checkpoint (torch backend) and the ONNX model (ONNX Runtime) through the same
     pre- and post-processing, reports Dice, HD95, SDlogJ, folding, the displacement and Dice
     differences vs the reference, latency (p50/p95/p99) and peak memory, writes
-    OUT/report.json and exits with status 1 when a gate fails (2 on errors).
+    OUT/report.json with its renderings OUT/report.md and OUT/report.html (figures embedded)
+    and exits with status 1 when a gate fails (2 on errors).
     """
     from pddnet.validation.compare import compare, default_candidates, mode_candidates
-    from pddnet.validation.report import (check_out_dir, failure_message, format_table,
-                                          write_report)
+    from pddnet.validation.render import FigureCollector, write_report_files
+    from pddnet.validation.report import check_out_dir, failure_message, format_table
 
     check_out_dir(out_dir, overwrite=overwrite)
     ref, cands = default_candidates(checkpoint, onnx_model, gate_disp=gate_disp,
@@ -353,12 +365,13 @@ def validate_cmd(checkpoint, onnx_model, data_dir, split, max_pairs, out_dir, th
     cands += mode_candidates(checkpoint, onnx_model, modes, refine_steps=refine_steps,
                              gate_disp=gate_disp, gate_dice=gate_dice,
                              gate_dice_refined=gate_dice_refined)
+    figures = FigureCollector(figure_pairs, ref.name)
     report = compare(ref, cands, data_dir, split=split, max_pairs=max_pairs, threads=threads,
                      warmup=warmup, repeats=repeats, isolate=not in_process,
-                     progress=not no_progress, echo=click.echo)
+                     progress=not no_progress, echo=click.echo, observe=figures)
     click.echo(format_table(report))
-    path = write_report(report, out_dir, overwrite=overwrite)
-    click.echo(f"wrote {path}")
+    paths = write_report_files(report, out_dir, figures=figures, overwrite=overwrite)
+    click.echo(f"wrote {paths['report.json']}, {paths['report.md']}, {paths['report.html']}")
     if report["status"] != "passed":
         click.echo(f"error: {failure_message(report)}", err=True)
         sys.exit(1)
@@ -417,28 +430,46 @@ from pddnet.cli_trt import add_commands as _add_trt_commands  # noqa: E402
 
 _add_trt_commands(main)
 
+# Deployment: package, verify (pddnet.cli_deploy)
+from pddnet.cli_deploy import add_commands as _add_deploy_commands  # noqa: E402
+
+_add_deploy_commands(main)
 
 
 @main.command("demo")
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False),
               help="Folder for every output of the demo.")
-@click.option("--subjects", default=8, show_default=True, type=click.IntRange(min=8),
-              help="Synthetic subjects (the last 4 are the test split).")
+@click.option("--subjects", default=8, show_default=True, type=click.IntRange(min=4),
+              help="Synthetic subjects (8: 4 test, 2 validation, 2 training).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Synthetic data seed.")
 @click.option("--model", "checkpoint", type=click.Path(dir_okay=False, exists=True),
               help="Checkpoint to use instead of the shipped weights.")
-@click.option("--max-pairs", type=click.IntRange(min=1), help="Evaluate only N test pairs.")
+@click.option("--max-pairs", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Test pairs validated.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs per candidate.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--in-process", is_flag=True,
+              help="Time every candidate in this process (faster; peak memory not per backend).")
 @click.option("--overwrite", is_flag=True, help="Empty --out first if it is not empty.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
 @_friendly
-def demo_cmd(out, subjects, seed, checkpoint, max_pairs, threads, overwrite) -> None:
-    """The main job end to end on the embedded synthetic abdomen (what `make demo` runs)."""
+def demo_cmd(out, subjects, seed, checkpoint, max_pairs, repeats, threads, in_process, overwrite,
+             no_progress) -> None:
+    """The main job end to end on the embedded synthetic abdomen (what `make demo` runs).
+
+    Synthesise data, load the shipped weights, export, calibrate (FP16/INT8), validate every
+    usable backend against the PyTorch reference (report.md/html), package a verified bundle
+    and a Triton repository, register one pair from the bundle, print a summary. About 3-5
+    minutes on 2 cores.
+    """
     from pathlib import Path
 
     from pddnet.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(out=Path(out), subjects=subjects, seed=seed, checkpoint=checkpoint,
-                         threads=threads, overwrite=overwrite, max_pairs=max_pairs))
+                         threads=threads, overwrite=overwrite, max_pairs=max_pairs,
+                         repeats=repeats, isolate=not in_process, progress=not no_progress))
 
 
 if __name__ == "__main__":  # pragma: no cover

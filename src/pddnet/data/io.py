@@ -49,6 +49,42 @@ def atomic_write(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator
         raise
 
 
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``path``; it becomes ``path`` when the block succeeds.
+
+    The folder version of :func:`atomic_write` (files inside it are still written with
+    ``atomic_write``): a bundle, a Triton repository. An existing ``path`` is refused unless
+    ``overwrite``; it is then replaced only after the block succeeded (renamed aside, the new
+    folder renamed in, the old one removed). On any exception, KeyboardInterrupt included, the
+    staging folder is removed and ``path`` is left as it was.
+    """
+    import shutil
+
+    final = Path(path)
+    if final.exists() and not final.is_dir():
+        raise PddnetError(f"{final} exists and is not a folder; choose another output path")
+    if final.exists() and not overwrite:
+        raise PddnetError(f"{final} already exists; remove it or pass --overwrite")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield stage
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.replace(final, old / final.name)
+            os.replace(stage, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
 # --------------------------------------------------------------------------------------------
 # NIfTI volumes
 # --------------------------------------------------------------------------------------------
@@ -128,6 +164,9 @@ def load_nifti(path: str | os.PathLike, *, kind: str = "image") -> Volume:
 def _validated_volume(data: np.ndarray, affine: np.ndarray, p: Path | None, kind: str) -> Volume:
     where = str(p) if p is not None else "volume"
     data = np.asarray(data)
+    if data.size == 0:  # before the rank check: a NIfTI with a zero dimension reads as (0,)
+        raise PddnetError(f"{where}: the volume is empty (shape {tuple(data.shape)}, no voxels); "
+                          "is the file complete?")
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

@@ -51,14 +51,16 @@ def output_dirs(out: Path, movings: Sequence[PathLike]) -> list[Path]:
 def register_files(model: PathLike, fixed: PathLike, movings: Sequence[PathLike], *,
                    out: PathLike, moving_labels: Sequence[PathLike] = (),
                    fixed_labels: PathLike | None = None, threads: int | None = None,
-                   backend: str = "onnxruntime", providers: Sequence[str] | None = None,
+                   backend: str = "auto", providers: Sequence[str] | None = None,
                    overwrite: bool = False, spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
                    l2r_half: bool = False, echo: Callable[[str], None] = print,
                    refine: Any = None, stages: int = 1,
-                   stage2_model: PathLike | None = None) -> list[BatchItem]:
+                   stage2_model: PathLike | None = None,
+                   precision: str | None = None) -> list[BatchItem]:
     """Register every moving scan to ``fixed`` and save each result; prints a table.
 
-    ``refine``, ``stages`` and ``stage2_model`` are passed to
+    ``model`` is a ``.onnx`` or a bundle (verified first; the selection is printed).
+    ``refine``, ``stages``, ``stage2_model`` and ``precision`` (bundles) are passed to
     :class:`~pddnet.runtime.session.Registrar` (instance optimisation, two stages)."""
     if not movings:
         raise PddnetError("give at least one moving scan")
@@ -72,7 +74,10 @@ def register_files(model: PathLike, fixed: PathLike, movings: Sequence[PathLike]
     items: list[BatchItem] = []
     with Registrar(model, backend, threads, providers=list(providers) if providers else None,
                    spacing_tolerance=spacing_tolerance, refine=refine, stages=stages,
-                   stage2_model=stage2_model) as reg:
+                   stage2_model=stage2_model, precision=precision) as reg:
+        if reg.selection is not None:
+            echo(f"bundle {reg.bundle.source}: every file verified (SHA-256)")
+            echo(reg.selection.describe())
         reg.set_fixed(fixed, fixed_labels)
         for i, (m, d) in enumerate(zip(movings, dirs)):
             res = reg.register_moving(m, moving_labels[i] if moving_labels else None)

@@ -34,6 +34,7 @@ from pddnet.data.io import Volume
 from pddnet.errors import PddnetError
 from pddnet.export import contract as C
 from pddnet.runtime.backends import create_backend
+from pddnet.runtime.bundle import is_bundle, open_bundle
 from pddnet.runtime.model import load_model
 from pddnet.runtime.postprocess import field_to_fixed_grid, labels_on_fixed_grid, warp_to_fixed
 from pddnet.runtime.preprocess import (DEFAULT_SPACING_TOLERANCE, PreparedFixed, VolumeLike,
@@ -139,8 +140,12 @@ class Registrar:
     """Register CT pairs with an exported model; torch-free.
 
     Args:
-        model_path: the ``.onnx`` written by ``pddnet export``.
-        backend: a name from :data:`pddnet.runtime.backends.BACKENDS` (``"onnxruntime"``).
+        model_path: the ``.onnx`` written by ``pddnet export``, or a deployment bundle (folder
+            or ``.tar.gz`` from ``pddnet package``): every checksum in it is verified before
+            anything is loaded, and :meth:`pddnet.runtime.bundle.Bundle.select` picks the
+            backend and precision (``selection`` says which and why; ``docs/bundle.md``).
+        backend: a name from :data:`pddnet.runtime.backends.BACKENDS`; ``"auto"`` (default) is
+            ``"onnxruntime"`` for a model file and the bundle's choice for a bundle.
         threads: intra-op threads of the backend (``None``: its default).
         providers: ONNX Runtime execution providers (``["cpu"]``, ``["cuda"]``, ...).
         spacing_tolerance: relative per-axis difference allowed between the fixed scan's
@@ -152,18 +157,49 @@ class Registrar:
             composes the fields (``docs/refinement.md``).
         stage2_model: the stage-two ``.onnx`` (default: the file the model's ``pddnet.stage2``
             metadata names, written by ``pddnet export --stage2``).
+        precision: for a bundle, run its model of this precision (``fp32``/``fp16``/``int8``)
+            instead of the automatic choice; refused for a single model file.
 
     The model is split into ``features`` and ``head`` (:mod:`pddnet.runtime.split`); if it cannot
     be split, the whole model runs per pair and a note says that nothing is reused.
     """
 
-    def __init__(self, model_path: str | os.PathLike, backend: str = "onnxruntime",
+    def __init__(self, model_path: str | os.PathLike, backend: str = "auto",
                  threads: int | None = None, *, providers: list[str] | str | None = None,
                  spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
                  backend_options: dict[str, Any] | None = None, refine: Any = None,
-                 stages: int = 1, stage2_model: str | os.PathLike | None = None):
+                 stages: int = 1, stage2_model: str | os.PathLike | None = None,
+                 precision: str | None = None):
         t0 = time.perf_counter()
-        self.loaded = load_model(model_path)
+        self.bundle = self.selection = None
+        if is_bundle(model_path):
+            # verify every checksum before anything is loaded, then pick what runs here
+            self.bundle = open_bundle(model_path)
+            try:
+                self.selection = self.bundle.select(backend, precision, providers=providers)
+            except BaseException:
+                self.bundle.close()
+                raise
+            model_path, backend = self.selection.model, self.selection.backend
+            backend_options = {**self.selection.backend_options, **(backend_options or {})}
+            if "providers" in self.selection.backend_options:
+                providers = None
+        elif precision is not None:
+            raise PddnetError(f"precision={precision!r} chooses a model inside a bundle; "
+                              f"{model_path} is a single model (its precision is its own)")
+        if backend == "auto":
+            backend = "onnxruntime"
+        try:
+            self.loaded = load_model(model_path)
+        except BaseException:
+            if self.bundle is not None:
+                self.bundle.close()
+            raise
+        if self.selection is not None and self.loaded.info.sha256 != self.selection.sha256:
+            self.bundle.close()
+            raise PddnetError(f"{model_path} changed after the bundle was verified (SHA-256 "
+                              f"{self.loaded.info.sha256[:12]}..., manifest "
+                              f"{self.selection.sha256[:12]}...); refusing to run it")
         self.info = self.loaded.info
         self.spacing_tolerance = float(spacing_tolerance)
         opts = dict(backend_options or {})
@@ -203,11 +239,13 @@ class Registrar:
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
-        for b in (self._features, self._head, self._full):
+        for b in (getattr(self, n, None) for n in ("_features", "_head", "_full")):
             if b is not None:
                 b.deactivate()
         if getattr(self, "_pipeline", None) is not None:
             self._pipeline.close()
+        if getattr(self, "bundle", None) is not None:
+            self.bundle.close()
 
     def __enter__(self) -> "Registrar":
         return self
@@ -224,6 +262,8 @@ class Registrar:
         d = b.describe()
         d.pop("label", None)
         d["mode"] = "split (features + head)" if self._full is None else "full model"
+        if self.selection is not None:
+            d["bundle"] = {"source": str(self.bundle.source), **self.selection.as_dict()}
         return d
 
     # -- public API -----------------------------------------------------------------------
@@ -327,6 +367,11 @@ class Registrar:
         notes = list(fixed.notes) + list(mov.notes)
         if self.split_note:
             notes.insert(0, self.split_note)
+        if self.selection is not None:
+            notes[:0] = [f"bundle {self.bundle.source}: {self.selection.backend} "
+                         f"{self.selection.precision} ({self.selection.model_id}): "
+                         f"{self.selection.reason}"] + \
+                        [f"bundle: {n}" for n in self.selection.notes]
         if fixed.labels is not None and mov.labels is None:
             notes.append("metrics: fixed labels given without moving labels; no Dice")
         return RegistrationResult(

@@ -207,11 +207,17 @@ def mode_candidates(checkpoint, onnx_model, modes, *, refine_steps: int = 50,
 def compare(reference: Candidate, candidates: Sequence[Candidate], data_dir, *,
             split: str = "test", max_pairs: int | None = None, threads: int | None = None,
             warmup: int = 2, repeats: int = 10, isolate: bool = True,
-            progress: bool = True, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+            progress: bool = True, echo: Callable[[str], None] | None = None,
+            observe: Callable[..., None] | None = None) -> dict[str, Any]:
     """Run ``reference`` and ``candidates`` on the pairs of ``split`` and build the report
     (a dict; ``docs/validation.md``). Raises :class:`PddnetError` on unusable inputs (missing
     labels, a model that does not load, a failing reference) before or while measuring; a
-    candidate failing on a pair is recorded and fails its gates."""
+    candidate failing on a pair is recorded and fails its gates.
+
+    ``observe(name, pair_index, pair, result, (fixed, moving, fixed_labels, moving_labels))``,
+    if given, is called after every successful registration of the accuracy phase (the
+    reference first on each pair); the report's figures are collected this way
+    (:class:`pddnet.validation.render.FigureCollector`)."""
     from tqdm import tqdm
 
     from pddnet.data.learn2reg import Learn2RegDataset
@@ -265,6 +271,8 @@ def compare(reference: Candidate, candidates: Sequence[Candidate], data_dir, *,
                 raise PddnetError(f"the reference ({reference.name}) failed on pair {label}: "
                                   f"{exc}") from exc
             records[reference.name].append(_pair_record(label, pair, ref, None))
+            if observe is not None:
+                observe(reference.name, len(initial), pair, ref, (fixed, moving, fl, ml))
             initial.append({"pair": label, "fixed": pair.fixed.name, "moving": pair.moving.name,
                             "dice_mean_before": ref.metrics.get("dice_mean_before")})
             results = {reference.name: ref}
@@ -276,6 +284,8 @@ def compare(reference: Candidate, candidates: Sequence[Candidate], data_dir, *,
                                             "moving": pair.moving.name, "error": str(exc)})
                     continue
                 results[c.name] = res
+                if observe is not None:
+                    observe(c.name, len(initial) - 1, pair, res, (fixed, moving, fl, ml))
                 base = results.get(c.compare_with or reference.name)
                 if base is None:  # what it is compared with failed on this pair
                     records[c.name].append({"pair": label, "fixed": pair.fixed.name,

@@ -1,0 +1,547 @@
+"""``pddnet package``: a deployment bundle -- models, input contract, validation evidence,
+checksums -- and optionally a ``.tar.gz`` of it and a Triton model repository.
+
+What goes in (``docs/bundle.md`` has the layout and the manifest schema):
+
+- the ONNX graphs (``--onnx`` FP32, ``--fp16``, ``--int8``), byte for byte, each in
+  ``models/<precision>/`` with what it refers to (its stage-two model, external data files);
+- TensorRT engines (``--engine``: a folder written by ``pddnet build`` or single ``.engine``
+  files, each with its metadata ``.json``), matched to the bundled graph they were built from by
+  the model hash their metadata records; an engine from no bundled graph, an incomplete set
+  (``features`` without ``head``) or an engine whose bytes do not match its metadata is refused;
+- the validation evidence: ``REPORT_DIR/report.json`` of ``pddnet validate`` (and its
+  ``report.md``/``report.html``/``figures``), and per model the candidates whose ``model_sha256``
+  is that file's: gates, Dice difference, displacement difference, latency. A model with no
+  passing candidate is refused unless ``allow_unvalidated`` (it is then marked so, and the
+  runtime runs it only when asked for by precision);
+- ``preprocessing.json`` (every model must share the same contract) and ``manifest.json``
+  (versions, models, the SHA-256 and size of every file), written last.
+
+Everything is staged in a hidden folder beside the output and renamed into place only after the
+staged bundle passed the runtime's own verification (:func:`pddnet.runtime.bundle.verify_folder`),
+so an error or Ctrl-C leaves no partial bundle; an existing output is refused unless
+``overwrite``. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import onnx
+
+from pddnet.data.io import atomic_directory, atomic_write
+from pddnet.errors import PddnetError
+from pddnet.export import contract as C
+from pddnet.runtime.bundle import MANIFEST, PREPROCESSING, SCHEMA, sha256_file, verify_folder
+from pddnet.runtime.model import LoadedModel, load_model
+
+PRECISIONS = ("fp32", "fp16", "int8")
+REPORT_FILES = ("report.json", "report.md", "report.html")
+#: the contract every bundled model must share (ModelInfo fields)
+CONTRACT_FIELDS = ("image_shape", "spacing_mm", "intensity", "orientation")
+
+
+@dataclass
+class SourceModel:
+    """An ONNX graph to bundle: checked with the runtime's loader, plus its companion files."""
+
+    id: str
+    precision: str
+    path: Path
+    loaded: LoadedModel
+    sha256: str
+    companions: list[Path] = field(default_factory=list)   # relative to path.parent
+    stage2: str | None = None                               # companion file name
+
+    @property
+    def rel(self) -> str:
+        return f"models/{self.id}/{self.path.name}"
+
+
+@dataclass
+class EngineSet:
+    """TensorRT engines of one bundled graph for one GPU/TensorRT (``parts``: label -> file)."""
+
+    id: str
+    model: SourceModel
+    precision: str
+    env: dict[str, Any]
+    plugins: str
+    hardware_compat: str
+    parts: dict[str, Path] = field(default_factory=dict)
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class PackageResult:
+    bundle: Path | None
+    tar: Path | None
+    triton: Path | None
+    manifest: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------
+def collect_model(path: str | os.PathLike, precision: str) -> SourceModel:
+    """Load ``path`` with the runtime's checks and make sure it is a ``precision`` graph."""
+    from pddnet.export.trt_build import model_precision
+
+    p = Path(path)
+    loaded = load_model(p)  # refuses truncated files, escaping external data, foreign models
+    actual = model_precision(loaded.proto)
+    if actual != precision:
+        flag = "--onnx" if precision == "fp32" else f"--{precision}"
+        raise PddnetError(f"{flag} {p}: this is a {actual} graph (its pddnet.precision metadata "
+                          f"/ tensor types), not {precision}; give each precision's graph to its "
+                          "own option")
+    companions: list[Path] = []
+    raw = onnx.load(str(p), load_external_data=False)
+    from pddnet.runtime.model import _all_tensors
+
+    for t in _all_tensors(raw):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location", "")
+            if Path(loc) not in companions:
+                companions.append(Path(loc))  # load_model checked it stays in the folder
+    stage2 = None
+    meta = {m.key: m.value for m in loaded.proto.metadata_props}
+    if "pddnet.stage2" in meta:
+        link = json.loads(meta["pddnet.stage2"])
+        name = str(link.get("file", ""))
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise PddnetError(f"{p}: its pddnet.stage2 metadata names {name!r}; a stage-two model "
+                              "must be a file next to the model (re-export with --stage2)")
+        s2 = p.parent / name
+        if not s2.is_file():
+            raise PddnetError(f"{p} names the stage-two model {name!r}, which is not next to it; "
+                              "copy it there (or re-export with `pddnet export --stage2`)")
+        if link.get("sha256") and sha256_file(s2) != link["sha256"]:
+            raise PddnetError(f"{s2}: not the stage-two model {p.name} was exported with (its "
+                              "SHA-256 differs from the one in the model's metadata)")
+        load_model(s2)
+        companions.append(Path(name))
+        stage2 = name
+    return SourceModel(precision, precision, p, loaded, loaded.info.sha256 or sha256_file(p),
+                       companions, stage2)
+
+
+def check_contract(models: Sequence[SourceModel]) -> dict[str, Any]:
+    """The shared input contract (``preprocessing.json``); refuse models that differ."""
+    first = models[0].loaded.info
+    want = {k: _plain(getattr(first, k)) for k in CONTRACT_FIELDS}
+    for m in models[1:]:
+        got = {k: _plain(getattr(m.loaded.info, k)) for k in CONTRACT_FIELDS}
+        diff = [k for k in CONTRACT_FIELDS if got[k] != want[k]]
+        if diff:
+            raise PddnetError(f"{m.path}: its input contract differs from {models[0].path} in "
+                              f"{diff} ({[got[k] for k in diff]} vs {[want[k] for k in diff]}); "
+                              "a bundle's models must share one pre-processing contract")
+    from pddnet.runtime.preprocess import DEFAULT_SPACING_TOLERANCE
+
+    return {
+        "inputs": [C.INPUT_FIXED, C.INPUT_MOVING], "dtype": "float32",
+        "shape": [1, 1, *want["image_shape"]],
+        **want,
+        "normalisation": "clip(HU, intensity.lower, intensity.upper) / intensity.scale",
+        "resampling": "the model grid is image_shape voxels over the fixed scan's field of view "
+                      "(RAS+ after reorientation, voxel faces aligned, align_corners=False); "
+                      "trilinear; the moving scan through the affines when on another grid",
+        "spacing_tolerance": DEFAULT_SPACING_TOLERANCE,
+        "outputs": {"disp": "(I, J, K, 3) float32, voxels of the model grid, warped(x) = "
+                            "moving(x + disp(x)), channel a along axis a"},
+        "num_labels": first.num_labels,
+        "runtime": "pddnet.runtime.preprocess (prepare_fixed / prepare_moving) implements this",
+    }
+
+
+def _plain(v: Any) -> Any:
+    return json.loads(json.dumps(v))
+
+
+def read_report(report_dir: str | os.PathLike) -> dict[str, Any]:
+    d = Path(report_dir)
+    path = d / "report.json" if d.is_dir() else d
+    if not path.is_file():
+        raise PddnetError(f"--report {report_dir}: no report.json there; run `pddnet validate "
+                          "... --out REPORT_DIR` first (a bundle carries the validation its "
+                          "models passed)")
+    try:
+        report = json.loads(path.read_text())
+    except ValueError as exc:
+        raise PddnetError(f"{path} is not valid JSON ({exc}); re-run `pddnet validate`") from exc
+    from pddnet.validation.compare import SCHEMA as REPORT_SCHEMA
+
+    if not isinstance(report, dict) or report.get("schema") != REPORT_SCHEMA:
+        raise PddnetError(f"{path}: not a `pddnet validate` report (schema "
+                          f"{report.get('schema') if isinstance(report, dict) else None!r}, "
+                          f"expected {REPORT_SCHEMA!r})")
+    return report
+
+
+def _device(cand: dict[str, Any]) -> str:
+    provs = (cand.get("describe") or {}).get("providers") or []
+    if cand.get("backend") in ("tensorrt", "trt"):
+        return "gpu"
+    return "cuda" if any("CUDA" in p or "Tensorrt" in p for p in provs) else "cpu"
+
+
+def candidate_summary(c: dict[str, Any]) -> dict[str, Any]:
+    s, lat, mem = c.get("summary") or {}, c.get("latency") or {}, c.get("memory") or {}
+    return {
+        "name": c.get("name"), "backend": c.get("backend"), "precision": c.get("precision"),
+        "mode": c.get("mode", "ff"), "device": _device(c), "passed": bool(c.get("passed")),
+        "gates": [{k: g.get(k) for k in ("metric", "threshold", "measured", "unit", "passed",
+                                          "reason")} for g in c.get("gates", [])],
+        "dice_mean": s.get("dice_mean"),
+        "delta_dice_points_max_abs": s.get("delta_dice_points_max_abs"),
+        "disp_diff_max_vox": s.get("disp_diff_max_vox"),
+        "latency": {k: lat.get(k) for k in ("p50_ms", "p95_ms", "p99_ms", "n")},
+        "speedup_vs_reference": c.get("speedup_vs_reference"),
+        "peak_rss_mb": mem.get("peak_rss_mb"),
+    }
+
+
+def validation_for(report: dict[str, Any], sha: str, *, trt: bool,
+                   precision: str | None = None) -> dict[str, Any] | None:
+    """The report's evidence for the model with SHA-256 ``sha`` (ONNX Runtime candidates, or
+    TensorRT ones with ``trt``); ``None`` when no candidate ran it."""
+    mine = []
+    for c in (report.get("candidates") or {}).values():
+        if c.get("reference") or c.get("model_sha256") != sha:
+            continue
+        is_trt = c.get("backend") in ("tensorrt", "trt")
+        if is_trt != trt or (precision and c.get("precision") != precision):
+            continue
+        mine.append(c)
+    if not mine:
+        return None
+    ff = [c for c in mine if c.get("mode", "ff") == "ff"] or mine
+    ref = (report.get("candidates") or {}).get(report.get("reference")) or {}
+    mach = report.get("machine") or {}
+    return {
+        "passed": all(bool(c.get("passed")) for c in ff),
+        "report": "validation/report.json",
+        "report_created": report.get("created"),
+        "report_status": report.get("status"),
+        "pairs": (report.get("settings") or {}).get("pairs"),
+        "split": (report.get("settings") or {}).get("split"),
+        "machine": {k: mach.get(k) for k in ("cpu_model", "usable_cores", "threads",
+                                             "onnxruntime", "pddnet")},
+        "reference": {"name": ref.get("name"),
+                      "dice_mean": (ref.get("summary") or {}).get("dice_mean"),
+                      "p50_ms": (ref.get("latency") or {}).get("p50_ms")},
+        "candidates": [candidate_summary(c) for c in ff + [c for c in mine if c not in ff]],
+    }
+
+
+def collect_engines(paths: Sequence[str | os.PathLike],
+                    models: Sequence[SourceModel]) -> list[EngineSet]:
+    """Group the given engines by (graph, precision, GPU/TensorRT, plugins) and check them."""
+    from pddnet.export import engine_cache as ec
+    from pddnet.export.trt_build import model_bytes, runtime_parts
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob(f"*{ec.ENGINE_SUFFIX}"))
+            if not found:
+                raise PddnetError(f"--engine {p}: no *.engine files in this folder (give the "
+                                  "folder `pddnet build --out` wrote, or .engine files)")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise PddnetError(f"--engine {p}: no such file or folder")
+    parts: dict[str, tuple[SourceModel, str]] = {}
+    runtime_labels: dict[str, set[str]] = {}
+    for m in models:
+        for label, part in runtime_parts(m.loaded.proto, whole=True):
+            parts[ec.sha256_bytes(model_bytes(part))] = (m, label)
+        runtime_labels[m.id] = {lab for lab, _ in runtime_parts(m.loaded.proto)}
+    sets: dict[tuple, EngineSet] = {}
+    for f in files:
+        meta = ec.meta_path_for(f)
+        record = ec.read_record(meta)
+        if record is None:
+            raise PddnetError(f"--engine {f}: no readable metadata file {meta.name} beside it; an "
+                              "engine is never bundled without the record `pddnet build` writes")
+        if record.get("format") != ec.ENGINE_FORMAT:
+            raise PddnetError(f"--engine {f}: metadata format {record.get('format')!r}, expected "
+                              f"{ec.ENGINE_FORMAT}")
+        if sha256_file(f) != record.get("engine_sha256"):
+            raise PddnetError(f"--engine {f}: the file does not match the SHA-256 recorded when it "
+                              "was built (truncated or altered); rebuild it with `pddnet build`")
+        key = record.get("key", {})
+        hit = parts.get(key.get("model_sha256", ""))
+        if hit is None:
+            raise PddnetError(f"--engine {f}: built from a model that is none of the bundled "
+                              f"graphs (or their features/head parts); give the .onnx it was "
+                              "built from")
+        model, label = hit
+        if record.get("label") != label:
+            raise PddnetError(f"--engine {f}: its metadata says part {record.get('label')!r}, but "
+                              f"its model hash is the {label!r} part of {model.path}")
+        env = record.get("env", {})
+        gk = (model.id, key.get("precision"), tuple(env.get(k) for k in ec.ENV_FIELDS),
+              key.get("plugins"), key.get("hardware_compat", "none"))
+        if gk not in sets:
+            sets[gk] = EngineSet("", model, str(key.get("precision")), dict(env),
+                                 str(key.get("plugins")), str(key.get("hardware_compat", "none")))
+        es = sets[gk]
+        if label in es.parts:
+            raise PddnetError(f"--engine: two engines for the same part {label!r} of {model.path} "
+                              f"on the same GPU/TensorRT: {es.parts[label].name}, {f.name}")
+        es.parts[label] = f
+        es.records[label] = record
+    out = []
+    for n, es in enumerate(sets.values(), 1):
+        need = runtime_labels[es.model.id]
+        missing = sorted(need - set(es.parts))
+        if missing:
+            raise PddnetError(f"--engine: the {es.precision} engines of {es.model.path} for "
+                              f"{es.env.get('gpu_name')} / TensorRT {es.env.get('trt_version')} "
+                              f"lack the part(s) {missing} the runtime runs (has "
+                              f"{sorted(es.parts)}); build them all with `pddnet build`")
+        if es.precision != es.model.precision:
+            raise PddnetError(f"--engine: {es.parts[next(iter(es.parts))].name} is a "
+                              f"{es.precision} engine of the {es.model.precision} graph "
+                              f"{es.model.path}")
+        es.id = f"trt-{es.precision}-{n}"
+        out.append(es)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+def _copy(src: Path, dst: Path) -> None:
+    with atomic_write(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _write_json(dst: Path, obj: Any) -> None:
+    from pddnet.validation.metrics import jsonable
+
+    with atomic_write(dst) as tmp:
+        tmp.write_text(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def versions() -> dict[str, Any]:
+    import numpy
+    import onnxruntime
+
+    from pddnet import __version__
+
+    return {"pddnet": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "platform": platform.platform()}
+
+
+def package(onnx_model: str | os.PathLike, *, report_dir: str | os.PathLike,
+            fp16: str | os.PathLike | None = None, int8: str | os.PathLike | None = None,
+            engines: Sequence[str | os.PathLike] = (), out: str | os.PathLike | None = None,
+            tar: bool = False, triton: str | os.PathLike | None = None,
+            triton_options: Any = None, allow_unvalidated: bool = False,
+            overwrite: bool = False, name: str | None = None,
+            echo: Callable[[str], None] = print) -> PackageResult:
+    """Write the bundle ``out`` (folder; ``*.tar.gz`` for an archive only; ``tar`` adds
+    ``out.tar.gz`` beside the folder) and/or the Triton repository ``triton``.
+
+    Every output path is checked before any work; nothing partial is left on failure."""
+    from pddnet.deploy.triton import TritonOptions, write_repository
+
+    if out is None and triton is None:
+        raise PddnetError("nothing to write: give --out BUNDLE and/or --triton DIR")
+    out_p = Path(out) if out is not None else None
+    tar_only = out_p is not None and out_p.name.lower().endswith((".tar.gz", ".tgz"))
+    folder = None if out_p is None or tar_only else out_p
+    tar_p = out_p if tar_only else (Path(f"{out_p}.tar.gz") if out_p is not None and tar else None)
+    triton_p = Path(triton) if triton is not None else None
+    targets = [p for p in (folder, tar_p, triton_p) if p is not None]
+    if len({p.resolve() for p in targets}) != len(targets):
+        raise PddnetError(f"--out/--triton name the same path: {[str(p) for p in targets]}")
+    for p in targets:
+        if p.exists() and not overwrite:
+            raise PddnetError(f"{p} already exists; choose another path or pass --overwrite")
+        if p.exists() and p is not tar_p and not p.is_dir():
+            raise PddnetError(f"{p} exists and is not a folder; choose another path")
+        if p is tar_p and p.exists() and p.is_dir():
+            raise PddnetError(f"{p} is a folder; choose another archive name")
+
+    models = [collect_model(onnx_model, "fp32")]
+    for path, prec in ((fp16, "fp16"), (int8, "int8")):
+        if path is not None:
+            models.append(collect_model(path, prec))
+    shas = [m.sha256 for m in models]
+    if len(set(shas)) != len(shas):
+        raise PddnetError("the same graph was given twice (--onnx/--fp16/--int8 have equal "
+                          "SHA-256)")
+    contract = check_contract(models)
+    report = read_report(report_dir)
+    report_path = Path(report_dir)
+    report_path = report_path if report_path.is_dir() else report_path.parent
+    notes: list[str] = []
+    entries: list[dict[str, Any]] = []
+    for m in models:
+        val = validation_for(report, m.sha256, trt=False)
+        _require_validation(val, f"{m.path} ({m.precision})", allow_unvalidated, notes)
+        entries.append({
+            "id": m.id, "kind": "onnx", "precision": m.precision, "file": m.rel,
+            "stage2": f"models/{m.id}/{m.stage2}" if m.stage2 else None,
+            "sha256": m.sha256, "outputs": list(m.loaded.info.outputs),
+            "opset": next((o.version for o in m.loaded.proto.opset_import if o.domain in
+                           ("", "ai.onnx")), None),
+            "ir_version": m.loaded.proto.ir_version,
+            "source": m.loaded.info.source, "config": m.loaded.info.config,
+            "backends": ["onnxruntime", "tensorrt"], "validation": val})
+    esets = collect_engines(engines, models) if engines else []
+    for es in esets:
+        val = validation_for(report, es.model.sha256, trt=True, precision=es.precision)
+        _require_validation(val, f"the {es.precision} TensorRT engines of {es.model.path} for "
+                                 f"{es.env.get('gpu_name')}", allow_unvalidated, notes)
+        entries.append({
+            "id": es.id, "kind": "tensorrt", "precision": es.precision, "model": es.model.id,
+            "engines": {lab: f"engines/{p.name}" for lab, p in sorted(es.parts.items())
+                        if lab != "full"},
+            "full": f"engines/{es.parts['full'].name}" if "full" in es.parts and
+                    len(es.parts) > 1 else None,
+            "env": es.env, "plugins": es.plugins, "hardware_compat": es.hardware_compat,
+            "jit_ops": sorted({o for r in es.records.values()
+                               for o in (r.get("binding") or {}).get("jit_ops", [])}),
+            "validation": val})
+        if set(es.parts) == {"full"}:
+            entries[-1]["engines"] = {"full": f"engines/{es.parts['full'].name}"}
+
+    bundle_name = name or (folder.name if folder is not None else
+                           (tar_p.name.split(".tar")[0].split(".tgz")[0] if tar_p else "pddnet"))
+    manifest_base = {
+        "schema": SCHEMA,
+        "name": bundle_name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {**versions(),
+                     "tensorrt": sorted({str(es.env.get("trt_version")) for es in esets})},
+        "preprocessing": contract,
+        "models": entries,
+        "validation": {"report": "validation/report.json", "status": report.get("status"),
+                       "created": report.get("created"),
+                       "failed_gates": len(report.get("failed_gates") or [])},
+        "notes": notes,
+    }
+
+    def write_into(stage: Path) -> dict[str, Any]:
+        for m in models:
+            _copy(m.path, stage / m.rel)
+            for comp in m.companions:
+                _copy(m.path.parent / comp, stage / f"models/{m.id}" / comp)
+        for es in esets:
+            for f in es.parts.values():
+                from pddnet.export.engine_cache import meta_path_for
+
+                _copy(f, stage / "engines" / f.name)
+                _copy(meta_path_for(f), stage / "engines" / meta_path_for(f).name)
+        for fname in REPORT_FILES:
+            if (report_path / fname).is_file():
+                _copy(report_path / fname, stage / "validation" / fname)
+        figs = report_path / "figures"
+        if figs.is_dir() and (report_path / "report.md").is_file():
+            for f in sorted(figs.glob("*.png")):
+                _copy(f, stage / "validation" / "figures" / f.name)
+        _write_json(stage / PREPROCESSING, contract)
+        files = {}
+        for p in sorted(stage.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(stage).as_posix()
+                files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        manifest = {**manifest_base, "files": files}
+        _write_json(stage / MANIFEST, manifest)
+        verify_folder(stage, where="staged bundle")  # the runtime's own checks, before renaming
+        return manifest
+
+    result = PackageResult(None, None, None, {}, notes)
+    fresh = [p for p in targets if not p.exists()]  # removed again if a later output fails
+    try:
+        if folder is not None:
+            with atomic_directory(folder, overwrite=overwrite) as stage:
+                result.manifest = write_into(stage)
+            result.bundle = folder
+            echo(f"wrote bundle {folder} ({len(result.manifest['files'])} files, "
+                 f"{_size(folder) / 1e6:.1f} MB)")
+        if tar_p is not None:
+            if folder is not None:
+                write_tar(folder, tar_p, bundle_name)
+            else:
+                tar_p.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(prefix=f".{tar_p.name}.",
+                                                 dir=tar_p.parent) as td:
+                    stage = Path(td) / bundle_name
+                    stage.mkdir()
+                    result.manifest = write_into(stage)
+                    write_tar(stage, tar_p, bundle_name)
+            result.tar = tar_p
+            echo(f"wrote {tar_p} ({tar_p.stat().st_size / 1e6:.1f} MB)")
+        if triton_p is not None:
+            opts = triton_options or TritonOptions()
+            written = write_repository(triton_p, models, esets, contract, opts,
+                                       overwrite=overwrite, notes=notes)
+            result.triton = triton_p
+            echo(f"wrote Triton model repository {triton_p}: {', '.join(written)}")
+    except BaseException:
+        for p in fresh:  # all or nothing: outputs this call created before the failure
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
+        raise
+    if not result.manifest:
+        result.manifest = {**manifest_base, "files": {}}
+    for n in notes:
+        echo(f"note: {n}")
+    return result
+
+
+def _require_validation(val: dict[str, Any] | None, what: str, allow: bool,
+                        notes: list[str]) -> None:
+    if val is not None and val["passed"]:
+        return
+    why = ("no candidate of the report ran this exact file (matched by SHA-256)" if val is None
+           else "its validation gates failed: " + "; ".join(
+               f"{c['name']}: " + ", ".join(g["reason"] for g in c["gates"] if not g["passed"])
+               for c in val["candidates"] if not c["passed"]))
+    if not allow:
+        raise PddnetError(f"{what}: not validated ({why}); validate it with `pddnet validate` "
+                          "and pass that --report, or pass --allow-unvalidated to bundle it "
+                          "marked as such (the runtime then runs it only when asked for)")
+    notes.append(f"{what} is bundled unvalidated ({why})")
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def write_tar(folder: Path, dest: Path, arcname: str) -> Path:
+    """``dest`` (gzip tar) with ``folder``'s files under ``arcname/``, written atomically."""
+    with atomic_write(dest) as tmp:
+        with tarfile.open(tmp, "w:gz") as tf:
+            for p in sorted(folder.rglob("*")):
+                if p.is_file():
+                    info = tf.gettarinfo(str(p), arcname=f"{arcname}/{p.relative_to(folder).as_posix()}")
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    with open(p, "rb") as fh:
+                        tf.addfile(info, fh)
+    return dest
+
+
+__all__ = ["package", "PackageResult", "collect_model", "collect_engines", "check_contract",
+           "read_report", "validation_for", "write_tar", "SourceModel", "EngineSet"]

@@ -1,0 +1,623 @@
+"""The validation report people read: ``report.md`` and ``report.html`` rendered from the report.
+
+``report.json`` (:mod:`pddnet.validation.compare`, schema in ``docs/validation.md``) is the one
+source of numbers; this module renders it -- the same sections, tables and figures in both
+files -- and adds images that need the volumes, collected while ``pddnet validate`` registers
+the pairs (:class:`FigureCollector`, an observer of :func:`~pddnet.validation.compare.compare`).
+
+Sections: status and summary per candidate (backend, precision, Dice, differences to the
+reference, latency p50/p95/p99, peak memory, gates PASS/FAIL); every gate; Dice per label per
+candidate (table and grouped bars); the latency distribution per candidate with p50/p95/p99
+marked; for the first pairs (``figure_pairs``, default 2), orthogonal slices through the fixed
+labels' centre of the fixed scan, the moving scan and the warped moving scan with label
+contours, the displacement magnitude, the Jacobian determinant with folding (``det <= 0``)
+marked, and -- where the model outputs it -- the per-control-point uncertainty (entropy of the
+displacement distribution, nats); per candidate the displacement difference to the reference
+on the same slices; settings, machine and notes.
+
+``report.html`` is self-contained (images embedded as base64 PNG, inline CSS, no scripts);
+``report.md`` links the same PNGs in ``figures/`` next to it (a Markdown viewer shows them,
+a text editor stays readable). Figures are drawn with matplotlib's Agg canvas (no pyplot
+state, no display) and each PNG is checked to decode before anything is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pddnet.data.io import atomic_write
+from pddnet.errors import PddnetError
+
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+FIGURES = "figures"
+DEFAULT_FIGURE_PAIRS = 2
+ORIENTATIONS = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # (name, axis held fixed)
+
+
+# --------------------------------------------------------------------------------------------
+# collecting slices while validate runs
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PairSlices:
+    """Three orthogonal slices (``axial``, ``coronal``, ``sagittal``) of every panel of a pair."""
+
+    pair: str
+    centre: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    panels: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    folding_percent: float | None = None
+    entropy_max: float | None = None
+    diffs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)   # candidate -> slices
+
+
+def _slices(vol: np.ndarray, centre: Sequence[int]) -> dict[str, np.ndarray]:
+    return {name: np.take(vol, int(centre[ax]), axis=ax).copy() for name, ax in ORIENTATIONS}
+
+
+class FigureCollector:
+    """Observer for :func:`~pddnet.validation.compare.compare`: keeps slices of the first
+    ``pairs`` pairs (the reference's registration, and every candidate's displacement
+    difference to it). Only 2D slices are kept, so memory stays small."""
+
+    def __init__(self, pairs: int = DEFAULT_FIGURE_PAIRS, reference: str | None = None):
+        self.pairs = int(pairs)
+        self.reference = reference
+        self.data: dict[int, PairSlices] = {}
+        self._ref_disp: dict[int, np.ndarray] = {}
+
+    def __call__(self, name: str, index: int, pair: Any, result: Any,
+                 volumes: tuple) -> None:
+        if index >= self.pairs:
+            return
+        if self.reference is None:
+            self.reference = name  # compare() reports the reference first
+        if name == self.reference:
+            self._add_reference(index, pair, result, volumes)
+        elif index in self.data and index in self._ref_disp:
+            d = result.disp.astype(np.float32) - self._ref_disp[index]
+            mag = np.sqrt(np.einsum("...a,...a->...", d, d))
+            self.data[index].diffs[name] = _slices(mag, self.data[index].centre)
+
+    def _add_reference(self, index: int, pair: Any, res: Any, volumes: tuple) -> None:
+        from pddnet.runtime.postprocess import labels_on_fixed_grid, moving_voxel_map
+        from pddnet.runtime.resample import resample
+        from pddnet.validation.metrics import jacobian_determinant
+
+        fixed, moving, fl, ml = volumes
+        if fl is not None and np.any(fl.array > 0):
+            idx = np.argwhere(fl.array > 0)
+            centre = tuple(int(round(v)) for v in idx.mean(axis=0))
+        else:
+            centre = tuple(n // 2 for n in fixed.shape)
+        vmap = moving_voxel_map(fixed, moving)
+        before = moving.array if vmap is None else resample(moving.array, fixed.shape, vmap,
+                                                            order=1)
+        ps = PairSlices(str(pair), centre, tuple(float(s) for s in fixed.spacing))
+        ps.panels["fixed"] = _slices(fixed.array, centre)
+        ps.panels["moving"] = _slices(before, centre)
+        ps.panels["warped"] = _slices(res.warped, centre)
+        if fl is not None:
+            ps.panels["fixed_labels"] = _slices(fl.array, centre)
+        if ml is not None:
+            ps.panels["moving_labels"] = _slices(labels_on_fixed_grid(ml, fixed), centre)
+        if res.warped_labels is not None:
+            ps.panels["warped_labels"] = _slices(res.warped_labels, centre)
+        disp = res.disp
+        ps.panels["disp_norm"] = _slices(np.sqrt(np.einsum("...a,...a->...", disp, disp)), centre)
+        jac = np.full(disp.shape[:3], np.nan, np.float32)
+        j = jacobian_determinant(disp)
+        c = (disp.shape[0] - j.shape[0]) // 2
+        jac[c:c + j.shape[0], c:c + j.shape[1], c:c + j.shape[2]] = j
+        ps.panels["jacobian"] = _slices(jac, centre)
+        ps.folding_percent = float(100.0 * np.count_nonzero(j <= 0) / j.size)
+        ent = (res.model_outputs or {}).get("entropy")
+        if ent is not None:
+            ent = np.asarray(ent, np.float32)
+            gc = tuple(min(g - 1, int(round(cc * g / n)))
+                       for cc, g, n in zip(centre, ent.shape, fixed.shape))
+            ps.panels["entropy"] = _slices(ent, gc)
+            ps.entropy_max = float(ent.max())
+        self.data[index] = ps
+        self._ref_disp[index] = disp.astype(np.float32)
+        for k in [k for k in self._ref_disp if k < index]:
+            del self._ref_disp[k]
+
+
+# --------------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------------
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=90)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    data = buf.getvalue()
+    check_png(data)
+    return data
+
+
+def check_png(data: bytes) -> tuple[int, int]:
+    """Decode ``data`` as PNG; returns ``(height, width)``; raises when it is blank/broken."""
+    import matplotlib.image as mpimg
+
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise PddnetError("a report figure did not render as PNG")
+    img = mpimg.imread(io.BytesIO(data), format="png")
+    if img.ndim < 2 or img.shape[0] < 10 or img.shape[1] < 10 or float(np.std(img)) == 0.0:
+        raise PddnetError(f"a report figure rendered blank ({img.shape})")
+    return int(img.shape[0]), int(img.shape[1])
+
+
+def _label_colors(n: int):
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    return [cmap(i % 20) for i in range(n + 1)]
+
+
+def _show(ax, sl: np.ndarray, spacing2: tuple[float, float], **kw):
+    ax.imshow(sl.T, origin="lower", aspect=spacing2[1] / spacing2[0], interpolation="nearest",
+              **kw)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _contours(ax, lab: np.ndarray, colors, *, lw: float = 0.7, style: str = "solid"):
+    for v in np.unique(lab):
+        if v == 0:
+            continue
+        m = (lab == v).T.astype(np.float32)
+        if m.min() == m.max():
+            continue
+        ax.contour(m, levels=[0.5], colors=[colors[int(v) % len(colors)]], linewidths=lw,
+                   linestyles=style, origin="lower")
+
+
+def pair_figure(ps: PairSlices, label_count: int = 13) -> bytes:
+    """Rows: axial, coronal, sagittal; columns: fixed, moving, warped (label contours), |u|,
+    Jacobian determinant (folding in red), entropy (when the model outputs it)."""
+    cols = ["fixed", "moving", "warped", "disp_norm", "jacobian"]
+    if "entropy" in ps.panels:
+        cols.append("entropy")
+    titles = {"fixed": "fixed", "moving": "moving (before)", "warped": "warped moving",
+              "disp_norm": "|u| (voxels)", "jacobian": "det J (folding red)",
+              "entropy": "uncertainty: entropy (nats)"}
+    fig = _figure(2.6 * len(cols), 2.6 * 3 + 0.4)
+    axes = fig.subplots(3, len(cols), squeeze=False)
+    colors = _label_colors(max(label_count, 1))
+    lo, hi = np.percentile(ps.panels["fixed"]["axial"], [1, 99])
+    dmax = max(float(np.nanmax(ps.panels["disp_norm"][o])) for o, _ in ORIENTATIONS) or 1.0
+    for r, (oname, ax_held) in enumerate(ORIENTATIONS):
+        sp = tuple(s for a, s in enumerate(ps.spacing) if a != ax_held)
+        for c, col in enumerate(cols):
+            ax = axes[r][c]
+            sl = ps.panels[col][oname]
+            if col in ("fixed", "moving", "warped"):
+                _show(ax, sl, sp, cmap="gray", vmin=lo, vmax=hi)
+                key = {"fixed": "fixed_labels", "moving": "moving_labels",
+                       "warped": "warped_labels"}[col]
+                if key in ps.panels:
+                    _contours(ax, ps.panels[key][oname], colors)
+                if col == "warped" and "fixed_labels" in ps.panels:
+                    _contours(ax, ps.panels["fixed_labels"][oname], ["white"] * len(colors),
+                              lw=0.4, style="dotted")
+            elif col == "disp_norm":
+                im = _show_cb(fig, ax, sl, sp, cmap="magma", vmin=0, vmax=dmax)
+            elif col == "jacobian":
+                im = _show_cb(fig, ax, sl, sp, cmap="RdBu_r", vmin=0.0, vmax=2.0)
+                fold = np.ma.masked_where(~(sl <= 0), np.ones_like(sl))
+                ax.imshow(fold.T, origin="lower", aspect=sp[1] / sp[0], cmap="autumn",
+                          vmin=0, vmax=1, interpolation="nearest")
+            elif col == "entropy":
+                emax = ps.entropy_max or 1.0
+                im = _show_cb(fig, ax, sl, (1.0, 1.0), cmap="viridis", vmin=0, vmax=emax)
+            if r == 0:
+                ax.set_title(titles[col], fontsize=9)
+            if c == 0:
+                ax.set_ylabel(oname, fontsize=9)
+    fold = f"{ps.folding_percent:.3f}%" if ps.folding_percent is not None else "-"
+    fig.suptitle(f"{ps.pair} -- slices through voxel {ps.centre} of the fixed scan; colours: "
+                 f"labels (warped: solid, fixed: dotted white); folding {fold} of voxels",
+                 fontsize=9)
+    return _png(fig)
+
+
+def _show_cb(fig, ax, sl, sp, **kw):
+    im = ax.imshow(np.asarray(sl).T, origin="lower", aspect=sp[1] / sp[0],
+                   interpolation="nearest", **kw)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+    return im
+
+
+def diff_figure(ps: PairSlices) -> bytes:
+    """Per candidate, ``|u_candidate - u_reference|`` (voxels) on the pair's slices."""
+    names = list(ps.diffs)
+    fig = _figure(2.6 * 3, 2.4 * len(names) + 0.4)
+    axes = fig.subplots(len(names), 3, squeeze=False)
+    for r, n in enumerate(names):
+        vmax = max(float(np.max(ps.diffs[n][o])) for o, _ in ORIENTATIONS)
+        vmax = vmax if vmax > 0 else 1e-6
+        for c, (oname, ax_held) in enumerate(ORIENTATIONS):
+            sp = tuple(s for a, s in enumerate(ps.spacing) if a != ax_held)
+            _show_cb(fig, axes[r][c], ps.diffs[n][oname], sp, cmap="inferno", vmin=0, vmax=vmax)
+            if r == 0:
+                axes[r][c].set_title(oname, fontsize=9)
+            if c == 0:
+                axes[r][c].set_ylabel(n, fontsize=8)
+    fig.suptitle(f"{ps.pair} -- |delta u| vs the reference (voxels; colour scale per row)",
+                 fontsize=9)
+    return _png(fig)
+
+
+def dice_figure(report: dict[str, Any]) -> bytes | None:
+    cands = report["candidates"]
+    labels = sorted({int(k) for c in cands.values()
+                     for k in (c["summary"].get("dice_per_label") or {})})
+    if not labels:
+        return None
+    names = report.get("label_names") or {}
+    fig = _figure(max(6.0, 0.7 * len(labels) + 2), 3.6)
+    ax = fig.subplots()
+    width = 0.8 / max(len(cands), 1)
+    x = np.arange(len(labels))
+    for i, (n, c) in enumerate(cands.items()):
+        per = c["summary"].get("dice_per_label") or {}
+        vals = [_num(per.get(str(lab), per.get(lab))) for lab in labels]
+        ax.bar(x + (i - (len(cands) - 1) / 2) * width,
+               [100 * v if v is not None else 0 for v in vals], width, label=n)
+    ax.set_xticks(x, [names.get(str(lab), str(lab)) for lab in labels], rotation=45,
+                  ha="right", fontsize=7)
+    ax.set_ylabel("Dice %")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncols=min(len(cands), 4))
+    ax.set_title("Dice per label, mean over pairs", fontsize=9)
+    return _png(fig)
+
+
+def latency_figure(report: dict[str, Any]) -> bytes | None:
+    cands = report["candidates"]
+    rows = [(n, c["latency"]) for n, c in cands.items() if (c.get("latency") or {}).get("n")]
+    if not rows:
+        return None
+    fig = _figure(7.5, 0.7 * len(rows) + 1.3)
+    ax = fig.subplots()
+    allv = [v for _, lat in rows for v in (lat.get("samples_ms") or [lat.get("p50_ms")])
+            if v]
+    log = bool(allv) and max(allv) / max(min(allv), 1e-9) > 20
+    rng = np.random.default_rng(0)
+    for y, (n, lat) in enumerate(rows):
+        s = np.asarray(lat.get("samples_ms") or [], np.float64)
+        if s.size:
+            ax.scatter(s, y + rng.uniform(-0.15, 0.15, s.size), s=10, alpha=0.5, color="gray")
+        for key, marker, color in (("p50_ms", "|", "tab:blue"), ("p95_ms", "^", "tab:orange"),
+                                   ("p99_ms", "v", "tab:red")):
+            v = _num(lat.get(key))
+            if v is not None:
+                ax.scatter([v], [y], marker=marker, s=160 if marker == "|" else 50, color=color,
+                           label=key[:3] if y == 0 else None, zorder=3)
+    ax.set_yticks(range(len(rows)), [n for n, _ in rows], fontsize=8)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel("model execution, ms (timed runs; grey: every run)")
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("latency distribution per candidate", fontsize=9)
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# document model -> Markdown / HTML
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Image:
+    name: str
+    caption: str
+    png: bytes
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list[Any] = field(default_factory=list)   # str (paragraph) | Table | Image
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def fmt(v: Any, spec: str, scale: float = 1.0) -> str:
+    """The report's number format: ``-`` for missing/non-finite values."""
+    x = _num(v)
+    return "-" if x is None else format(x * scale, spec)
+
+
+SUMMARY_HEADER = ["candidate", "backend", "precision", "mode", "Dice %", "max |dDice| pt",
+                  "max |du| vox", "mean |du| vox", "HD95 vox", "SDlogJ", "folding %",
+                  "p50 ms", "p95 ms", "p99 ms", "peak MB", "speed-up", "gates"]
+
+
+def summary_rows(report: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, c in report["candidates"].items():
+        s, lat, mem = c["summary"], c.get("latency") or {}, c.get("memory") or {}
+        gates = "reference" if c.get("reference") else (
+            "none" if not c.get("gates") else ("PASS" if c.get("passed") else "FAIL"))
+        rows.append([name, c["backend"], c["precision"], c.get("mode", "ff"),
+                     fmt(s.get("dice_mean"), ".2f", 100),
+                     fmt(s.get("delta_dice_points_max_abs"), ".3f"),
+                     fmt(s.get("disp_diff_max_vox"), ".2e"),
+                     fmt(s.get("disp_diff_mean_vox"), ".2e"), fmt(s.get("hd95_mean"), ".2f"),
+                     fmt(s.get("sdlogj"), ".4f"), fmt(s.get("folding_percent"), ".3f"),
+                     fmt(lat.get("p50_ms"), ".1f"), fmt(lat.get("p95_ms"), ".1f"),
+                     fmt(lat.get("p99_ms"), ".1f"), fmt(mem.get("peak_rss_mb"), ".0f"),
+                     fmt(c.get("speedup_vs_reference"), ".2f") + "x"
+                     if _num(c.get("speedup_vs_reference")) is not None else "-", gates])
+    return rows
+
+
+def build_document(report: dict[str, Any], figures: FigureCollector | None = None
+                   ) -> list[Section]:
+    """Every section of the report (numbers from ``report`` only)."""
+    st = report.get("settings") or {}
+    cands = report["candidates"]
+    secs: list[Section] = []
+    status = str(report.get("status", "?")).upper()
+    top = Section(f"Validation report: {status}")
+    top.blocks.append(
+        f"{st.get('pairs')} {st.get('split')} pair(s) of {st.get('data')}; reference "
+        f"`{report.get('reference')}`; created {report.get('created')} in "
+        f"{fmt(report.get('duration_s'), '.0f')} s. Every candidate runs the same pre- and "
+        "post-processing; differences come from the model execution only. Dice is the mean over "
+        "labels present in both maps (Learn2Reg); |du| the displacement difference to the "
+        "reference at full resolution; latency the model execution "
+        f"({st.get('warmup')} warm-up + {st.get('repeats')} timed runs, "
+        f"{'one process per candidate' if st.get('isolated') else 'one shared process'}).")
+    top.blocks.append(Table(SUMMARY_HEADER, summary_rows(report)))
+    failed = report.get("failed_gates") or []
+    if failed:
+        top.blocks.append("**Failed gates:** " + "; ".join(
+            f"{g['candidate']}: {g['description']} {g['reason']}" for g in failed))
+    secs.append(top)
+
+    gates = Section("Gates")
+    rows = []
+    for name, c in cands.items():
+        for g in c.get("gates") or []:
+            rows.append(["PASS" if g["passed"] else "FAIL", name, g["description"],
+                         f"{fmt(g['threshold'], 'g')} {g['unit']}",
+                         f"{fmt(g.get('measured'), '.4g')} {g['unit']}",
+                         str(g.get("worst_pair") or "-"), g["reason"]])
+    gates.blocks.append(Table(["result", "candidate", "gate", "threshold", "measured (worst)",
+                               "worst pair", "detail"], rows) if rows else
+                        "No candidate has gates.")
+    secs.append(gates)
+
+    dice = Section("Dice per label")
+    labels = sorted({int(k) for c in cands.values()
+                     for k in (c["summary"].get("dice_per_label") or {})})
+    names = report.get("label_names") or {}
+    if labels:
+        rows = []
+        for lab in labels:
+            row = [f"{lab} {names.get(str(lab), '')}".strip()]
+            for c in cands.values():
+                per = c["summary"].get("dice_per_label") or {}
+                row.append(fmt(per.get(str(lab), per.get(lab)), ".2f", 100))
+            rows.append(row)
+        rows.append(["mean"] + [fmt(c["summary"].get("dice_mean"), ".2f", 100)
+                                for c in cands.values()])
+        dice.blocks.append(Table(["label"] + [f"{n} Dice %" for n in cands], rows))
+        png = dice_figure(report)
+        if png:
+            dice.blocks.append(Image("dice_per_label.png", "Dice per label per candidate", png))
+    pair_rows = []
+    for i, p in enumerate(report.get("pairs") or []):
+        row = [p["pair"], fmt(p.get("dice_mean_before"), ".2f", 100)]
+        for c in cands.values():
+            rec = (c.get("pairs") or [])[i] if i < len(c.get("pairs") or []) else {}
+            row.append("error" if rec.get("error") else fmt(rec.get("dice_mean"), ".2f", 100))
+        pair_rows.append(row)
+    if pair_rows:
+        dice.blocks.append("Mean Dice per pair (%):")
+        dice.blocks.append(Table(["pair", "before"] + list(cands), pair_rows))
+    secs.append(dice)
+
+    lat = Section("Latency")
+    rows = []
+    for n, c in cands.items():
+        l = c.get("latency") or {}
+        rows.append([n, str(l.get("n", "-")), fmt(l.get("p50_ms"), ".1f"),
+                     fmt(l.get("p95_ms"), ".1f"), fmt(l.get("p99_ms"), ".1f"),
+                     fmt(l.get("min_ms"), ".1f"), fmt(l.get("max_ms"), ".1f"),
+                     fmt((c.get("memory") or {}).get("peak_rss_mb"), ".0f"),
+                     fmt((c.get("memory") or {}).get("added_rss_mb"), ".0f")])
+    lat.blocks.append(Table(["candidate", "runs", "p50 ms", "p95 ms", "p99 ms", "min ms",
+                             "max ms", "peak MB", "added MB"], rows))
+    png = latency_figure(report)
+    if png:
+        lat.blocks.append(Image("latency.png", "latency distribution (p50 | p95 ^ p99 v)", png))
+    secs.append(lat)
+
+    if figures is not None and figures.data:
+        pairs = Section("Registered pairs")
+        pairs.blocks.append(
+            f"The reference (`{figures.reference}`) on the first {len(figures.data)} pair(s): "
+            "orthogonal slices through the centre of the fixed labels. Contours: label "
+            "boundaries (warped moving solid, fixed dotted white). det J: Jacobian determinant "
+            "of x -> x + u(x), voxels with det J <= 0 (folding) in red. Entropy: uncertainty "
+            "of each control point's displacement distribution, on the model's control grid.")
+        ncol = len(report.get("label_names") or {}) or 13
+        ref = report.get("reference")
+        direct = {n for n, c in cands.items() if c.get("compared_with") in (None, ref)}
+        for i in sorted(figures.data):
+            ps = figures.data[i]
+            pairs.blocks.append(Image(f"pair_{i + 1}.png", ps.pair, pair_figure(ps, ncol)))
+            # only candidates whose differences the report computes against the reference
+            diffs = {n: d for n, d in ps.diffs.items() if n in direct}
+            if diffs:
+                shown = PairSlices(ps.pair, ps.centre, ps.spacing, diffs=diffs)
+                pairs.blocks.append(Image(f"pair_{i + 1}_diff.png",
+                                          f"{ps.pair}: |delta u| per candidate vs the reference",
+                                          diff_figure(shown)))
+        secs.append(pairs)
+
+    m = report.get("machine") or {}
+    setting = Section("Settings and machine")
+    setting.blocks.append(Table(["setting", "value"], [
+        [k, str(v)] for k, v in st.items()] + [[f"machine.{k}", str(v)] for k, v in m.items()]))
+    if report.get("notes"):
+        setting.blocks.append("Notes: " + " ".join(f"({i + 1}) {n}"
+                                                   for i, n in enumerate(report["notes"])))
+    secs.append(setting)
+    return secs
+
+
+def _md_cell(s: str) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(secs: list[Section]) -> str:
+    out = []
+    for i, sec in enumerate(secs):
+        out.append(("# " if i == 0 else "## ") + sec.title)
+        out.append("")
+        for b in sec.blocks:
+            if isinstance(b, Table):
+                out.append("| " + " | ".join(_md_cell(h) for h in b.header) + " |")
+                out.append("|" + "|".join("---" for _ in b.header) + "|")
+                for r in b.rows:
+                    out.append("| " + " | ".join(_md_cell(c) for c in r) + " |")
+            elif isinstance(b, Image):
+                out.append(f"![{b.caption}]({FIGURES}/{b.name})")
+            else:
+                out.append(str(b))
+            out.append("")
+    return "\n".join(out)
+
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;
+color:#222;max-width:1400px}table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f2f2f2}
+td:first-child,th:first-child{text-align:left}.PASS{color:#0a0;font-weight:bold}
+.FAIL{color:#c00;font-weight:bold}img{max-width:100%;border:1px solid #ddd;margin:6px 0}
+figure{margin:8px 0 20px}figcaption{font-size:12px;color:#555}code{background:#f5f5f5}"""
+
+
+def _inline(text: str) -> str:
+    """Escape, then render ``code`` and **bold** spans (the only Markdown used in paragraphs)."""
+    import re
+
+    t = html.escape(str(text))
+    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", t)
+
+
+def to_html(secs: list[Section]) -> str:
+    body = []
+    for i, sec in enumerate(secs):
+        tag = "h1" if i == 0 else "h2"
+        body.append(f"<{tag}>{html.escape(sec.title)}</{tag}>")
+        for b in sec.blocks:
+            if isinstance(b, Table):
+                body.append("<table><thead><tr>" + "".join(
+                    f"<th>{html.escape(h)}</th>" for h in b.header) + "</tr></thead><tbody>")
+                for r in b.rows:
+                    body.append("<tr>" + "".join(
+                        f'<td class="{c}">{html.escape(c)}</td>' if c in ("PASS", "FAIL")
+                        else f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>")
+                body.append("</tbody></table>")
+            elif isinstance(b, Image):
+                data = base64.b64encode(b.png).decode("ascii")
+                body.append(f'<figure><img alt="{html.escape(b.caption)}" '
+                            f'src="data:image/png;base64,{data}"><figcaption>'
+                            f"{html.escape(b.caption)}</figcaption></figure>")
+            else:
+                body.append(f"<p>{_inline(b)}</p>")
+    title = html.escape(secs[0].title if secs else "validation report")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{title}</title><style>{CSS}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+def render(report: dict[str, Any], figures: FigureCollector | None = None
+           ) -> tuple[str, str, dict[str, bytes]]:
+    """``(markdown, html, {figure name: png})`` -- everything in memory, nothing written."""
+    from pddnet.validation.metrics import jsonable
+
+    report = jsonable(report)  # the numbers exactly as report.json holds them
+    secs = build_document(report, figures)
+    images = {b.name: b.png for s in secs for b in s.blocks if isinstance(b, Image)}
+    return to_markdown(secs), to_html(secs), images
+
+
+def write_report_files(report: dict[str, Any], out_dir, *, figures: FigureCollector | None = None,
+                       overwrite: bool = False) -> dict[str, Path]:
+    """Write ``report.md``, ``report.html``, ``figures/*.png`` and ``report.json`` (last).
+
+    Rendering happens before anything is written; each file is written atomically, and if
+    anything fails or is interrupted (Ctrl-C) the files this call wrote are removed (and the
+    folders it created), so ``out_dir`` holds the complete set or none of it."""
+    from pddnet.validation.report import REPORT_FILE, check_out_dir, write_report
+
+    out = check_out_dir(out_dir, overwrite=overwrite)
+    md, page, images = render(report, figures)
+    created = [p for p in (out, out / FIGURES) if not p.exists()]
+    written: list[Path] = []
+    try:
+        for name, png in images.items():
+            with atomic_write(out / FIGURES / name) as tmp:
+                tmp.write_bytes(png)
+            written.append(out / FIGURES / name)
+        for name, text in ((REPORT_MD, md), (REPORT_HTML, page)):
+            with atomic_write(out / name) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+            written.append(out / name)
+        written.append(write_report(report, out, overwrite=True))
+    except BaseException:
+        for p in written:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    if (out / FIGURES).is_dir():  # figures of an earlier run that this one did not draw
+        for stale in (out / FIGURES).glob("*.png"):
+            if stale.name not in images:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+    return {p.name: p for p in written} | {REPORT_FILE: out / REPORT_FILE}
+
+
+__all__ = ["FigureCollector", "render", "write_report_files", "build_document", "to_markdown",
+           "to_html", "check_png", "summary_rows", "fmt", "SUMMARY_HEADER"]

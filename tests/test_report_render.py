@@ -1,0 +1,178 @@
+"""report.md / report.html rendered from a real `pddnet validate` report: the files exist,
+every image is embedded (HTML) or linked (Markdown) and decodes to a non-blank PNG, the
+numbers in both equal report.json's, failed gates show as FAIL, and a failure while writing
+leaves nothing behind.
+
+Data: 4 synthetic subjects (2 test pairs); model: the `tiny` preset randomly initialised with a
+sharp softmax, exported at 48x40x64 with the entropy output (as test_validate.py).
+
+Not tested here: how the figures look (a person reads them; docs/validation.md shows one).
+"""
+
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+
+SHAPE = (48, 40, 64)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import onnx
+
+    from pddnet.data.synth import write_dataset
+    from pddnet.export.onnx_export import export_model, sha256_file
+    from pddnet.model.checkpoint import save_checkpoint
+    from pddnet.model.config import preset
+    from pddnet.model.network import PDDNet
+
+    tmp = tmp_path_factory.mktemp("render")
+    data = tmp / "data"
+    write_dataset(data, subjects=4, seed=0, preset="small", progress=False)
+    net = PDDNet(preset("tiny"), seed=0).eval()
+    with torch.no_grad():
+        net.alpha[5] = 3000.0
+    ckpt = save_checkpoint(tmp / "tiny.pt", net, image_shape=SHAPE,
+                           metadata={"spacing_mm": [8.0, 8.0, 8.0]})
+    model = export_model(net, SHAPE, spacing_mm=(8.0, 8.0, 8.0), outputs=("entropy",),
+                         source={"checkpoint_sha256": sha256_file(ckpt)})
+    onnx.save(model, str(tmp / "tiny.onnx"))
+    return {"tmp": tmp, "data": data, "ckpt": ckpt, "onnx": tmp / "tiny.onnx"}
+
+
+@pytest.fixture(scope="module")
+def rendered(setup):
+    from pddnet.validation.compare import Candidate, Gate, compare, default_candidates
+    from pddnet.validation.render import FigureCollector, write_report_files
+
+    ref, cands = default_candidates(setup["ckpt"], setup["onnx"])
+    # an impossible gate, so that the report shows a FAIL
+    cands.append(Candidate("onnxruntime-strict", "onnxruntime", setup["onnx"], "fp32", {},
+                           (Gate("disp_diff_max_vox", 0.0),)))
+    figs = FigureCollector(2, ref.name)
+    report = compare(ref, cands, setup["data"], threads=1, warmup=1, repeats=3, isolate=False,
+                     progress=False, observe=figs)
+    out = setup["tmp"] / "report"
+    paths = write_report_files(report, out, figures=figs)
+    return {"out": out, "paths": paths, "figs": figs,
+            "json": json.loads((out / "report.json").read_text())}
+
+
+def _png_ok(data: bytes):
+    from pddnet.validation.render import check_png
+
+    h, w = check_png(data)
+    assert h > 50 and w > 50
+
+
+def test_files_and_figures(rendered):
+    out = rendered["out"]
+    assert {"report.json", "report.md", "report.html"} <= {p.name for p in out.iterdir()}
+    figs = sorted(p.name for p in (out / "figures").iterdir())
+    assert figs == ["dice_per_label.png", "latency.png", "pair_1.png", "pair_1_diff.png",
+                    "pair_2.png", "pair_2_diff.png"]
+    for f in figs:
+        _png_ok((out / "figures" / f).read_bytes())
+    data = rendered["figs"].data[0]
+    assert set(data.panels) >= {"fixed", "moving", "warped", "disp_norm", "jacobian", "entropy",
+                                "fixed_labels", "moving_labels", "warped_labels"}
+    assert set(data.diffs) == {"onnxruntime-fp32", "onnxruntime-strict"}
+
+
+def test_html_is_self_contained(rendered):
+    page = (rendered["out"] / "report.html").read_text()
+    srcs = re.findall(r'<img [^>]*src="([^"]+)"', page)
+    assert len(srcs) == 6 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    for s in srcs:
+        _png_ok(base64.b64decode(s.split(",", 1)[1]))
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    md = (rendered["out"] / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert sorted(links) == sorted(f"figures/{n}" for n in
+                                   ["dice_per_label.png", "latency.png", "pair_1.png",
+                                    "pair_1_diff.png", "pair_2.png", "pair_2_diff.png"])
+
+
+def _md_table(md: str, first_header: str) -> list[list[str]]:
+    lines = md.splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.startswith(f"| {first_header} |"))
+    rows = []
+    for ln in lines[i + 2:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", ln)[1:-1]])
+    return rows
+
+
+def test_numbers_match_report_json(rendered):
+    from pddnet.validation.render import SUMMARY_HEADER, fmt
+
+    rep = rendered["json"]
+    md = (rendered["out"] / "report.md").read_text()
+    page = (rendered["out"] / "report.html").read_text()
+    rows = {r[0]: dict(zip(SUMMARY_HEADER, r)) for r in _md_table(md, "candidate")}
+    assert set(rows) == set(rep["candidates"])
+    for name, c in rep["candidates"].items():
+        r = rows[name]
+        assert r["Dice %"] == fmt(c["summary"]["dice_mean"], ".2f", 100)
+        assert r["p50 ms"] == fmt(c["latency"]["p50_ms"], ".1f")
+        assert r["p95 ms"] == fmt(c["latency"]["p95_ms"], ".1f")
+        assert r["p99 ms"] == fmt(c["latency"]["p99_ms"], ".1f")
+        assert r["max |du| vox"] == fmt(c["summary"]["disp_diff_max_vox"], ".2e")
+        assert r["peak MB"] == fmt(c["memory"]["peak_rss_mb"], ".0f")
+        for cell in (r["Dice %"], r["p50 ms"], r["p99 ms"]):
+            assert f"<td>{cell}</td>" in page
+    assert rows["pytorch"]["gates"] == "reference"
+    assert rows["onnxruntime-fp32"]["gates"] == "PASS"
+    assert rows["onnxruntime-strict"]["gates"] == "FAIL"
+    assert '<td class="FAIL">FAIL</td>' in page and "Validation report: FAILED" in page
+    # Dice per label
+    per = {r[0]: r[1:] for r in _md_table(md, "label")}
+    names = rep["label_names"]
+    for lab, v in rep["candidates"]["pytorch"]["summary"]["dice_per_label"].items():
+        assert per[f"{lab} {names[lab]}"][0] == fmt(v, ".2f", 100)
+
+
+def test_validate_cli_writes_the_renderings(setup, tmp_path):
+    from pddnet.cli import main
+
+    out = tmp_path / "rep"
+    r = CliRunner().invoke(main, [
+        "validate", "--model", str(setup["ckpt"]), "--onnx", str(setup["onnx"]), "--data",
+        str(setup["data"]), "--out", str(out), "--threads", "1", "--warmup", "0", "--repeats",
+        "1", "--in-process", "--no-progress", "--max-pairs", "1", "--figure-pairs", "1"])
+    assert r.exit_code == 0, r.output
+    assert "report.md" in r.output and "report.html" in r.output
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [
+        "dice_per_label.png", "latency.png", "pair_1.png", "pair_1_diff.png"]
+
+
+def test_a_failure_while_writing_leaves_nothing(rendered, tmp_path, monkeypatch):
+    from pddnet.validation import report as report_mod
+    from pddnet.validation.render import write_report_files
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # as Ctrl-C in the last write
+
+    monkeypatch.setattr(report_mod, "write_report", boom)
+    out = tmp_path / "rep"
+    with pytest.raises(KeyboardInterrupt):
+        write_report_files(rendered["json"], out, figures=rendered["figs"])
+    assert not out.exists()
+
+
+def test_render_without_figures_or_latency_samples(rendered):
+    from pddnet.validation.render import render
+
+    rep = json.loads(json.dumps(rendered["json"]))
+    for c in rep["candidates"].values():
+        c["latency"]["samples_ms"] = []
+    md, page, images = render(rep, None)
+    assert set(images) == {"dice_per_label.png", "latency.png"}
+    assert "Registered pairs" not in md and np.all([n in page for n in rep["candidates"]])
