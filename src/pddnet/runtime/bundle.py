@@ -126,6 +126,7 @@ class Option:
     why: str
     validated: bool = False
     p50_ms: float | None = None
+    validation: str = "not validated"
 
     def label(self) -> str:
         return f"{self.backend} {self.precision} ({self.model_id})"
@@ -154,7 +155,8 @@ class Selection:
         for o in self.considered:
             if o.model_id == self.model_id and o.backend == self.backend:
                 continue
-            lines.append(f"  {'usable' if o.usable else 'not usable'}: {o.label()}: {o.why}")
+            lines.append(f"  {'usable' if o.usable else 'not usable'}: {o.label()}: {o.why}; "
+                         f"{o.validation}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -163,7 +165,8 @@ class Selection:
                 "backend": self.backend, "precision": self.precision, "reason": self.reason,
                 "validation": self.validation, "notes": list(self.notes),
                 "considered": [{"model_id": o.model_id, "backend": o.backend,
-                                "precision": o.precision, "usable": o.usable, "why": o.why}
+                                "precision": o.precision, "usable": o.usable, "why": o.why,
+                                "validation": o.validation}
                                for o in self.considered]}
 
 
@@ -256,12 +259,12 @@ class Bundle:
                 p50 = _cpu_p50(m)
                 where = "CUDA" if (cuda and providers is None) or _wants_cuda(providers) else "CPU"
                 opts.append(Option(m["id"], "onnxruntime", m["precision"], True,
-                                   f"ONNX Runtime {ort.__version__} ({where}); {vtext}",
-                                   validated, p50))
+                                   f"ONNX Runtime {ort.__version__} ({where})",
+                                   validated, p50, vtext))
             elif m.get("kind") == "tensorrt":
                 usable, why = self._engine_usable(m, env)
-                opts.append(Option(m["id"], "tensorrt", m["precision"], usable,
-                                   f"{why}; {vtext}", validated))
+                opts.append(Option(m["id"], "tensorrt", m["precision"], usable, why,
+                                   validated, None, vtext))
         return opts
 
     def _engine_usable(self, m: dict[str, Any], env: Any) -> tuple[bool, str]:
@@ -318,14 +321,14 @@ class Bundle:
         usable = [o for o in pool if o.usable]
         if not usable:
             reasons = "; ".join(f"{o.label()}: {o.why}" for o in pool)
-            raise PddnetError(f"bundle {self.source}: refusing to run {pool[0].backend} "
-                              f"{precision or ''}: {reasons}")
+            what = pool[0].backend + (f" {precision}" if precision else "")
+            raise PddnetError(f"bundle {self.source}: refusing to run {what}: {reasons}")
         notes: list[str] = []
         explicit = precision is not None
         chosen, reason = self._choose(usable, want, explicit, providers)
         if not chosen.validated:
             notes.append(f"{chosen.model_id} ({chosen.precision}) did not pass validation "
-                         f"({chosen.why.split('; ')[-1]}); running it because it was asked for")
+                         f"({chosen.validation}); running it because it was asked for")
         return self._selection(chosen, reason, opts, notes, providers)
 
     def _choose(self, usable: list[Option], want: str, explicit: bool,
@@ -335,13 +338,14 @@ class Bundle:
             if not explicit:
                 raise PddnetError(
                     f"bundle {self.source}: no usable model passed validation here ("
-                    + "; ".join(f"{o.label()}: {o.why}" for o in usable) + "); ask for one "
+                    + "; ".join(f"{o.label()}: {o.validation}" for o in usable)
+                    + "); ask for one "
                     "explicitly with --precision (precision=) to run it anyway")
             ok = usable
         trt = [o for o in ok if o.backend == "tensorrt"]
         if trt and want in ("auto", "tensorrt"):
             o = _first_by(trt, PRECISION_ORDER_GPU)
-            return o, (f"{o.why.split(';')[0]}; the lowest validated precision among "
+            return o, (f"{o.why}; the lowest validated precision among "
                        f"{sorted({t.precision for t in trt})}")
         ort = [o for o in ok if o.backend == "onnxruntime"]
         if not ort:

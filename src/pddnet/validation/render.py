@@ -244,7 +244,7 @@ def _show_cb(fig, ax, sl, sp, **kw):
                    interpolation="nearest", **kw)
     ax.set_xticks([])
     ax.set_yticks([])
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, format="%.2g").ax.tick_params(labelsize=6)
     return im
 
 
@@ -314,8 +314,13 @@ def latency_figure(report: dict[str, Any]) -> bytes | None:
             if v is not None:
                 ax.scatter([v], [y], marker=marker, s=160 if marker == "|" else 50, color=color,
                            label=key[:3] if y == 0 else None, zorder=3)
+        p50, p95, p99 = (_num(lat.get(k)) for k in ("p50_ms", "p95_ms", "p99_ms"))
+        if p50 is not None:
+            ax.annotate(f"p50 {p50:.0f} / p95 {fmt(p95, '.0f')} / p99 {fmt(p99, '.0f')} ms",
+                        (p50, y), xytext=(0, 9), textcoords="offset points", fontsize=7,
+                        ha="center")
     ax.set_yticks(range(len(rows)), [n for n, _ in rows], fontsize=8)
-    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_ylim(-0.6, len(rows) - 0.2)
     if log:
         ax.set_xscale("log")
     ax.set_xlabel("model execution, ms (timed runs; grey: every run)")
