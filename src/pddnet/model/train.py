@@ -1,8 +1,10 @@
 """Weakly supervised training of PDD-Net: non-local label loss + diffusion penalty.
 
 Random pairs of training subjects, each scan independently augmented by a small random
-affine transform; Adam (the paper: lr 0.01, 1500 iterations). Every iteration draws its
-randomness from ``(seed, iteration)``, so a resumed run continues exactly as an
+affine transform; Adam (the paper: lr 0.01, 1500 iterations), with the learning rate held for
+the first ``decay_start`` fraction of the iterations and then lowered along a cosine to
+``final_lr_factor`` of it. Every iteration draws its randomness from ``(seed, iteration)`` and
+the schedule is a function of the iteration, so a resumed run continues exactly as an
 uninterrupted one would.
 """
 
@@ -30,6 +32,8 @@ NUM_CLASSES = 14  # background + the 13 Learn2Reg abdomen labels
 class TrainOptions:
     iterations: int = 1500
     lr: float = 0.01
+    decay_start: float = 0.6     # fraction of the iterations run at the full learning rate
+    final_lr_factor: float = 0.1
     diffusion_weight: float = 1.5
     seed: int = 0
     augment: bool = True
@@ -101,8 +105,20 @@ class Trainer:
             img, lab = apply_affine(img, lab, random_affine(rng, self.opts))
         return img, lab
 
+    def learning_rate(self, iteration: int) -> float:
+        """Constant, then a cosine from ``lr`` down to ``final_lr_factor * lr`` at the end."""
+        opts = self.opts
+        start = int(opts.decay_start * opts.iterations)
+        if iteration < start:
+            return opts.lr
+        t = (iteration - start) / max(1, opts.iterations - start)
+        low = opts.final_lr_factor
+        return opts.lr * (low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
     def step(self, iteration: int) -> dict[str, float]:
         opts, cfg = self.opts, self.model.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(iteration)
         rng = np.random.default_rng([opts.seed, iteration])
         a, b = rng.choice(len(self.images), size=2, replace=False)
         fixed, fixed_lab = self._sample(rng, int(a))
