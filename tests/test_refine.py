@@ -183,7 +183,7 @@ def test_to_voxels_matches_reference_upsampling():
     g = np.random.default_rng(10).normal(0, 0.1, (5, 4, 6, 3)).astype(np.float32)
     shape = (24, 21, 30)
     ref = ops.dense_displacement(torch.from_numpy(g), shape).numpy()
-    np.testing.assert_allclose(N.to_voxels(g, shape), ref, atol=1e-5)
+    np.testing.assert_allclose(N.to_voxels(g, shape), ref, atol=5e-5)  # float32 products
 
 
 # --------------------------------------------------------------------------------------------

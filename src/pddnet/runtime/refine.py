@@ -416,19 +416,29 @@ def instance_optimise(probs: np.ndarray, grid_disp: np.ndarray, disp_size: int, 
 # Fields: upsampling and composition
 # --------------------------------------------------------------------------------------------
 
+def interp_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """``(n_out, n_in)`` float32: linear interpolation at the cell centres of ``n_out`` cells
+    from ``n_in`` cells over the same extent (``align_corners=False``, border clamp)."""
+    v = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0, n_in - 1)
+    return np.maximum(0.0, 1.0 - np.abs(v[:, None] - np.arange(n_in)[None, :])).astype(np.float32)
+
+
 def to_voxels(grid_disp: np.ndarray, image_shape) -> np.ndarray:
     """Control-grid field (normalised) -> ``(*image_shape, 3)`` float32 in voxels.
 
     Trilinear upsampling with ``align_corners=False`` (the exported graph's ``disp``, PyTorch
-    ``interpolate(mode="trilinear")``), then times ``n / 2`` per axis.
+    ``interpolate(mode="trilinear")``), then times ``n / 2`` per axis; as in the exported
+    graph, one interpolation matrix per axis (three matrix products).
     """
-    from pddnet.runtime.resample import resample_separable, resize_map
-
-    shape = tuple(int(n) for n in image_shape)
+    ni, nj, nk = (int(n) for n in image_shape)
     g = np.asarray(grid_disp, np.float32)
-    m = resize_map(g.shape[:3], shape)
-    up = resample_separable(np.ascontiguousarray(g), shape, np.diag(m)[:3], m[:3, 3], order=1)
-    return (up * (np.asarray(shape, np.float32) / 2.0)).astype(np.float32)
+    gi, gj, gk = g.shape[:3]
+    ui, uj, uk = interp_matrix(ni, gi), interp_matrix(nj, gj), interp_matrix(nk, gk)
+    x = np.ascontiguousarray(g.transpose(3, 0, 1, 2))                  # (3, gi, gj, gk)
+    x = (ui @ x.reshape(3, gi, gj * gk)).reshape(3 * ni, gj, gk)      # (3 ni, gj, gk)
+    x = (uj @ x) @ uk.T                                               # (3 ni, nj, nk)
+    x *= np.repeat(np.asarray([ni, nj, nk], np.float32) / 2.0, ni)[:, None, None]
+    return np.ascontiguousarray(x.reshape(3, ni, nj, nk).transpose(1, 2, 3, 0))
 
 
 def compose(u1: np.ndarray, u2: np.ndarray) -> np.ndarray:
