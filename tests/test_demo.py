@@ -9,6 +9,7 @@ Not tested here: the shipped `small` weights and the 5-minute budget (`make demo
 timings in docs/benchmarks.md), TensorRT candidates (no GPU).
 """
 
+import importlib.util
 import json
 
 import pytest
@@ -55,6 +56,17 @@ def test_demo_steps_on_a_tiny_preset(tiny_ckpt, tmp_path, capsys):
     assert "report:  " + str(out / "validation" / "report.html") in text
     assert "bundle:  " + str(out / "bundle") in text
     assert "onnxruntime-fp32" in text and "bundled" in text and "demo finished in" in text
+    report = json.loads((out / "validation" / "report.json").read_text())
+    if importlib.util.find_spec("pddnet.calibration.api") is None:
+        assert "FP16/INT8 graphs are not available yet" in text
+    else:  # the calibration step made both graphs, and both were validated
+        assert (out / "model" / "model.fp16.onnx").is_file()
+        assert (out / "model" / "model.int8.onnx").is_file()
+        assert {"onnxruntime-fp16", "onnxruntime-int8"} <= set(report["candidates"])
+        with open_bundle(out / "bundle") as b:
+            bundled = {m["precision"] for m in b.models}
+        for prec in ("fp16", "int8"):  # in the bundle exactly when its gates passed
+            assert (prec in bundled) == report["candidates"][f"onnxruntime-{prec}"]["passed"]
 
 
 def test_demo_refuses_a_non_empty_folder(tmp_path):

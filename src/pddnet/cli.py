@@ -439,8 +439,11 @@ _add_deploy_commands(main)
 @main.command("demo")
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False),
               help="Folder for every output of the demo.")
-@click.option("--subjects", default=8, show_default=True, type=click.IntRange(min=4),
-              help="Synthetic subjects (8: 4 test, 2 validation, 2 training).")
+@click.option("--subjects", default=10, show_default=True, type=click.IntRange(min=8),
+              help="Synthetic subjects (10: 4 test, 2 validation, 4 training; INT8 "
+                   "calibration uses training pairs).")
+@click.option("--calib-pairs", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Training pairs the INT8 calibration collects ranges on.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Synthetic data seed.")
 @click.option("--model", "checkpoint", type=click.Path(dir_okay=False, exists=True),
               help="Checkpoint to use instead of the shipped weights.")
@@ -454,8 +457,8 @@ _add_deploy_commands(main)
 @click.option("--overwrite", is_flag=True, help="Empty --out first if it is not empty.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
 @_friendly
-def demo_cmd(out, subjects, seed, checkpoint, max_pairs, repeats, threads, in_process, overwrite,
-             no_progress) -> None:
+def demo_cmd(out, subjects, calib_pairs, seed, checkpoint, max_pairs, repeats, threads,
+             in_process, overwrite, no_progress) -> None:
     """The main job end to end on the embedded synthetic abdomen (what `make demo` runs).
 
     Synthesise data, load the shipped weights, export, calibrate (FP16/INT8), validate every
@@ -469,7 +472,8 @@ def demo_cmd(out, subjects, seed, checkpoint, max_pairs, repeats, threads, in_pr
 
     run_demo(DemoOptions(out=Path(out), subjects=subjects, seed=seed, checkpoint=checkpoint,
                          threads=threads, overwrite=overwrite, max_pairs=max_pairs,
-                         repeats=repeats, isolate=not in_process, progress=not no_progress))
+                         repeats=repeats, isolate=not in_process, progress=not no_progress,
+                         calib_pairs=calib_pairs))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,7 +40,7 @@ BUDGET_S = 300
 @dataclass
 class DemoOptions:
     out: Path
-    subjects: int = 8
+    subjects: int = 10                   # 4 test, 2 validation, 4 training (calibration)
     seed: int = 0
     preset: str = "small"                # synthetic data preset
     checkpoint: Path | None = None       # default: the shipped weights
@@ -50,7 +50,7 @@ class DemoOptions:
     warmup: int = 1
     repeats: int = 5
     isolate: bool = True                 # one child process per candidate (peak memory)
-    calib_pairs: int | None = None       # calibration pairs (None: the calibration default)
+    calib_pairs: int | None = 8          # calibration pairs (training split)
     figure_pairs: int = 2
     progress: bool = True
 
@@ -125,7 +125,8 @@ def calibrate_models(s: DemoState) -> dict[str, Path]:
                        "calibration entry point in this version (issue 4); validating FP32 only")
         return {}
     made = calib.demo_graphs(s.models["fp32"], s.paths["data"], s.opts.out / "model",
-                             pairs=s.opts.calib_pairs, progress=s.opts.progress, echo=_say)
+                             pairs=s.opts.calib_pairs, progress=s.opts.progress, echo=_say,
+                             checkpoint=s.paths["checkpoint"])
     s.models.update(made)
     return made
 
