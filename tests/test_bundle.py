@@ -256,3 +256,33 @@ def test_package_cli(tmp_path):
     assert (tmp_path / "tri" / "pddnet_fp32" / "config.pbtxt").is_file()
     with open_bundle(tmp_path / "b.tar.gz") as b:
         assert b.manifest["name"] == "b"
+
+
+def test_emulated_fp16_candidate_is_evidence_for_the_fp16_graph(tmp_path):
+    """`pddnet validate --fp16` also runs `onnxruntime-fp16-emulated` (a temporary graph with
+    float16 storage emulated): it counts for the FP16 graph, and its latency does not."""
+    from pddnet.deploy.package import package
+
+    fp32 = precision_model(tmp_path / "m.onnx")
+    fp16 = precision_model(tmp_path / "m16.onnx", "fp16", seed=2)
+
+    def report(emulated_passed, name):
+        emu = candidate("onnxruntime-fp16-emulated", None, "fp16", passed=emulated_passed,
+                        p50=5000.0)
+        return write_report(tmp_path / name, [candidate("onnxruntime-fp32", fp32, "fp32", p50=900.0),
+                                              candidate("onnxruntime-fp16", fp16, "fp16", p50=700.0),
+                                              emu])
+
+    with pytest.raises(PddnetError, match=r"m16.onnx \(fp16\): not validated .*"
+                                          r"onnxruntime-fp16-emulated: 3 > 0.5 points"):
+        package(fp32, fp16=fp16, report_dir=report(False, "r1"), out=tmp_path / "b1",
+                echo=lambda s: None)
+    res = package(fp32, fp16=fp16, report_dir=report(True, "r2"), out=tmp_path / "b2",
+                  echo=lambda s: None)
+    entry = next(m for m in res.manifest["models"] if m["id"] == "fp16")
+    assert [c["name"] for c in entry["validation"]["candidates"]] == [
+        "onnxruntime-fp16", "onnxruntime-fp16-emulated"]
+    assert entry["validation"]["candidates"][1]["emulated"]
+    with open_bundle(res.bundle) as b:
+        sel = b.select()
+        assert sel.precision == "fp16" and "p50 700 ms" in sel.reason

@@ -24,6 +24,7 @@ demo fails only when nothing passed or a step errs.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -131,17 +132,31 @@ def calibrate_models(s: DemoState) -> dict[str, Path]:
     return made
 
 
+@contextlib.contextmanager
 def _candidates(s: DemoState):
+    """``(reference, candidates, engine folder or None)`` -- the same FP16/INT8 candidates as
+    ``pddnet validate --fp16 --int8`` when the calibration package provides them (with the
+    float16-storage emulation of the FP16 graph, in a temporary folder for the comparison)."""
     from pddnet.validation.compare import Candidate, Gate, default_candidates
 
     ref, cands = default_candidates(s.paths["checkpoint"], s.models["fp32"])
-    gate = {"fp16": 0.5, "int8": 1.0}
-    for prec in ("fp16", "int8"):
-        if prec in s.models:
-            cands.append(Candidate(f"onnxruntime-{prec}", "onnxruntime", s.models[prec], prec,
-                                   {}, (Gate("delta_dice_points", gate[prec]),)))
-    trt_engines = _trt_candidates(s, cands)
-    return ref, cands, trt_engines
+    try:
+        from pddnet.calibration.validate import precision_candidates
+    except ImportError:
+        precision_candidates = None
+    with contextlib.ExitStack() as stack:
+        if precision_candidates is not None:
+            cands += stack.enter_context(precision_candidates(fp16=s.models.get("fp16"),
+                                                              int8=s.models.get("int8")))
+        else:
+            gate = {"fp16": 0.5, "int8": 1.0}
+            for prec in ("fp16", "int8"):
+                if prec in s.models:
+                    cands.append(Candidate(f"onnxruntime-{prec}", "onnxruntime",
+                                           s.models[prec], prec, {},
+                                           (Gate("delta_dice_points", gate[prec]),)))
+        engines = _trt_candidates(s, cands)
+        yield ref, cands, engines
 
 
 def _trt_candidates(s: DemoState, cands: list) -> Path | None:
@@ -171,15 +186,21 @@ def _step_validate(s: DemoState) -> str:
     from pddnet.validation.render import FigureCollector, write_report_files
     from pddnet.validation.report import format_table
 
-    ref, cands, engines = _candidates(s)
-    if engines is not None:
-        s.paths["engines"] = engines
-    figures = FigureCollector(s.opts.figure_pairs, ref.name)
-    _say(f"{len(cands) + 1} candidates: {', '.join([ref.name] + [c.name for c in cands])}")
-    report = compare(ref, cands, s.paths["data"], split="test", max_pairs=s.opts.max_pairs,
-                     threads=s.opts.threads, warmup=s.opts.warmup, repeats=s.opts.repeats,
-                     isolate=s.opts.isolate, progress=s.opts.progress, echo=_say,
-                     observe=figures)
+    with _candidates(s) as (ref, cands, engines):
+        if engines is not None:
+            s.paths["engines"] = engines
+        figures = FigureCollector(s.opts.figure_pairs, ref.name)
+        _say(f"{len(cands) + 1} candidates: {', '.join([ref.name] + [c.name for c in cands])}")
+        report = compare(ref, cands, s.paths["data"], split="test", max_pairs=s.opts.max_pairs,
+                         threads=s.opts.threads, warmup=s.opts.warmup, repeats=s.opts.repeats,
+                         isolate=s.opts.isolate, progress=s.opts.progress, echo=_say,
+                         observe=figures)
+        try:
+            from pddnet.calibration.validate import annotate_report
+        except ImportError:
+            pass
+        else:
+            annotate_report(report, cands)
     out = s.opts.out / "validation"
     write_report_files(report, out, figures=figures, overwrite=True)
     s.paths["report"] = out
@@ -193,8 +214,10 @@ def _step_package(s: DemoState) -> str:
     from pddnet.deploy.package import package
 
     report = s.results["report"]
-    ok = {c["precision"] for c in report["candidates"].values()
-          if c["backend"] == "onnxruntime" and c["passed"] and c.get("mode", "ff") == "ff"}
+    ort = [c for c in report["candidates"].values()
+           if c["backend"] == "onnxruntime" and c.get("mode", "ff") == "ff"]
+    # a precision is bundled when every candidate of it passed (FP16: also the emulation)
+    ok = {c["precision"] for c in ort} - {c["precision"] for c in ort if not c["passed"]}
     if "fp32" not in ok:
         raise PddnetError("the FP32 ONNX model did not pass validation; nothing to package (see "
                           f"{s.paths['report'] / 'report.md'})")
@@ -257,7 +280,7 @@ def summary(s: DemoState) -> str:
     bundled = {(m.get("kind"), m.get("precision"))
                for m in (s.results.get("manifest") or {}).get("models", [])}
     if report:
-        head = (f"{'candidate':<22} {'precision':<9} {'Dice %':>7} {'max|dDice| pt':>13} "
+        head = (f"{'candidate':<26} {'precision':<9} {'Dice %':>7} {'max|dDice| pt':>13} "
                 f"{'max|du| vox':>11} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'gates':<9} "
                 "bundled")
         lines += [head, "-" * len(head)]
@@ -267,7 +290,7 @@ def summary(s: DemoState) -> str:
             gate = "reference" if c["reference"] else ("PASS" if c["passed"] else "FAIL")
             inb = "-" if c["reference"] else ("yes" if (kind, c["precision"]) in bundled
                                               else "no")
-            lines.append(f"{n[:22]:<22} {c['precision']:<9} "
+            lines.append(f"{n[:26]:<26} {c['precision']:<9} "
                          f"{fmt(s_['dice_mean'], '.2f', 100):>7} "
                          f"{fmt(s_['delta_dice_points_max_abs'], '.3f'):>13} "
                          f"{fmt(s_['disp_diff_max_vox'], '.2e'):>11} "

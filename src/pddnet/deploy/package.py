@@ -201,6 +201,7 @@ def candidate_summary(c: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": c.get("name"), "backend": c.get("backend"), "precision": c.get("precision"),
         "mode": c.get("mode", "ff"), "device": _device(c), "passed": bool(c.get("passed")),
+        "emulated": str(c.get("name", "")).endswith("-emulated"),
         "gates": [{k: g.get(k) for k in ("metric", "threshold", "measured", "unit", "passed",
                                           "reason")} for g in c.get("gates", [])],
         "dice_mean": s.get("dice_mean"),
@@ -226,6 +227,11 @@ def validation_for(report: dict[str, Any], sha: str, *, trt: bool,
         mine.append(c)
     if not mine:
         return None
+    # `pddnet validate --fp16` also runs NAME-emulated: the same graph with float16 storage
+    # emulated (a temporary file, so not matched by SHA-256) -- evidence for this graph too
+    names = {c.get("name") for c in mine}
+    mine += [c for c in (report.get("candidates") or {}).values()
+             if any(c.get("name") == f"{n}-emulated" for n in names) and c not in mine]
     ff = [c for c in mine if c.get("mode", "ff") == "ff"] or mine
     ref = (report.get("candidates") or {}).get(report.get("reference")) or {}
     mach = report.get("machine") or {}

@@ -417,7 +417,9 @@ def _cpu_p50(m: dict[str, Any]) -> float | None:
     """The p50 of the model's ONNX Runtime CPU candidate in its validation, if any."""
     v = m.get("validation") or {}
     for c in v.get("candidates", []):
-        if c.get("backend") == "onnxruntime" and c.get("passed") and c.get("device", "cpu") == "cpu":
+        if c.get("backend") == "onnxruntime" and c.get("passed") and \
+                c.get("device", "cpu") == "cpu" and not c.get("emulated") and \
+                c.get("mode", "ff") == "ff":
             p50 = (c.get("latency") or {}).get("p50_ms")
             if isinstance(p50, (int, float)):
                 return float(p50)
