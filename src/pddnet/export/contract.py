@@ -28,6 +28,13 @@ META_INPUT = "pddnet.input"
 META_OUTPUTS = "pddnet.outputs"
 META_PRECISION = "pddnet.precision"
 META_SOURCE = "pddnet.source"
+META_BLOCKS = "pddnet.blocks"
 REQUIRED_META = (META_FORMAT, META_CONFIG, META_INPUT)
 
 CUSTOM_OPS = ("DeformableSample3D", "Correlation", "MinConv", "MeanFieldStep")
+
+#: The graph's precision blocks, in graph order (docs/precision.md): each ``pddnet.blocks``
+#: entry lists the main-graph nodes of one block (both branches for the feature layers).
+FEATURE_BLOCKS = ("pool", "conv0", "obelisk", "conv1", "conv2", "conv3")
+HEAD_BLOCKS = ("correlation", "meanfield1", "meanfield2", "softmax", "upsample")
+BLOCKS = FEATURE_BLOCKS + HEAD_BLOCKS

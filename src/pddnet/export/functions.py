@@ -118,19 +118,30 @@ def deformable_sample_function(in_shape, n_offsets: int, output_shape, dtype) ->
     Interpolation matrices are built in the graph from the offsets input (so trained or
     edited offsets stay live): ``W_a = Relu(1 - |clip(v) - arange(n_a)|)``; then three batched
     MatMuls, one per axis.
+
+    With ``dtype`` float16, ``X`` and ``Y`` are float16 but ``offsets`` stay float32 and the
+    sampling coordinates and weights are computed in float32 (a voxel coordinate near 64 has
+    a float16 spacing of 1/32 voxel), then cast to float16 for the MatMuls -- as the plugin
+    spec says: float16 ``X``/``Y``, offsets any float.
     """
     _, c, ni, nj, nk = (int(s) for s in in_shape)
     s = int(n_offsets)
     oi, oj, ok = (int(o) for o in output_shape)
     b = Builder("DeformableSample3D", function=True, dtype=dtype)
+    f32 = np.float32
     mats = []
     for axis, (n, o) in enumerate(zip((ni, nj, nk), (oi, oj, ok))):
         off = b.op("Slice", "offsets", b.ints([axis]), b.ints([axis + 1]), b.ints([1]))  # (S,1)
-        pos = b.op("Add", off, b.const(cell_centres(o)[None, :]))  # (S, o)
-        v = b.op("Add", b.op("Mul", pos, b.const(n / 2.0)), b.const((n - 1) / 2.0))
-        v = b.op("Clip", v, b.const(0.0), b.const(float(n - 1)))
-        dist = b.op("Sub", b.op("Unsqueeze", v, b.ints([-1])), b.const(np.arange(n, dtype=np.float64)[None, None]))
-        mats.append(b.op("Relu", b.op("Sub", b.const(1.0), b.op("Abs", dist))))  # (S, o, n)
+        pos = b.op("Add", off, b.const(cell_centres(o)[None, :], dtype=f32))  # (S, o)
+        v = b.op("Add", b.op("Mul", pos, b.const(n / 2.0, dtype=f32)),
+                 b.const((n - 1) / 2.0, dtype=f32))
+        v = b.op("Clip", v, b.const(0.0, dtype=f32), b.const(float(n - 1), dtype=f32))
+        dist = b.op("Sub", b.op("Unsqueeze", v, b.ints([-1])),
+                    b.const(np.arange(n, dtype=np.float64)[None, None], dtype=f32))
+        w = b.op("Relu", b.op("Sub", b.const(1.0, dtype=f32), b.op("Abs", dist)))  # (S, o, n)
+        if b.dtype != np.dtype(f32):
+            w = b.op("Cast", w, to=helper.np_dtype_to_tensor_dtype(b.dtype), hint="Cast")
+        mats.append(w)
     x = b.reshape("X", (c, 1, ni, nj * nk))
     y = b.matmul(mats[0], x)  # (C, S, oi, nj*nk)
     y = b.reshape(y, (c, s, oi, nj, nk))
@@ -208,12 +219,20 @@ def correlation_function(feat_shape, grid, disp_size: int, capture: float,
     def part(x, j0, j1, k0, k1):  # T1[:, :, j0:j1, k0:k1]
         return b.op("Slice", x, b.ints([j0, k0]), b.ints([j1, k1]), b.ints([2, 3]))
 
+    def take(x, i):  # x[i] along axis 0 (the index constant has shape (1,): keeps that axis)
+        y = b.op("Gather", x, b.ints(i), axis=0)
+        if b.dtype != np.dtype(np.float32):
+            # drop the axis in float16 bodies: with the (1, ...) slab the float16 graph crashes
+            # ONNX Runtime 1.32's NCHWc layout pass (segfault at session creation)
+            y = b.op("Squeeze", y, b.ints([0]))
+        return y
+
     slabs = []
     for i0 in range(gi):
         t1 = b.reshape(b.matmul(b.const(wi[i0]), m), (c, L, nj, nk))  # (C, L, nj, nk)
         t2 = b.matmul(wj_b, b.reshape(t1, (1, c, L, nj, nk)))  # (Gj, C, L, L, nk)
         # cross term: contract channels with -2 f, then interpolate along k
-        f_slab = b.op("Gather", f_neg2, b.ints(i0), axis=0)  # (Gj, Gk, C)
+        f_slab = take(f_neg2, i0)  # (1, Gj, Gk, C)
         cross = b.matmul(f_slab, b.reshape(t2, (gj, c, L * L * nk)))  # (Gj, Gk, L*L*nk)
         cross = b.matmul(b.reshape(cross, (gj, gk, L * L, nk)), wk_t_c)  # (Gj, Gk, L*L, L)
         # |m|^2: Gram terms of T1 neighbours (b, e), interpolated along j, then along k
@@ -228,7 +247,7 @@ def correlation_function(feat_shape, grid, disp_size: int, capture: float,
         g = b.reshape(b.op("Concat", g0, g1, axis=3), (gj, 1, L * L, 2 * nk - 1))
         norm = b.matmul(g, wk_norm_c)  # (Gj, Gk, L*L, L)
         cost = b.reshape(b.op("Add", cross, norm), (gj, gk, L, L, L))
-        fs = b.op("Gather", f_sq, b.ints(i0), axis=0)  # (Gj, Gk, 1, 1) -> unsqueezed below
+        fs = take(f_sq, i0)  # (1, Gj, Gk, 1, 1) -> unsqueezed below
         slabs.append(b.op("Add", cost, b.op("Unsqueeze", fs, b.ints([-1]))))
     out = b.op("Concat", *slabs, axis=0) if len(slabs) > 1 else slabs[0]
     b.op("Reshape", out, b.ints((gi, gj, gk, L, L, L)), outputs=["cost"])
@@ -241,9 +260,20 @@ def correlation_function(feat_shape, grid, disp_size: int, capture: float,
 # ---------------------------------------------------------------------------------------------
 
 
+def _body_builder(name: str, dtype) -> Builder:
+    """A function-body builder in ``dtype``, or a type-polymorphic one (constants
+    ``CastLike`` the formal input ``cost``) when ``dtype`` is ``None``: one local function for
+    float32 and float16 call sites of the same op (docs/precision.md)."""
+    if dtype is None:
+        return Builder(name, function=True, dtype=np.float32, like="cost")
+    return Builder(name, function=True, dtype=dtype)
+
+
 def minconv_function(grid, disp_size: int, mode: str, dtype,
                      max_broadcast: int = 1 << 27) -> onnx.FunctionProto:
     """Body of ``MinConv`` on ``(Gi, Gj, Gk, L, L, L)``.
+
+    ``dtype`` ``None`` builds a type-polymorphic body (see :func:`_body_builder`).
 
     ``approx``: ``MaxPool`` of the negated cost (a min-pool with clipped windows) and the
     smoothing as three banded-matrix MatMuls, one per displacement axis, the sign folded into
@@ -253,7 +283,7 @@ def minconv_function(grid, disp_size: int, mode: str, dtype,
     gi, gj, gk = (int(g) for g in grid)
     L = int(disp_size)
     k = gi * gj * gk
-    b = Builder("MinConv", function=True, dtype=dtype)
+    b = _body_builder("MinConv", dtype)
     if mode == "approx":
         v = b.reshape(b.op("Neg", "cost"), (k, 1, L, L, L))
         v = b.op("MaxPool", v, kernel_shape=[3, 3, 3], strides=[1, 1, 1], pads=[1] * 6)
@@ -291,7 +321,7 @@ def mean_field_function(grid, disp_size: int, mode: str, dtype) -> onnx.Function
     """Body of ``MeanFieldStep``: ``MinConv`` then grid smoothing as three MatMuls."""
     gi, gj, gk = (int(g) for g in grid)
     L3 = int(disp_size) ** 3
-    b = Builder("MeanFieldStep", function=True, dtype=dtype)
+    b = _body_builder("MeanFieldStep", dtype)
     inputs = ["cost"] + (["penalty"] if mode == "exact" else [])
     y = custom_node(b, "MinConv", inputs, mode=mode)
     y = b.matmul(b.const(smoothing_matrix(gi)), b.reshape(y, (gi, gj * gk * L3)))

@@ -15,12 +15,21 @@ from onnx import TensorProto, helper, numpy_helper
 class Builder:
     """Accumulates nodes and constants for a graph (constants become initializers) or a
     function body (constants become ``Constant`` nodes, since functions cannot see the
-    graph's initializers)."""
+    graph's initializers).
 
-    def __init__(self, prefix: str = "", *, function: bool = False, dtype=np.float32):
+    ``like`` (function bodies only) makes the body *type-polymorphic*: float constants are
+    written in ``dtype`` and followed by ``CastLike(constant, like)``, so the body computes in
+    whatever float type its formal input ``like`` has at each call site (one local function
+    serving float32 and float16 callers; docs/precision.md)."""
+
+    def __init__(self, prefix: str = "", *, function: bool = False, dtype=np.float32,
+                 like: str | None = None):
+        if like is not None and not function:
+            raise ValueError("Builder: like= is for function bodies only")
         self.prefix = prefix
         self.function = function
         self.dtype = np.dtype(dtype)
+        self.like = like
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._count: dict[str, int] = {}
@@ -43,6 +52,8 @@ class Builder:
         if self.function:
             self.nodes.append(helper.make_node("Constant", [], [name], value=tensor,
                                                name=self._unique("Constant")))
+            if self.like is not None and dtype is None and arr.dtype.kind == "f":
+                return self.op("CastLike", name, self.like, hint="CastLike")
         else:
             self.initializers.append(tensor)
         return name

@@ -32,11 +32,15 @@ PREFIXES = ("fixed", "moving", "head")
 GRAPH_NODES = "(graph)"  # nodes outside any custom op
 
 
-def inline_named(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
+def inline_named(model: onnx.ModelProto, only=None
+                 ) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
     """Inline every local function, naming inlined nodes after their caller (module docstring).
 
-    Returns the inlined model (no functions left) and ``{caller node name: [function names,
-    outermost first]}`` for every inlined call.
+    ``only``: names of main-graph nodes to inline (functions they call are inlined with them);
+    other calls stay, and the functions they need stay in the model.
+
+    Returns the inlined model (no functions left, or only those still called) and
+    ``{caller node name: [function names, outermost first]}`` for every inlined call.
     """
     funcs = {(f.domain, f.name): f for f in model.functions}
     callers: dict[str, list[str]] = {}
@@ -88,10 +92,20 @@ def inline_named(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, lis
 
     new = onnx.ModelProto()
     new.CopyFrom(model)
-    nodes = [n for node in model.graph.node for n in expand(node, [])]
+    nodes = [n for node in model.graph.node
+             for n in (expand(node, []) if only is None or node.name in only else [node])]
     del new.graph.node[:]
     new.graph.node.extend(nodes)
     del new.functions[:]
+    if only is not None:  # keep the functions the remaining calls need (transitively)
+        needed: set[tuple[str, str]] = set()
+        todo = [(n.domain, n.op_type) for n in nodes]
+        while todo:
+            key = todo.pop()
+            if key in funcs and key not in needed:
+                needed.add(key)
+                todo.extend((n.domain, n.op_type) for n in funcs[key].node)
+        new.functions.extend(f for f in model.functions if (f.domain, f.name) in needed)
     return new, callers
 
 
