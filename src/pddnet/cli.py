@@ -270,10 +270,16 @@ def evaluate_cmd(checkpoint, data_dir, split, out, max_pairs, threads, modes,
               help="Stage-two control grid (default: 1.5 x the checkpoint's grid).")
 @click.option("--stage2-capture", type=click.FloatRange(0, 1, min_open=True),
               help="Stage-two capture range, normalised (default: half the checkpoint's).")
+@click.option("--precision", default="fp32", show_default=True,
+              type=click.Choice(["fp32", "fp16"]),
+              help="fp16: float16 tensors except the --keep-fp32 blocks (INT8: pddnet "
+                   "calibrate); inputs and outputs stay float32. docs/precision.md")
+@click.option("--keep-fp32", help="With --precision fp16: comma-separated blocks, node names or "
+                                  "op types kept in FP32 (default: none).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @_friendly
 def export_cmd(checkpoint, out, shape, probs, entropy, stage2, stage2_grid, stage2_capture,
-               overwrite) -> None:
+               precision, keep_fp32, overwrite) -> None:
     """Export a checkpoint to ONNX with the ai.pddnet custom ops as local functions."""
     from pddnet.export.onnx_export import export_checkpoint
     from pddnet.runtime.stages import stage2_path
@@ -291,8 +297,18 @@ def export_cmd(checkpoint, out, shape, probs, entropy, stage2, stage2_grid, stag
             second["grid"] = list(stage2_grid)
         if stage2_capture:
             second["capture"] = float(stage2_capture)
-    path = export_checkpoint(checkpoint, out, image_shape=tuple(shape) if shape else None,
-                             outputs=outputs, overwrite=overwrite, stage2=second)
+    if keep_fp32 and precision != "fp16":
+        raise PddnetError("--keep-fp32 needs --precision fp16")
+    if precision == "fp16":
+        from pddnet.calibration.api import export_fp16
+
+        path, kept = export_fp16(checkpoint, out, image_shape=tuple(shape) if shape else None,
+                                 outputs=outputs, overwrite=overwrite, stage2=second,
+                                 keep_fp32=keep_fp32.split(",") if keep_fp32 else None)
+        click.echo(f"FP16 graph; kept in FP32: {', '.join(kept) or 'none'}")
+    else:
+        path = export_checkpoint(checkpoint, out, image_shape=tuple(shape) if shape else None,
+                                 outputs=outputs, overwrite=overwrite, stage2=second)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if stage2:
         s2 = stage2_path(path)
@@ -341,12 +357,21 @@ def export_cmd(checkpoint, out, shape, probs, entropy, stage2, stage2_grid, stag
                    "(faster; peak memory is then not per backend).")
 @click.option("--figure-pairs", default=2, show_default=True, type=click.IntRange(min=0),
               help="Pairs drawn in report.md/html (slices, |u|, det J, uncertainty; 0: none).")
+@click.option("--fp16", "fp16_model", type=click.Path(dir_okay=False, exists=True),
+              help="Also validate this FP16 graph (and its float16-storage emulation).")
+@click.option("--int8", "int8_model", type=click.Path(dir_okay=False, exists=True),
+              help="Also validate this INT8 (Q/DQ) graph.")
+@click.option("--gate-dice-fp16", default=0.5, show_default=True, type=click.FloatRange(min=0),
+              help="FP16 gate: |delta mean Dice| vs the reference, points, per pair.")
+@click.option("--gate-dice-int8", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="INT8 gate: |delta mean Dice| vs the reference, points, per pair.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report.json.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @_friendly
 def validate_cmd(checkpoint, onnx_model, data_dir, split, max_pairs, out_dir, threads, gate_disp,
                  gate_dice, warmup, repeats, modes, refine_steps, gate_dice_refined, in_process,
-                 figure_pairs, overwrite, no_progress) -> None:
+                 figure_pairs, fp16_model, int8_model, gate_dice_fp16, gate_dice_int8, overwrite,
+                 no_progress) -> None:
     """Validate every deployed form against the PyTorch reference on a dataset split.
 
     Runs the checkpoint (torch backend) and the ONNX model (ONNX Runtime) through the same
@@ -365,10 +390,16 @@ def validate_cmd(checkpoint, onnx_model, data_dir, split, max_pairs, out_dir, th
     cands += mode_candidates(checkpoint, onnx_model, modes, refine_steps=refine_steps,
                              gate_disp=gate_disp, gate_dice=gate_dice,
                              gate_dice_refined=gate_dice_refined)
-    figures = FigureCollector(figure_pairs, ref.name)
-    report = compare(ref, cands, data_dir, split=split, max_pairs=max_pairs, threads=threads,
-                     warmup=warmup, repeats=repeats, isolate=not in_process,
-                     progress=not no_progress, echo=click.echo, observe=figures)
+    from pddnet.calibration.validate import annotate_report, precision_candidates
+
+    with precision_candidates(fp16=fp16_model, int8=int8_model, gate_fp16=gate_dice_fp16,
+                              gate_int8=gate_dice_int8) as extra:
+        cands += extra
+        figures = FigureCollector(figure_pairs, ref.name)
+        report = compare(ref, cands, data_dir, split=split, max_pairs=max_pairs, threads=threads,
+                         warmup=warmup, repeats=repeats, isolate=not in_process,
+                         progress=not no_progress, echo=click.echo, observe=figures)
+        annotate_report(report, extra)
     click.echo(format_table(report))
     paths = write_report_files(report, out_dir, figures=figures, overwrite=overwrite)
     click.echo(f"wrote {paths['report.json']}, {paths['report.md']}, {paths['report.html']}")
@@ -429,6 +460,11 @@ def bench_cmd(preset_name, shape, threads, repeats, warmup, checkpoint, fixed, m
 from pddnet.cli_trt import add_commands as _add_trt_commands  # noqa: E402
 
 _add_trt_commands(main)
+
+# Reduced precision: calibrate, sensitivity (pddnet.cli_precision)
+from pddnet.cli_precision import add_commands as _add_precision_commands  # noqa: E402
+
+_add_precision_commands(main)
 
 # Deployment: package, verify (pddnet.cli_deploy)
 from pddnet.cli_deploy import add_commands as _add_deploy_commands  # noqa: E402
