@@ -141,6 +141,7 @@ def test_cpu_picks_the_fastest_validated_model(tmp_path):
         assert sel.model.name == "model.int8.onnx" and sel.model.is_file()
         asked = b.select(precision="fp16")
         assert asked.precision == "fp16" and not asked.notes
+        assert asked.reason.startswith("fp16 as asked for; ONNX Runtime") and "validated" in asked.reason
         with pytest.raises(PddnetError, match="holds no tensorrt"):
             b.select("tensorrt")
         with pytest.raises(PddnetError, match="no PyTorch checkpoint"):

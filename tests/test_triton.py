@@ -144,3 +144,23 @@ def test_client_inputs():
     assert ins[0].shape() == [1, 1, 6, 6, 6] and ins[0].datatype() == "FP32"
     with pytest.raises(PddnetError, match=r"expected a \(1, 1, I, J, K\)"):
         client_inputs(a[0], a)
+
+
+def test_the_served_file_loads_and_matches_its_config(repo):
+    """What Triton's ONNX Runtime backend would do first: open 1/model.onnx and check the
+    config's inputs/outputs against the session's (names, dims, types), then run it."""
+    import onnxruntime as ort
+
+    for name in ("pddnet_fp32", "pddnet_fp16"):
+        d = repo["dir"] / name
+        cfg = _parse(d / "config.pbtxt")
+        sess = ort.InferenceSession(str(d / "1" / cfg.default_model_filename),
+                                    providers=["CPUExecutionProvider"])
+        assert {i.name: i.shape for i in sess.get_inputs()} == {
+            i.name: list(i.dims) for i in cfg.input}
+        assert {o.name: o.shape for o in sess.get_outputs()} == {
+            o.name: list(o.dims) for o in cfg.output}
+        assert all(i.type == "tensor(float)" for i in sess.get_inputs())
+        feeds = {i.name: np.zeros(list(i.dims), np.float32) for i in cfg.input}
+        outs = sess.run(None, feeds)
+        assert [o.shape for o in outs] == [tuple(o.dims) for o in cfg.output]

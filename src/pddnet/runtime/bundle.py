@@ -326,6 +326,8 @@ class Bundle:
         notes: list[str] = []
         explicit = precision is not None
         chosen, reason = self._choose(usable, want, explicit, providers)
+        if explicit:
+            reason = f"{precision} as asked for; {chosen.why} ({chosen.validation})"
         if not chosen.validated:
             notes.append(f"{chosen.model_id} ({chosen.precision}) did not pass validation "
                          f"({chosen.validation}); running it because it was asked for")
