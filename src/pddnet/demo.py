@@ -318,14 +318,15 @@ def run_demo(opts: DemoOptions) -> DemoState:
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise PddnetError(f"{out} exists and is not a folder; choose another --out")
-    if out.exists() and any(out.iterdir()):
-        if not opts.overwrite:
-            raise PddnetError(f"{out} is not empty; pass --overwrite or choose another --out")
-        shutil.rmtree(out)
-    if opts.checkpoint is not None:  # refuse a bad checkpoint before any work
-        from pddnet.model.checkpoint import read_checkpoint
+    if out.exists() and any(out.iterdir()) and not opts.overwrite:
+        raise PddnetError(f"{out} is not empty; pass --overwrite or choose another --out")
+    # refuse a missing or unsafe checkpoint before any work (and before emptying --out)
+    from pddnet.model.checkpoint import read_checkpoint
+    from pddnet.weights import shipped_checkpoint
 
-        read_checkpoint(opts.checkpoint)
+    read_checkpoint(opts.checkpoint if opts.checkpoint is not None else shipped_checkpoint("small"))
+    if out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     state = DemoState(opts=opts)
     t_all = time.perf_counter()
