@@ -140,6 +140,40 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path, rng):
         train(subjects, cfg, tmp_path / "x.pt", opts, resume=tmp_path / "full.pt", progress=False)
 
 
+def test_fine_tuning_starts_from_the_given_weights_on_another_grid(tmp_path, rng):
+    subjects = _toy_subjects(rng)
+    cfg = preset("tiny")
+    opts = TrainOptions(iterations=2, checkpoint_every=2, seed=int(rng.integers(1000)))
+    train(subjects, cfg, tmp_path / "base.pt", opts, progress=False)
+    base = read_checkpoint(tmp_path / "base.pt")["state_dict"]
+    finer = preset("tiny", grid=(8, 8, 8), capture=0.2)
+    zero_lr = TrainOptions(**{**opts.__dict__, "iterations": 1, "lr": 0.0})
+    train(subjects, finer, tmp_path / "ft.pt", zero_lr, init=tmp_path / "base.pt", progress=False)
+    ft = read_checkpoint(tmp_path / "ft.pt")
+    assert tuple(ft["config"]["grid"]) == (8, 8, 8) and ft["train"]["iteration"] == 1
+    for k, v in base.items():  # with lr 0 the weights are exactly the initial ones
+        if k.endswith("num_batches_tracked") or "running_" in k:
+            continue  # batch-norm statistics move in training mode even with lr 0
+        torch.testing.assert_close(ft["state_dict"][k], v, atol=0, rtol=0)
+    fresh = PDDNet(finer, seed=opts.seed).state_dict()
+    assert not torch.equal(fresh["features.conv1.weight"], ft["state_dict"]["features.conv1.weight"])
+    wide = preset("tiny", channels=6)
+    with pytest.raises(PddnetError, match="does not fit"):
+        train(subjects, wide, tmp_path / "bad.pt", opts, init=tmp_path / "base.pt", progress=False)
+    with pytest.raises(PddnetError, match="not both"):
+        train(subjects, cfg, tmp_path / "bad.pt", opts, init=tmp_path / "base.pt",
+              resume=tmp_path / "base.pt", progress=False)
+    assert not (tmp_path / "bad.pt").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_training_on_a_missing_gpu_is_refused(tmp_path, rng):
+    opts = TrainOptions(iterations=1, device="cuda")
+    with pytest.raises(PddnetError, match="no CUDA GPU.*--device cpu"):
+        train(_toy_subjects(rng), preset("tiny"), tmp_path / "x.pt", opts, progress=False)
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_label_loss_is_zero_for_perfect_match_and_positive_otherwise(rng):
     cfg = PDDConfig(channels=1, grid=(4, 4, 4), disp_size=3, capture=0.2)
     lab = torch.from_numpy(rng.integers(0, 3, size=(12, 12, 12)))

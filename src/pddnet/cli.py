@@ -187,6 +187,10 @@ def register(model, fixed, moving, moving_labels, fixed_labels, out, threads, ba
               type=click.Choice(["small", "paper", "tiny"]), help="Model configuration.")
 @click.option("--iterations", default=1500, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
+@click.option("--init", "init", type=click.Path(dir_okay=False, exists=True),
+              help="Start from a checkpoint's weights (fine-tuning; the grid, capture range and "
+                   "displacement count may differ).")
+@click.option("--grid", type=click.IntRange(min=2), help="Override the preset's control grid (G per axis).")
 @click.option("--resume", type=click.Path(dir_okay=False, exists=True),
               help="Continue from a checkpoint written by `pddnet train`.")
 @click.option("--lr", default=0.01, show_default=True, type=float, help="Adam learning rate.")
@@ -198,21 +202,26 @@ def register(model, fixed, moving, moving_labels, fixed_labels, out, threads, ba
 @click.option("--no-augment", is_flag=True, help="Disable the random affine augmentation.")
 @click.option("--checkpoint-every", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads", type=click.IntRange(min=1), help="torch intra-op threads.")
+@click.option("--device", default="cpu", show_default=True,
+              help="torch device to train on ('cuda' with a CUDA build of torch and a GPU).")
 @_friendly
-def train_cmd(data_dir, preset_name, iterations, out, resume, lr, diffusion_weight, minconv, seed,
-              no_augment, checkpoint_every, threads) -> None:
+def train_cmd(data_dir, preset_name, iterations, out, init, grid, resume, lr, diffusion_weight,
+              minconv, seed, no_augment, checkpoint_every, threads, device) -> None:
     """Train PDD-Net (non-local label loss + diffusion penalty) and write a checkpoint."""
     from pddnet.model.config import preset
     from pddnet.model.train import TrainOptions, load_training_subjects, train
 
     subjects, meta = load_training_subjects(data_dir)
-    cfg = preset(preset_name, **({"minconv": minconv} if minconv else {}))
+    overrides = {"minconv": minconv} if minconv else {}
+    if grid:
+        overrides["grid"] = (grid, grid, grid)
+    cfg = preset(preset_name, **overrides)
     opts = TrainOptions(iterations=iterations, lr=lr, diffusion_weight=diffusion_weight,
                         seed=seed, augment=not no_augment, checkpoint_every=checkpoint_every,
-                        threads=threads)
+                        threads=threads, device=device)
     click.echo(f"training preset {preset_name!r} on {len(subjects)} subjects "
                f"({meta['image_shape']} @ {meta['spacing_mm']} mm), {iterations} iterations")
-    state = train(subjects, cfg, out, opts, resume=resume,
+    state = train(subjects, cfg, out, opts, resume=resume, init=init,
                   metadata={**meta, "preset": preset_name})
     last = state.history[-1]
     click.echo(f"wrote {out} (iteration {state.iteration}, loss {last[1]:.5f})")

@@ -42,6 +42,7 @@ class TrainOptions:
     max_shift: float = 0.05      # normalised units (fraction of the half field of view)
     checkpoint_every: int = 100
     threads: int | None = None
+    device: str = "cpu"          # torch device to train on ("cuda" for a GPU)
 
 
 @dataclass
@@ -68,12 +69,24 @@ def random_affine(rng: np.random.Generator, opts: TrainOptions) -> np.ndarray:
 def apply_affine(image: torch.Tensor, labels: torch.Tensor, theta: np.ndarray):
     """Resample a ``(1,1,I,J,K)`` image (trilinear) and its labels (nearest) with ``theta``."""
     shape = image.shape[2:]
-    base = ops.identity_grid(shape)
-    mat = torch.as_tensor(theta, dtype=torch.float32)
+    base = ops.identity_grid(shape, device=image.device)
+    mat = torch.as_tensor(theta, dtype=torch.float32, device=image.device)
     coords = base @ mat[:, :3].T + mat[:, 3]
     img = ops.grid_sample3d(image, coords[None])
     lab = ops.grid_sample3d(labels.float(), coords[None], mode="nearest")
     return img, lab.round().long()
+
+
+def training_device(name: str) -> torch.device:
+    """The torch device ``name``, refused clearly when this machine does not have it."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise PddnetError(f"unknown device {name!r} ({exc}); use 'cpu' or 'cuda'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PddnetError(f"device {name!r} asked for, but this torch build sees no CUDA GPU "
+                          f"(torch {torch.__version__}); train with --device cpu")
+    return dev
 
 
 class Trainer:
@@ -86,17 +99,19 @@ class Trainer:
         if len(shapes) != 1:
             raise PddnetError(f"all training images must share one shape; got {sorted(shapes)}. "
                               f"Resample the data to a common grid first.")
-        self.model, self.opts = model, opts
+        dev = training_device(opts.device)
+        self.model, self.opts = model.to(dev), opts
         self.image_shape = shapes.pop()
         cfg = model.config
-        self.images = [torch.from_numpy(normalise_intensity(img, cfg.intensity))[None, None]
+        self.images = [torch.from_numpy(normalise_intensity(img, cfg.intensity))[None, None].to(dev)
                        for img, _ in subjects]
-        self.labels = [torch.from_numpy(np.asarray(lab, dtype=np.int64))[None, None]
-                       for _, lab in subjects]
-        top = max(int(lab.max()) for lab in self.labels)
+        labels = [torch.from_numpy(np.asarray(lab, dtype=np.int64))[None, None]
+                  for _, lab in subjects]
+        top = max(int(lab.max()) for lab in labels)
         if top >= NUM_CLASSES:
             raise PddnetError(f"label value {top} found; PDD-Net trains on labels 0..{NUM_CLASSES - 1}")
-        self.weights = losses.class_weights([lab for lab in self.labels], NUM_CLASSES)
+        self.weights = losses.class_weights(labels, NUM_CLASSES).to(dev)
+        self.labels = [lab.to(dev) for lab in labels]
         self.optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
 
     def _sample(self, rng: np.random.Generator, index: int):
@@ -137,12 +152,14 @@ class Trainer:
         return {"loss": loss.item(), "label": label.item(), "diffusion": diff.item()}
 
 
-def train(subjects, config: PDDConfig, out, opts: TrainOptions, *, resume=None,
+def train(subjects, config: PDDConfig, out, opts: TrainOptions, *, resume=None, init=None,
           progress: bool = True, metadata: dict | None = None) -> TrainState:
     """Train on ``subjects`` (list of ``(image_HU, labels)`` arrays) and write checkpoints.
 
     Writes ``out`` every ``opts.checkpoint_every`` iterations and at the end (atomically, so a
-    Ctrl-C leaves the last complete checkpoint). With ``resume`` (a checkpoint written by this
+    Ctrl-C leaves the last complete checkpoint). With ``init``, starts from a checkpoint's
+    weights (any grid, capture range or displacement count) with a fresh optimiser and
+    schedule. With ``resume`` (a checkpoint written by this
     function), continues from its iteration with its optimiser state and history.
     """
     if opts.threads:
@@ -150,6 +167,19 @@ def train(subjects, config: PDDConfig, out, opts: TrainOptions, *, resume=None,
     state = TrainState()
     model = PDDNet(config, seed=opts.seed)
     trainer = Trainer(model, subjects, opts)
+    if resume is not None and init is not None:
+        raise PddnetError("pass either --resume (continue a run) or --init (start a new run from "
+                          "trained weights), not both")
+    if init is not None:  # fine-tuning: the weights do not depend on the grid or displacements
+        ckpt = read_checkpoint(init)
+        try:
+            missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+        except RuntimeError as exc:  # tensor shapes differ: another channel count
+            raise PddnetError(f"{init} does not fit this preset's network (different channel "
+                              f"count?): {str(exc).splitlines()[-1].strip()}") from None
+        if unexpected or [k for k in missing if k != "penalty_raw"]:
+            raise PddnetError(f"{init} does not fit this preset's network: missing "
+                              f"{sorted(missing)}, unexpected {sorted(unexpected)}")
     if resume is not None:
         ckpt = read_checkpoint(resume)
         if ckpt.get("train") is None:
@@ -169,7 +199,7 @@ def train(subjects, config: PDDConfig, out, opts: TrainOptions, *, resume=None,
     def write():
         save_checkpoint(out, model, image_shape=trainer.image_shape, metadata=metadata, train={
             "iteration": state.iteration,
-            "optimizer": trainer.optimizer.state_dict(),
+            "optimizer": _to_cpu(trainer.optimizer.state_dict()),
             "history": state.history,
             "options": asdict(opts),
         })
@@ -194,6 +224,17 @@ def train(subjects, config: PDDConfig, out, opts: TrainOptions, *, resume=None,
             write()
     model.eval()
     return state
+
+
+def _to_cpu(obj):
+    """``obj`` with every tensor moved to the CPU, so a GPU run's checkpoint loads anywhere."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def load_training_subjects(data_dir) -> tuple[list, dict]:
