@@ -5,11 +5,13 @@ Sections, each skipped with a printed reason when its requirements are missing:
 1. ``kernels``: every Triton kernel of the TensorRT plugins on CUDA (torch CUDA tensors) against
    the PyTorch reference (``pddnet.model.ops``) at the Learn2Reg/paper geometry, float32 and
    float16, at the tolerances of docs/ops.md; median time per kernel (CUDA events).
-2. ``engines``: with tensorrt importable, ``pddnet build`` of every precision graph given
+2. ``reference``: PyTorch eager latency of the whole model on CUDA at the same geometry (FP32 and
+   FP16 autocast), the baseline for the engines.
+3. ``engines``: with tensorrt importable, ``pddnet build`` of every precision graph given
    (FP32 exported here from the checkpoint; FP16/INT8 from ``--fp16``/``--int8`` or the
    calibration issue's ``pddnet calibrate`` when it exists), then the TensorRT backend's latency
    on the whole model at 192x160x256 (target: FP16 < 15 ms on an H100-class GPU).
-3. ``validate``: ``pddnet validate --backend trt`` with the Dice gates where the validate command
+4. ``validate``: ``pddnet validate --backend trt`` with the Dice gates where the validate command
    has that option; otherwise the TensorRT backend against ONNX Runtime on the same synthetic
    pairs (max |disp difference|, Dice difference), printed.
 
@@ -117,6 +119,51 @@ def check_kernels(repeats: int) -> None:
             torch.cuda.empty_cache()
         except Exception as exc:
             note("kernels", "FAIL", f"{name}: {type(exc).__name__}: {exc}")
+
+
+def check_reference(shape, repeats: int) -> None:
+    """PyTorch eager latency of the whole paper-preset model on CUDA: the baseline the
+    TensorRT engines are measured against (random weights: latency does not depend on them)."""
+    missing = have("torch")
+    if missing:
+        return note("reference", "skipped", missing)
+    import torch
+
+    if not torch.cuda.is_available():
+        return note("reference", "skipped", "torch has no CUDA device")
+    from pddnet.model.config import preset
+    from pddnet.model.network import PDDNet
+
+    try:
+        dev = torch.device("cuda")
+        model = PDDNet(preset("paper"), seed=0).to(dev).eval()
+        g = torch.Generator(device=dev).manual_seed(1)
+        fixed = torch.randn(1, 1, *shape, device=dev, generator=g)
+        moving = torch.randn(1, 1, *shape, device=dev, generator=g)
+        for dtype, label in ((None, "fp32"), (torch.float16, "fp16 autocast")):
+            with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32,
+                                                 enabled=dtype is not None):
+                def run():
+                    return model(fixed, moving).dense(shape)
+                for _ in range(3):
+                    run()
+                torch.cuda.synchronize()
+                times = []
+                for _ in range(repeats):
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    run()
+                    b.record()
+                    torch.cuda.synchronize()
+                    times.append(a.elapsed_time(b))
+            times.sort()
+            note("reference", "ok", f"PyTorch eager {label}, paper preset at {'x'.join(map(str, shape))}: "
+                 f"{times[len(times) // 2]:.2f} ms median of {repeats} "
+                 f"(min {times[0]:.2f}, peak memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB)")
+        del model, fixed, moving
+        torch.cuda.empty_cache()
+    except Exception as exc:
+        note("reference", "FAIL", f"{type(exc).__name__}: {exc}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -257,6 +304,7 @@ def main() -> int:
     if shutil.which("nvidia-smi"):
         subprocess.run(["nvidia-smi", "-L"], check=False)
     pddnet("doctor", check=False)
+    check_reference(tuple(int(n) for n in args.shape), args.repeats)
     if args.skip_kernels:
         note("kernels", "skipped", "--skip-kernels")
     else:
