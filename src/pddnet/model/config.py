@@ -124,7 +124,7 @@ PRESETS: dict[str, PDDConfig] = {
     # As published: c = 16 (about 120k weights), G = 32, L = 15, q = 0.4 (3375 displacements).
     "paper": PDDConfig(channels=16, grid=(32, 32, 32), disp_size=15, capture=0.4),
     # Sized for the `small` synthetic data (96x80x128 at 4 mm) and training on 2 CPU cores.
-    "small": PDDConfig(channels=16, grid=(16, 16, 16), disp_size=11, capture=0.3),
+    "small": PDDConfig(channels=16, grid=(20, 20, 20), disp_size=11, capture=0.3),
     # Unit tests: a few milliseconds per forward pass.
     "tiny": PDDConfig(channels=4, grid=(6, 6, 6), disp_size=5, capture=0.3),
 }
