@@ -306,7 +306,7 @@ def test_stage2_geometry():
     from pddnet.model.network import PDDNet
 
     small = preset("small").as_dict()
-    assert N.stage2_overrides(small) == {"grid": [24, 24, 24], "capture": 0.15}
+    assert N.stage2_overrides(small) == {"grid": [30, 30, 30], "capture": 0.15}  # 1.5 x 20
     paper = N.stage2_overrides(preset("paper").as_dict())
     assert paper == {"grid": [48, 48, 48], "capture": 0.2}
     net = PDDNet(preset("tiny"), seed=1).eval()
