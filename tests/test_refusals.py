@@ -250,17 +250,28 @@ def test_external_data_escaping_its_folder(base, tmp_path):
     report = write_report(tmp_path / "rep", [])
     r = _cli("package", "--onnx", model, "--report", report, "--out", tmp_path / "bundle")
     assert r.exit_code == 2 and needle in r.output and not (tmp_path / "bundle").exists()
-    # smuggled into a bundle (manifest checksums updated): refused when loading
+    # smuggled into a bundle, the file checksum updated: the model entry's own SHA-256 (the
+    # one its validation was measured on) no longer matches -- refused by register and verify
     b = tmp_path / "b2"
     shutil.copytree(base["bundle"], b)
     shutil.copy(model, b / MODEL_REL)
     m = _manifest(b)
     from pddnet.runtime.bundle import sha256_file
 
-    m["files"][MODEL_REL] = {"sha256": sha256_file(b / MODEL_REL),
-                             "bytes": (b / MODEL_REL).stat().st_size}
+    digest = sha256_file(b / MODEL_REL)
+    m["files"][MODEL_REL] = {"sha256": digest, "bytes": (b / MODEL_REL).stat().st_size}
     _write_manifest(b, m)
-    _register_refused(b, base["scans"], tmp_path / "out2", needle)
+    _register_refused(b, base["scans"], tmp_path / "out2", "the manifest is inconsistent")
+    r = _cli("verify", b)
+    assert r.exit_code == 2 and "the manifest is inconsistent" in r.output, r.output
+    # ... and with the model entry's SHA-256 updated too: the external data is checked
+    for entry in m["models"]:
+        if entry.get("file") == MODEL_REL:
+            entry["sha256"] = digest
+    _write_manifest(b, m)
+    _register_refused(b, base["scans"], tmp_path / "out3", needle)
+    r = _cli("verify", b)
+    assert r.exit_code == 2 and needle in r.output, r.output
 
 
 class _Evil:

@@ -614,7 +614,33 @@ def verify_folder(root: Path, *, where: str | None = None) -> dict[str, Any]:
             if r not in files:
                 raise PddnetError(f"{where}: model {m['id']} names {r!r}, which the manifest "
                                   "does not list with a checksum; refusing the bundle")
+        if m.get("kind") == "onnx":
+            _check_onnx_entry(root, m, files, where)
     return manifest
+
+
+def _check_onnx_entry(root: Path, m: dict[str, Any], files: dict[str, Any], where: str) -> None:
+    """A model entry's own SHA-256 must be its file's (the one its validation evidence was
+    measured on), and its external data must stay inside its folder. Runs after every file's
+    checksum has passed; reads the graph's structure only (no external data)."""
+    import onnx
+
+    from pddnet.runtime.model import check_external_data
+
+    rel = m["file"]
+    if m.get("sha256") is not None and m["sha256"] != files[rel]["sha256"]:
+        raise PddnetError(f"{where}: model {m['id']} was validated as SHA-256 "
+                          f"{str(m['sha256'])[:12]}... but its file {rel} is "
+                          f"{files[rel]['sha256'][:12]}...; the manifest is inconsistent (a "
+                          "model was replaced after packaging) -- refusing the bundle")
+    for r in [rel] + ([m["stage2"]] if m.get("stage2") else []):
+        path = root / r
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:
+            raise PddnetError(f"{where}: {r} is not a readable ONNX model ({type(exc).__name__}: "
+                              f"{exc}); refusing the bundle") from exc
+        check_external_data(proto, path)
 
 
 @contextlib.contextmanager

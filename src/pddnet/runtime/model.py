@@ -162,10 +162,9 @@ def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
         yield from in_nodes(f.node)
 
 
-def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Check every external-data location stays inside the model's folder, then inline it."""
-    from onnx.external_data_helper import load_external_data_for_model
-
+def check_external_data(proto: onnx.ModelProto, path: Path) -> list:
+    """The tensors of ``proto`` (read from ``path``) that hold external data; refuses any
+    whose location leaves the model's folder or whose file is missing."""
     folder = path.resolve().parent
     refs = []
     for t in _all_tensors(proto):
@@ -182,7 +181,15 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
             raise PddnetError(f"{path}: external data file {loc!r} of tensor {t.name!r} is "
                               f"missing from {folder}; copy it next to the model")
         refs.append(t)
-    if refs:
+    return refs
+
+
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Check every external-data location stays inside the model's folder, then inline it."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    folder = path.resolve().parent
+    if check_external_data(proto, path):
         try:
             load_external_data_for_model(proto, str(folder))
         except Exception as exc:
