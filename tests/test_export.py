@@ -111,3 +111,28 @@ def test_export_checkpoint_writes_atomically(tmp_path, rng):
         export_model(model, (24, 24, 24), outputs=("bogus",))
     with pytest.raises(PddnetError, match="eval mode"):
         export_model(model.train(), (24, 24, 24))
+
+
+def test_label_range_travels_from_checkpoint_to_runtime(tmp_path, rng):
+    """A trained checkpoint's label set reaches the model's input contract; the runtime then
+    refuses label maps with values beyond it (and accepts those within it)."""
+    from pddnet.data.io import Volume
+    from pddnet.runtime.model import load_model as load_onnx
+    from pddnet.runtime.preprocess import check_labels
+
+    model = random_network(rng)
+    shape = (24, 24, 24)
+    plain = save_checkpoint(tmp_path / "plain.pt", model, image_shape=shape)
+    trained = save_checkpoint(tmp_path / "trained.pt", model, image_shape=shape,
+                              metadata={"num_labels": 5})
+    info = load_onnx(export_checkpoint(trained, tmp_path / "t.onnx")).info
+    assert info.num_labels == 5
+    assert load_onnx(export_checkpoint(plain, tmp_path / "p.onnx")).info.num_labels is None
+    aff = np.diag([4.0, 4.0, 4.0, 1.0])
+    image = Volume(smooth_volume(rng, shape).reshape(shape).astype(np.float32), aff)
+    good = rng.integers(0, 6, shape).astype(np.uint8)
+    assert check_labels(Volume(good, aff), image, info, role="labels") is not None
+    bad = good.copy()
+    bad[tuple(rng.integers(0, 24, 3))] = 99
+    with pytest.raises(PddnetError, match=r"up to 99 \(99 unexpected\).*labels 0\.\.5"):
+        check_labels(Volume(bad, aff), image, info, role="labels")

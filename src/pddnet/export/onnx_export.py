@@ -366,9 +366,10 @@ class _Exporter:
 
 def export_model(model, image_shape, *, spacing_mm=None, outputs=(), source=None,
                  fold_alphas: bool = True, metadata: dict | None = None,
-                 precision=None) -> onnx.ModelProto:
+                 precision=None, num_labels: int | None = None) -> onnx.ModelProto:
     """Build the ONNX model of ``model`` (a :class:`~pddnet.model.network.PDDNet` in eval mode)
-    for inputs of ``image_shape``; ``outputs`` lists optional outputs (probs, entropy).
+    for inputs of ``image_shape``; ``outputs`` lists optional outputs (probs, entropy);
+    ``num_labels``, the largest label value it was trained on, goes into the input contract.
 
     ``fold_alphas`` folds the six trained scalars into two (exact algebra, see ``head``) when
     ``a0`` and ``a2`` are positive, saving four passes over the cost volume. ``metadata`` adds
@@ -388,6 +389,7 @@ def export_model(model, image_shape, *, spacing_mm=None, outputs=(), source=None
             "image_shape": list(int(n) for n in image_shape),
             "spacing_mm": None if spacing_mm is None else [float(s) for s in spacing_mm],
             "orientation": "RAS", "intensity": cfg.intensity.as_dict(), "dynamic_shape": False,
+            "num_labels": None if num_labels is None else int(num_labels),
         },
         C.META_PRECISION: {"mode": "fp32"},
         C.META_SOURCE: {"pddnet_version": __version__,
@@ -448,6 +450,13 @@ def export_checkpoint(checkpoint, out, *, image_shape=None, outputs=(), overwrit
     if len(shape) != 3:
         raise PddnetError(f"{checkpoint} records no image shape; pass --shape I J K")
     spacing = (ckpt.get("metadata") or {}).get("spacing_mm")
+    # the largest label value the network was trained on (`pddnet train`: 0..13), so the runtime
+    # can refuse label maps from another label set
+    num_labels = (ckpt.get("metadata") or {}).get("num_labels")
+    if num_labels is None and ckpt.get("train") is not None:
+        from pddnet.model.train import NUM_CLASSES
+
+        num_labels = NUM_CLASSES - 1
     source = {"checkpoint": Path(checkpoint).name, "checkpoint_sha256": sha256_file(checkpoint),
               "torch_version": torch.__version__}
 
@@ -459,7 +468,7 @@ def export_checkpoint(checkpoint, out, *, image_shape=None, outputs=(), overwrit
 
     def write(net, path, meta):
         onnx_model = export_model(net, shape, spacing_mm=spacing, outputs=outputs, source=source,
-                                  metadata=meta, precision=precision)
+                                  metadata=meta, precision=precision, num_labels=num_labels)
         check_model(onnx_model)
         with atomic_write(path, overwrite=overwrite) as tmp:
             onnx.save_model(onnx_model, tmp)

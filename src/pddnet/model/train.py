@@ -258,5 +258,6 @@ def load_training_subjects(data_dir) -> tuple[list, dict]:
         spacing = spacing or [round(float(v), 4) for v in img.spacing]
         subjects.append((img.array, lab.array))
     meta = {"dataset": str(dataset.json_path.name), "image_shape": list(subjects[0][0].shape),
-            "spacing_mm": spacing, "train_subjects": [s.name for s in chosen]}
+            "spacing_mm": spacing, "train_subjects": [s.name for s in chosen],
+            "num_labels": NUM_CLASSES - 1}
     return subjects, meta
