@@ -4,7 +4,7 @@ step run by ONNX Runtime, and the share of a feed-forward registration it adds.
     .venv/bin/python scripts/bench_refine.py [--model model.onnx] [--threads 2] [--repeats 5]
 
 1. ``numpy``: :func:`pddnet.runtime.refine.instance_optimise` (50 steps), median wall time at the
-   ``small`` (16^3 grid, L = 11) and ``paper`` (32^3, L = 15) geometries on random peaked
+   ``small`` (the preset's grid, 20^3, L = 11) and ``paper`` (32^3, L = 15) geometries on random peaked
    probabilities.
 2. ``onnx``: one refinement step (smoothing, trilinear sampling with its gradient, diffusion
    gradient, the transposed smoothing, Adam) written as an ONNX graph of standard ops
@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from pddnet.model.config import preset
 from pddnet.runtime import refine as R
 
 F64 = TensorProto.DOUBLE
@@ -228,7 +229,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-paper", action="store_true", help="skip the 32^3 geometry")
     a = ap.parse_args()
-    bench_geometry("small", (16, 16, 16), 11, 0.3, a.threads, a.repeats)
+    small = preset("small")
+    bench_geometry("small", small.grid, small.disp_size, small.capture, a.threads, a.repeats)
     if not a.no_paper:
         bench_geometry("paper", (32, 32, 32), 15, 0.4, a.threads, max(1, a.repeats // 2))
     if a.model:

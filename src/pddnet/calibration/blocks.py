@@ -30,15 +30,16 @@ from typing import Any, Iterable, Sequence
 from pddnet.errors import PddnetError
 from pddnet.export import contract as C
 
-#: blocks an FP16 export keeps in FP32 by default: none. ``pddnet sensitivity`` on the ``small``
-#: weights (iteration 550) found every block within the FP16 gate alone and all together (docs/precision.md;
-#: the correlation's |f|^2 - 2 f.m + |m|^2 expansion, the expected weak spot, cost < 0.05
-#: point with float16 storage emulated). Inputs, outputs and the feature tensors at the split
+#: blocks an FP16 export keeps in FP32 by default: none. ``pddnet sensitivity`` on the shipped
+#: ``small`` weights (and on earlier training snapshots) found every block within the FP16 gate
+#: alone and all together (docs/precision.md; the correlation's |f|^2 - 2 f.m + |m|^2
+#: expansion, the expected weak spot, cost < 0.05 point with float16 storage emulated). Inputs, outputs and the feature tensors at the split
 #: are float32 in every graph. Keep blocks with ``pddnet export --precision fp16 --keep-fp32``.
 DEFAULT_KEEP_FP32: tuple[str, ...] = ()
 #: blocks ``pddnet calibrate`` quantises by default: the feature convolutions that ONNX
-#: Runtime runs measurably faster in INT8 on this CPU -- what ``pddnet sensitivity`` chose on
-#: the ``small`` weights (docs/precision.md, docs/benchmarks.md). ``conv3`` (64 -> 16, 1x1x1) is
+#: Runtime runs measurably faster in INT8 on the development CPUs: conv2 is what ``pddnet
+#: sensitivity`` chooses at the ``small`` size, conv1 gains at the paper size
+#: (docs/precision.md, docs/benchmarks.md). ``conv3`` (64 -> 16, 1x1x1) is
 #: about neutral: its kernel gets faster, but quantising it adds a Q/DQ on the features.
 DEFAULT_INT8_BLOCKS: tuple[str, ...] = ("conv1", "conv2")
 
