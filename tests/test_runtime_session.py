@@ -266,8 +266,14 @@ def test_interrupted_save_leaves_nothing(models, tmp_path, monkeypatch, exc):
 
     monkeypatch.setattr(outmod, "save_nifti", flaky)
     with pytest.raises(exc):
-        res.save(tmp_path / "out")
-    assert _files(tmp_path / "out") == []
+        res.save(tmp_path / "new" / "out")
+    assert not (tmp_path / "new").exists()  # the folders it created are gone too
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "other.txt").write_text("not ours")
+    calls.clear()
+    with pytest.raises(exc):
+        res.save(tmp_path / "kept")
+    assert _files(tmp_path / "kept") == ["other.txt"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,27 +6,13 @@ Heavy imports (torch, onnxruntime, tensorrt) happen inside the command functions
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
 import click
 
+from pddnet.cli_errors import friendly
 from pddnet.errors import PddnetError
-
-
-def _friendly(fn):
-    """Turn PddnetError into a one-line message and exit status 2 instead of a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PddnetError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,7 +40,7 @@ def data() -> None:
 @click.option("--overwrite", is_flag=True,
               help="Write into a non-empty folder that is not a previous synth output.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-@_friendly
+@friendly
 def data_synth(out_dir: Path, subjects: int, seed: int, preset: str, overwrite: bool,
                no_progress: bool) -> None:
     """Write a synthetic abdominal CT dataset (images, 13 labels, dataset json).
@@ -71,7 +57,7 @@ def data_synth(out_dir: Path, subjects: int, seed: int, preset: str, overwrite: 
 
 @data.command("info")
 @click.argument("dataset", type=click.Path(path_type=Path))
-@_friendly
+@friendly
 def data_info(dataset: Path) -> None:
     """Describe a Learn2Reg dataset (a folder with one *_dataset.json, or the json itself).
 
@@ -156,7 +142,7 @@ class _ManyValuesCommand(click.Command):
                    "finer stage-two model (pddnet export --stage2), composing the fields.")
 @click.option("--stage2-model", type=click.Path(dir_okay=False),
               help="The stage-two .onnx (default: the file the model's metadata names).")
-@_friendly
+@friendly
 def register(model, fixed, moving, moving_labels, fixed_labels, out, threads, backend, precision,
              providers, spacing_tolerance, l2r_half, overwrite, refine, stages,
              stage2_model) -> None:
@@ -204,7 +190,7 @@ def register(model, fixed, moving, moving_labels, fixed_labels, out, threads, ba
 @click.option("--threads", type=click.IntRange(min=1), help="torch intra-op threads.")
 @click.option("--device", default="cpu", show_default=True,
               help="torch device to train on ('cuda' with a CUDA build of torch and a GPU).")
-@_friendly
+@friendly
 def train_cmd(data_dir, preset_name, iterations, out, init, grid, resume, lr, diffusion_weight,
               minconv, seed, no_augment, checkpoint_every, threads, device) -> None:
     """Train PDD-Net (non-local label loss + diffusion penalty) and write a checkpoint."""
@@ -243,7 +229,7 @@ def train_cmd(data_dir, preset_name, iterations, out, init, grid, resume, lr, di
 @click.option("--refine", "refine_steps", default=50, show_default=True,
               type=click.IntRange(min=0), help="Adam steps of the instance optimisation in "
                                                "the refined modes.")
-@_friendly
+@friendly
 def evaluate_cmd(checkpoint, data_dir, split, out, max_pairs, threads, modes,
                  refine_steps) -> None:
     """Register a split's pairs with the PyTorch reference and print Dice, HD95, SDlogJ, folding.
@@ -286,7 +272,7 @@ def evaluate_cmd(checkpoint, data_dir, split, out, max_pairs, threads, modes,
 @click.option("--keep-fp32", help="With --precision fp16: comma-separated blocks, node names or "
                                   "op types kept in FP32 (default: none).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
-@_friendly
+@friendly
 def export_cmd(checkpoint, out, shape, probs, entropy, stage2, stage2_grid, stage2_capture,
                precision, keep_fp32, overwrite) -> None:
     """Export a checkpoint to ONNX with the ai.pddnet custom ops as local functions."""
@@ -376,7 +362,7 @@ def export_cmd(checkpoint, out, shape, probs, entropy, stage2, stage2_grid, stag
               help="INT8 gate: |delta mean Dice| vs the reference, points, per pair.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report.json.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-@_friendly
+@friendly
 def validate_cmd(checkpoint, onnx_model, data_dir, split, max_pairs, out_dir, threads, gate_disp,
                  gate_dice, warmup, repeats, modes, refine_steps, gate_dice_refined, in_process,
                  figure_pairs, fp16_model, int8_model, gate_dice_fp16, gate_dice_int8, overwrite,
@@ -440,7 +426,7 @@ def validate_cmd(checkpoint, onnx_model, data_dir, split, max_pairs, out_dir, th
               help="ONNX Runtime runs to profile per block (0: no profile).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
-@_friendly
+@friendly
 def bench_cmd(preset_name, shape, threads, repeats, warmup, checkpoint, fixed, moving, gemm_size,
               profile_runs, seed, out) -> None:
     """Time PyTorch eager and ONNX Runtime on one pair; FLOPs, GEMM floor, per-block profile.
@@ -501,7 +487,7 @@ _add_deploy_commands(main)
               help="Time every candidate in this process (faster; peak memory not per backend).")
 @click.option("--overwrite", is_flag=True, help="Empty --out first if it is not empty.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
-@_friendly
+@friendly
 def demo_cmd(out, subjects, calib_pairs, seed, checkpoint, max_pairs, repeats, threads,
              in_process, overwrite, no_progress) -> None:
     """The main job end to end on the embedded synthetic abdomen (what `make demo` runs).

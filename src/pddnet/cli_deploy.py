@@ -6,27 +6,11 @@ library code is imported only when a command runs. Both are torch-free.
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 
 import click
 
-from pddnet.errors import PddnetError
-
-
-def _friendly(fn):
-    """As :func:`pddnet.cli._friendly` (see :mod:`pddnet.cli_trt` for why it is repeated)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PddnetError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
+from pddnet.cli_errors import friendly
 
 
 @click.command("package")
@@ -61,7 +45,7 @@ def _friendly(fn):
               help="Bundle models without passing validation, marked as such (run only when "
                    "asked for by precision).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-@_friendly
+@friendly
 def package_cmd(onnx_model, fp16, int8, engines, report_dir, out, tar, triton, triton_kind,
                 triton_instances, triton_threads, triton_ort_trt, triton_prefix, name,
                 allow_unvalidated, overwrite) -> None:
@@ -93,7 +77,7 @@ def package_cmd(onnx_model, fp16, int8, engines, report_dir, out, tar, triton, t
               help="Check this precision instead of the automatic choice.")
 @click.option("--providers", help="ONNX Runtime providers to assume (cpu, cuda, ...).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-@_friendly
+@friendly
 def verify_cmd(bundle, backend, precision, providers, as_json) -> None:
     """Verify a bundle (folder or .tar.gz): the manifest, every file's size and SHA-256, no
     file outside the manifest; then say which backend and precision would run here, and why.

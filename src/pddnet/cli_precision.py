@@ -7,26 +7,11 @@ commands in :mod:`pddnet.cli`.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from pddnet.errors import PddnetError
-
-
-def _friendly(fn):
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PddnetError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
+from pddnet.cli_errors import friendly
 
 
 def _blocks(value: str | None) -> list[str] | None:
@@ -56,7 +41,7 @@ def add_commands(main: click.Group) -> None:
                                    "see docs/precision.md).")
     @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
     @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-    @_friendly
+    @friendly
     def calibrate_cmd(onnx_model, data_dir, out_dir, method, pairs, split, blocks, overwrite,
                       no_progress) -> None:
         """Collect activation ranges with ONNX Runtime and write the INT8 (Q/DQ) graph.
@@ -109,7 +94,7 @@ def add_commands(main: click.Group) -> None:
                   help="Timed runs per INT8 graph.")
     @click.option("--overwrite", is_flag=True)
     @click.option("--no-progress", is_flag=True)
-    @_friendly
+    @friendly
     def sensitivity_cmd(checkpoint, data_dir, out_dir, precisions, split, max_pairs, calib_split,
                         calib_pairs, method, gate_fp16, gate_int8, blocks, threads, repeats,
                         overwrite, no_progress) -> None:

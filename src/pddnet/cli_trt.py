@@ -7,28 +7,13 @@ stay in one place; like every command, they import their library code only when 
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
 import click
 
+from pddnet.cli_errors import friendly
 from pddnet.errors import PddnetError
-
-
-def _friendly(fn):
-    """As :func:`pddnet.cli._friendly` (not imported from there: ``python -m pddnet.cli`` runs
-    that module as ``__main__``, and importing it back here would be circular)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PddnetError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 def print_trt_readiness(model_path, *, as_json: bool = False,
@@ -52,7 +37,7 @@ def print_trt_readiness(model_path, *, as_json: bool = False,
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--strict", is_flag=True,
               help="Exit with status 1 when some TensorRT version cannot import the model.")
-@_friendly
+@friendly
 def check_trt_cmd(model, as_json, strict) -> None:
     """TensorRT readiness: list the nodes (graph and local-function bodies) TensorRT 10.x and
     11.x cannot import natively, and which custom ops need a plugin per version. Needs no
@@ -87,7 +72,7 @@ def check_trt_cmd(model, as_json, strict) -> None:
 @click.option("--device", default=0, show_default=True, type=click.IntRange(min=0),
               help="CUDA device to build on.")
 @click.option("--verbose", is_flag=True, help="TensorRT's verbose builder log.")
-@_friendly
+@friendly
 def build_cmd(onnx_path, out_dir, plugins, workspace, timing_cache, hardware_compat, whole, force,
               device, verbose) -> None:
     """Build TensorRT engines (strongly typed) for the parts the runtime runs.
@@ -109,7 +94,7 @@ def build_cmd(onnx_path, out_dir, plugins, workspace, timing_cache, hardware_com
 
 @click.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_friendly
+@friendly
 def doctor_cmd(as_json) -> None:
     """Which backends, ONNX Runtime providers, precisions and TensorRT plugin paths are usable
     here; for each one that is not, why and what to install."""

@@ -316,8 +316,9 @@ class Bundle:
                 and (precision is None or o.precision == precision)]
         if not pool:
             raise PddnetError(
-                f"bundle {self.source} holds no {'' if want == 'auto' else want + ' '}"
-                f"{precision or ''} model; it has {', '.join(f'{b} {p}' for b, p in have)}")
+                f"bundle {self.source} holds no "
+                f"{' '.join(w for w in (None if want == 'auto' else want, precision) if w)} "
+                f"model; it has {', '.join(f'{b} {p}' for b, p in have)}")
         usable = [o for o in pool if o.usable]
         if not usable:
             reasons = "; ".join(f"{o.label()}: {o.why}" for o in pool)

@@ -73,6 +73,7 @@ def write_outputs(result: "RegistrationResult", out_dir: str | Path, *, overwrit
     out = Path(out_dir)
     names = planned_outputs(labels=result.warped_labels is not None, l2r_half=l2r_half)
     check_free(out, names, overwrite=overwrite)
+    created = [p for p in (out, *out.parents) if not p.exists()]  # removed again on failure
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     t0 = time.perf_counter()
@@ -98,6 +99,9 @@ def write_outputs(result: "RegistrationResult", out_dir: str | Path, *, overwrit
         for p in written:
             with contextlib.suppress(OSError):
                 p.unlink()
+        for d in created:  # innermost first; rmdir refuses a folder something else wrote into
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
     return {p.name: p for p in written}
 
