@@ -53,6 +53,45 @@ def test_split_of_exported_model_is_exact(exported):
         assert np.array_equal(ref[k], got[k]), k
 
 
+def test_two_stage_sessions_match_one_session(exported):
+    """The ONNX Runtime backend's two sessions (cut after the first mean-field step) give the
+    outputs of one session, for the whole model and for its head; a part without mean-field
+    steps (the features) stays one session."""
+    from pddnet.export import contract as C
+    from pddnet.runtime.backends import create_backend
+    from pddnet.runtime.model import load_model
+    from pddnet.runtime.split import split_after_first_step, split_model
+
+    lm = load_model(exported[1])
+    parts = split_model(lm.proto)
+    first, second = split_after_first_step(lm.proto)
+    assert [n.op_type for n in first.graph.node][-1] == "MeanFieldStep"
+    assert sorted(i.name for i in second.graph.input) == ["head/Correlation_0",
+                                                          "head/MeanFieldStep_0"]
+    assert split_after_first_step(parts.features) is None
+    rng = np.random.default_rng(72)
+    f, m = (rng.normal(size=(1, 1) + SHAPE).astype(np.float32) for _ in range(2))
+    feats = {}
+    for model, feeds in ((lm.proto, {"fixed": f, "moving": m}), (parts.head, None)):
+        if feeds is None:
+            feeds = feats
+        runs = []
+        for stages in (False, True):
+            with create_backend("onnxruntime", model, stages=stages) as be:
+                assert be.describe()["stages"] == (2 if stages else 1)
+                assert [s.name for s in be.input_specs] == list(feeds)
+                runs.append(be.run(feeds))
+        assert list(runs[0]) == list(runs[1])  # the same outputs in the same order
+        assert set(runs[0]) == {"disp", "grid_disp", "probs", "entropy"}
+        for k in runs[0]:
+            np.testing.assert_allclose(runs[1][k], runs[0][k], rtol=1e-5, atol=1e-6, err_msg=k)
+        if not feats:
+            with create_backend("onnxruntime", parts.features) as fe:
+                assert fe.describe()["stages"] == 1
+                feats = {C.FIXED_FEATURES: fe.run({"image": f})["features"],
+                         C.MOVING_FEATURES: fe.run({"image": m})["features"]}
+
+
 def test_registrar_matches_pytorch_reference(exported):
     from pddnet.data.io import Volume
     from pddnet.runtime.session import Registrar

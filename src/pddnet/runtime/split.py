@@ -209,3 +209,42 @@ def _make_part(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], part: str, *
         model.metadata_props.add(key=p.key, value=p.value)
     model.metadata_props.add(key=META_PART, value=f'"{part}"')
     return model
+
+
+def split_after_first_step(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto] | None:
+    """Cut a model (whole, or its head) right after its first ``MeanFieldStep`` into two models
+    run one after the other: everything up to that step, and the rest.
+
+    Why: ONNX Runtime (1.32, CPU) keeps the cost-volume-sized tensors of the second half of the
+    head resident until the end of a run -- 4.0 GB at the paper's size where the graph's live
+    set is 1.3 GB -- while each half on its own peaks at 1.1 and 2.3 GB (docs/benchmarks.md).
+    The tensors the second half reads from the first (the cost volume and the first step's
+    output) become its inputs. Returns ``None`` when the model has no such step, nothing after
+    it, or a carried tensor whose type is unknown.
+    """
+    g = proto.graph
+    k = next((i for i, n in enumerate(g.node)
+              if n.domain == C.DOMAIN and n.op_type == "MeanFieldStep"), None)
+    if k is None or k == len(g.node) - 1:
+        return None
+    front, back = list(g.node[:k + 1]), list(g.node[k + 1:])
+    inits = {t.name for t in g.initializer}
+    graph_inputs = [i.name for i in g.input if i.name not in inits]
+    outputs = [o.name for o in g.output]
+    made_front = {o for n in front for o in n.output if o}
+    reads_front = set().union(*(set(n.input) | _subgraph_refs(n) for n in front))
+    reads_back = set().union(*(set(n.input) | _subgraph_refs(n) for n in back))
+    carried = [o for n in front for o in n.output if o and o in reads_back]
+    types = _value_types(proto)
+    if any(t not in types for t in carried):
+        return None
+    first = _make_part(proto, front, "stage1",
+                       inputs=[(x, x) for x in graph_inputs if x in reads_front],
+                       outputs=[(o, o) for o in carried + [o for o in outputs
+                                                           if o in made_front and o not in carried]],
+                       types=types)
+    second = _make_part(proto, back, "stage2",
+                        inputs=[(x, x) for x in carried + [x for x in graph_inputs
+                                                           if x in reads_back]],
+                        outputs=[(o, o) for o in outputs if o not in made_front], types=types)
+    return first, second

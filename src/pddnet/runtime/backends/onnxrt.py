@@ -91,6 +91,10 @@ class OnnxRuntimeBackend(Backend):
             returns the JSON trace (node kernel times in microseconds).
         provider_options: per-provider dicts, e.g. ``{"cuda": {"device_id": 1}}``; CUDA
             defaults to ``arena_extend_strategy=kSameAsRequested`` for the same reason.
+        stages: run a model that holds mean-field steps as two sessions cut after the first
+            step (:func:`pddnet.runtime.split.split_after_first_step`): ONNX Runtime keeps the
+            second half's cost volumes resident otherwise (paper size: 4.6 GB peak in one
+            session; see ``docs/benchmarks.md``). Same outputs; off while profiling.
     """
 
     name = "onnxruntime"
@@ -99,7 +103,8 @@ class OnnxRuntimeBackend(Backend):
                  providers: Sequence[str] | str | None = None, threads: int | None = None,
                  optimization: str = "all", mem_arena: bool = False, mem_pattern: bool = True,
                  profile: str | os.PathLike | None = None,
-                 provider_options: dict[str, dict[str, Any]] | None = None):
+                 provider_options: dict[str, dict[str, Any]] | None = None,
+                 stages: bool = True):
         super().__init__(model, label=label)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                     or threads < 1):
@@ -114,6 +119,7 @@ class OnnxRuntimeBackend(Backend):
         self.profile = None if profile is None else os.fspath(profile)
         self._provider_options = {PROVIDER_ALIASES.get(k.lower(), k): dict(v)
                                   for k, v in (provider_options or {}).items()}
+        self.stages = bool(stages)
         self._session = None
 
     def _load_impl(self) -> None:
@@ -146,9 +152,17 @@ class OnnxRuntimeBackend(Backend):
             model = model.SerializeToString()
         elif isinstance(model, os.PathLike):
             model = os.fspath(model)
+        parts = self._stage_parts(model) if self.stages and self.profile is None else None
         try:
-            self._session = ort.InferenceSession(model, so, providers=self.providers,
-                                                 provider_options=opts)
+            if parts is None:
+                self._session = ort.InferenceSession(model, so, providers=self.providers,
+                                                     provider_options=opts)
+            else:
+                first, second, order = parts
+                self._session = _StagedSession(
+                    *(ort.InferenceSession(m.SerializeToString(), so, providers=self.providers,
+                                           provider_options=opts) for m in (first, second)),
+                    order)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise PddnetError(f"onnxruntime could not load the {self.label} model: "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -158,6 +172,26 @@ class OnnxRuntimeBackend(Backend):
             raise PddnetError(f"onnxruntime could not initialise {dropped} (session uses {used}); "
                               "check the CUDA/cuDNN/TensorRT libraries, or run with the cpu "
                               "provider")
+
+    @staticmethod
+    def _stage_parts(model):
+        """``(first, second, (input names, output names))`` of a model with mean-field steps,
+        else ``None`` (one session)."""
+        import onnx
+
+        from pddnet.runtime.split import split_after_first_step
+
+        try:
+            proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
+        except Exception:  # unreadable here: let InferenceSession report it
+            return None
+        parts = split_after_first_step(proto)
+        if parts is None:
+            return None
+        inits = {t.name for t in proto.graph.initializer}
+        order = ([i.name for i in proto.graph.input if i.name not in inits],
+                 [o.name for o in proto.graph.output])
+        return (*parts, order)
 
     def _unload_impl(self) -> None:
         self._session = None
@@ -204,4 +238,40 @@ class OnnxRuntimeBackend(Backend):
             "optimization": self.optimization,
             "mem_arena": self.mem_arena,
             "mem_pattern": self.mem_pattern,
+            "stages": 2 if isinstance(self._session, _StagedSession) else 1,
         }
+
+
+class _StagedSession:
+    """Two ``InferenceSession`` s that run as one (the part of its interface the backend
+    uses): the first's outputs feed the second, and are dropped as soon as it has run."""
+
+    def __init__(self, first, second, order: tuple[list[str], list[str]]):
+        self.first, self.second = first, second
+        args = {a.name: a for s in (first, second) for a in s.get_inputs()}
+        outs = {a.name: a for s in (first, second) for a in s.get_outputs()}
+        self._inputs = [args[n] for n in order[0] if n in args]
+        self._outputs = [outs[n] for n in order[1]]
+
+    def get_inputs(self):
+        return self._inputs
+
+    def get_outputs(self):
+        return self._outputs
+
+    def get_providers(self):
+        return self.first.get_providers()
+
+    def run(self, names, feeds):
+        first_out = [o.name for o in self.first.get_outputs()]
+        mid = dict(zip(first_out, self.first.run(
+            first_out, {a.name: feeds[a.name] for a in self.first.get_inputs()})))
+        second_in = {a.name: mid[a.name] if a.name in mid else feeds[a.name]
+                     for a in self.second.get_inputs()}
+        wanted = set(names)
+        mid = {k: v for k, v in mid.items() if k in wanted}  # release the carried volumes
+        second_out = [o.name for o in self.second.get_outputs()]
+        values = self.second.run(second_out, second_in)
+        del second_in
+        mid.update(zip(second_out, values))
+        return [mid[n] for n in names]
