@@ -46,6 +46,25 @@ def have(module: str) -> str | None:
         return f"{module} not importable ({exc})"
 
 
+def cuda_times_ms(fn, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """(min, median) milliseconds of ``fn`` on the GPU over ``repeats`` runs (CUDA events)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[0], times[len(times) // 2]
+
+
 # ------------------------------------------------------------------------------------------
 def check_kernels(repeats: int) -> None:
     missing = have("torch") or have("triton")
@@ -67,17 +86,7 @@ def check_kernels(repeats: int) -> None:
     g = torch.Generator(device=dev).manual_seed(0)
 
     def timed(fn):
-        fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return sorted(times)[len(times) // 2]
+        return cuda_times_ms(fn, repeats)[1]
 
     x = torch.randn(1, 4, *stem, device=dev, generator=g)
     off = (torch.rand(2 * cfg.channels, 3, device=dev, generator=g) * 2 - 1) * 0.1
@@ -143,24 +152,12 @@ def check_reference(shape, repeats: int) -> None:
         for dtype, label in ((None, "fp32"), (torch.float16, "fp16 autocast")):
             with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32,
                                                  enabled=dtype is not None):
-                def run():
-                    return model(fixed, moving).dense(shape)
-                for _ in range(3):
-                    run()
-                torch.cuda.synchronize()
-                times = []
-                for _ in range(repeats):
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    run()
-                    b.record()
-                    torch.cuda.synchronize()
-                    times.append(a.elapsed_time(b))
-            times.sort()
-            note("reference", "ok", f"PyTorch eager {label}, paper preset at {'x'.join(map(str, shape))}: "
-                 f"{times[len(times) // 2]:.2f} ms median of {repeats} "
-                 f"(min {times[0]:.2f}, peak memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB)")
-        del model, fixed, moving
+                low, median = cuda_times_ms(lambda: model(fixed, moving).dense(shape), repeats,
+                                            warmup=3)
+            note("reference", "ok", f"PyTorch eager {label}, paper preset at "
+                 f"{'x'.join(map(str, shape))}: {median:.2f} ms median of {repeats} (min "
+                 f"{low:.2f}, peak memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB)")
+        model = fixed = moving = None  # free the GPU memory before the kernels
         torch.cuda.empty_cache()
     except Exception as exc:
         note("reference", "FAIL", f"{type(exc).__name__}: {exc}")
@@ -216,7 +213,6 @@ def check_engines(args, work: Path) -> dict[str, Path]:
     engines = work / "engines"
     import numpy as np
 
-    from pddnet.export import contract as C
     from pddnet.runtime.backends import create_backend
 
     for prec, path in graphs.items():
