@@ -15,6 +15,9 @@ the two feature tensors into two in-memory models:
 Each part keeps the initializers and local functions (transitively) it uses, every opset
 import, the IR version and the metadata (plus ``pddnet.part``), so it runs on any backend the
 full model runs on.
+
+:func:`split_after_first_step` cuts a model (or its head) once more, after the first mean-field
+step, for the ONNX Runtime backend's two-session mode (memory; see its docstring).
 """
 
 from __future__ import annotations
