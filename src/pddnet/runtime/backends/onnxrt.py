@@ -148,11 +148,11 @@ class OnnxRuntimeBackend(Backend):
                 o.setdefault("arena_extend_strategy", "kSameAsRequested")
             opts.append(o)
         model = self._model
+        parts = self._stage_parts(model) if self.stages and self.profile is None else None
         if hasattr(model, "SerializeToString"):
             model = model.SerializeToString()
         elif isinstance(model, os.PathLike):
             model = os.fspath(model)
-        parts = self._stage_parts(model) if self.stages and self.profile is None else None
         try:
             if parts is None:
                 self._session = ort.InferenceSession(model, so, providers=self.providers,
@@ -175,16 +175,20 @@ class OnnxRuntimeBackend(Backend):
 
     @staticmethod
     def _stage_parts(model):
-        """``(first, second, (input names, output names))`` of a model with mean-field steps,
-        else ``None`` (one session)."""
+        """``(first, second, (input names, output names))`` of a model (``ModelProto``,
+        bytes or path) with mean-field steps, else ``None`` (one session)."""
         import onnx
 
         from pddnet.runtime.split import split_after_first_step
 
-        try:
-            proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
-        except Exception:  # unreadable here: let InferenceSession report it
-            return None
+        if isinstance(model, onnx.ModelProto):
+            proto = model
+        else:
+            try:
+                proto = (onnx.load_from_string(model) if isinstance(model, bytes)
+                         else onnx.load(os.fspath(model)))
+            except Exception:  # unreadable here: let InferenceSession report it
+                return None
         parts = split_after_first_step(proto)
         if parts is None:
             return None
