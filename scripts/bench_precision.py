@@ -58,12 +58,13 @@ def main(argv=None) -> int:
     from pddnet.calibration.data import PairReader
     from pddnet.calibration.search import load_average, timestamp
     from pddnet.export.onnx_export import check_model, export_model
-    from pddnet.model.config import PRESET_IMAGE_SHAPES, preset
+    from pddnet.spec.config import PRESET_IMAGE_SHAPES, preset
     from pddnet.model.network import PDDNet
-    from pddnet.runtime.backends import create_backend
-    from pddnet.runtime.model import load_model
+    from pddnet.backends import create_backend
+    from pddnet.graph.model import load_model
     from pddnet.runtime.session import Registrar
-    from pddnet.runtime.split import FEATURES_INPUT, split_model
+    from pddnet.graph.split import split_model
+    from pddnet.spec.contract import FEATURES_INPUT
 
     variants = {}
     for v in args.variant or ["default=conv1,conv2,conv3"]:

@@ -28,8 +28,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pddnet.model.config import preset
+from pddnet.spec.config import preset
 from pddnet.runtime import refine as R
+from pddnet.spec.refine import RefineOptions
 
 F64 = TensorProto.DOUBLE
 I64 = TensorProto.INT64
@@ -166,7 +167,7 @@ def bench_geometry(name, grid, L, q, threads, repeats, steps=50):
     rng = np.random.default_rng(0)
     p = _probs(rng, grid, L)
     e = rng.normal(0, 0.3 * q, (*grid, 3)).astype(np.float32)
-    opts = R.RefineOptions(steps=steps)
+    opts = RefineOptions(steps=steps)
     t_np = []
     for _ in range(repeats):
         t0 = time.perf_counter()

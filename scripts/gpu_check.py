@@ -74,9 +74,9 @@ def check_kernels(repeats: int) -> None:
 
     if not torch.cuda.is_available():
         return note("kernels", "skipped", "torch has no CUDA device")
-    from pddnet.export import kernels as K
+    from pddnet.backends.trt import kernels as K
     from pddnet.model import ops
-    from pddnet.model.config import PDDConfig, preset
+    from pddnet.spec.config import PDDConfig, preset
 
     cfg = preset("paper")
     shape = (192, 160, 256)
@@ -140,7 +140,7 @@ def check_reference(shape, repeats: int) -> None:
 
     if not torch.cuda.is_available():
         return note("reference", "skipped", "torch has no CUDA device")
-    from pddnet.model.config import preset
+    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
 
     try:
@@ -213,7 +213,7 @@ def check_engines(args, work: Path) -> dict[str, Path]:
     engines = work / "engines"
     import numpy as np
 
-    from pddnet.runtime.backends import create_backend
+    from pddnet.backends import create_backend
 
     for prec, path in graphs.items():
         try:

@@ -122,7 +122,7 @@ def main(argv=None) -> int:
           f"{'PASS' if verdict['passed'] else 'FAIL'} (growth of the last tenth below "
           f"{a.limit:g}% for both)")
     if a.json:
-        from pddnet.data.io import atomic_write
+        from pddnet._files import atomic_write
 
         with atomic_write(a.json) as tmp:
             tmp.write_text(json.dumps(verdict, indent=1) + "\n")

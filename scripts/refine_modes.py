@@ -33,8 +33,8 @@ STAGES = ("features", "head", "refine", "stage2")
 
 def main() -> None:
     from pddnet.data.learn2reg import Learn2RegDataset
-    from pddnet.runtime.refine import MODES as SPEC
-    from pddnet.runtime.refine import RefineOptions
+    from pddnet.spec.refine import MODES as SPEC
+    from pddnet.spec.refine import RefineOptions
     from pddnet.runtime.session import Registrar
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -33,7 +33,7 @@ def _trt_missing() -> str | None:
     except ImportError as exc:
         return f"needs TensorRT (pip install 'pddnet[gpu]'; not importable: {exc})"
     try:
-        from pddnet.runtime.backends.cuda_rt import device_properties
+        from pddnet.backends.trt.cuda import device_properties
 
         device_properties(0)
     except Exception as exc:  # PddnetError from a missing cuda-python or device

@@ -4,7 +4,7 @@ fake TensorRT engines in the real engine-cache layout, and a bundle built from t
 The models are :mod:`fake_models` graphs (contract-conforming, milliseconds to run); an "fp16"
 or "int8" graph here is the same float32 graph with ``pddnet.precision`` metadata saying so --
 enough for packaging and selection logic, which read the metadata. Engines are random bytes
-with a metadata record made by :func:`pddnet.export.engine_cache.make_record` for a given GPU
+with a metadata record made by :func:`pddnet.backends.trt.cache.make_record` for a given GPU
 environment, keyed to the real ``features``/``head``/``full`` parts of a graph.
 """
 
@@ -30,7 +30,7 @@ def precision_model(path: Path, precision: str = "fp32", *, seed: int = 0, gain:
 
 
 def sha256(path) -> str:
-    from pddnet.runtime.bundle import sha256_file
+    from pddnet._files import sha256_file
 
     return sha256_file(path)
 
@@ -78,7 +78,7 @@ def write_report(folder: Path, candidates: list[dict]) -> Path:
 
 
 def environment(gpu="NVIDIA H100 80GB HBM3", cc="9.0", sms=132, trt="10.9.0.34"):
-    from pddnet.export.engine_cache import Environment
+    from pddnet.backends.trt.cache import Environment
 
     return Environment(gpu, cc, sms, trt)
 
@@ -86,9 +86,10 @@ def environment(gpu="NVIDIA H100 80GB HBM3", cc="9.0", sms=132, trt="10.9.0.34")
 def fake_engines(model_path: Path, folder: Path, env, *, labels=("features", "head", "full"),
                  plugins="native", jit_ops=()) -> list[Path]:
     """Engines for the parts of ``model_path`` in ``folder`` (engine-cache layout)."""
-    from pddnet.export.engine_cache import EngineCache, EngineKey, sha256_bytes
-    from pddnet.export.trt_build import model_bytes, model_precision, runtime_parts
-    from pddnet.runtime.model import load_model
+    from pddnet._files import sha256_bytes
+    from pddnet.backends.trt.cache import EngineCache, EngineKey
+    from pddnet.backends.trt.build import model_bytes, model_precision, runtime_parts
+    from pddnet.graph.model import load_model
 
     proto = load_model(model_path).proto
     cache = EngineCache(folder)

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pddnet.export import contract as C
+from pddnet.spec import contract as C
 
 F32 = TensorProto.FLOAT
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pddnet.model.config import PDDConfig
+from pddnet.spec.config import PDDConfig
 from pddnet.validation.flops import count_flops
 
 # channels 1, grid 2^3, L = 3 on a 12^3 image: features 4^3 (64), pooled 6^3, stem 3^3,
@@ -73,7 +73,7 @@ def test_flops_convolutions_match_pytorch_flop_counter():
     torch = pytest.importorskip("torch")
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pddnet.model.config import preset
+    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
 
     cfg, shape = preset("tiny"), (24, 21, 30)
@@ -132,9 +132,9 @@ def test_inline_named_keeps_outputs_and_names_callers():
     import onnxruntime as ort
 
     from pddnet.export.onnx_export import export_model
-    from pddnet.model.config import preset
+    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
-    from pddnet.validation.profile import inline_named
+    from pddnet.graph.passes.inline import inline_named
 
     model = export_model(PDDNet(preset("tiny"), seed=0).eval(), (24, 24, 24))
     inlined, callers = inline_named(model)
@@ -156,7 +156,7 @@ def test_inline_named_keeps_outputs_and_names_callers():
 def test_bench_tiny_reports_every_field(tmp_path):
     pytest.importorskip("torch")
     from pddnet.cli import main
-    from pddnet.model.config import preset
+    from pddnet.spec.config import preset
 
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(main, ["bench", "--preset", "tiny", "--threads", "1", "--repeats",

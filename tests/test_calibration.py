@@ -31,9 +31,10 @@ logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs to 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from pddnet.data.synth import write_dataset
-    from pddnet.export.onnx_export import export_model, sha256_file
+    from pddnet._files import sha256_file
+    from pddnet.export.onnx_export import export_model
     from pddnet.model.checkpoint import save_checkpoint
-    from pddnet.model.config import preset
+    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
 
     tmp = tmp_path_factory.mktemp("calibration")
@@ -92,7 +93,7 @@ def test_fp32_export_is_unchanged_by_the_precision_machinery(setup):
 
 def test_fp16_graph_types(setup):
     from pddnet.calibration.blocks import fp16_plan
-    from pddnet.export import contract as C
+    from pddnet.spec import contract as C
     from pddnet.export.onnx_export import check_model, export_model
 
     plan = fp16_plan(["correlation", "meanfield2"])
@@ -142,8 +143,8 @@ def test_fp16_graph_types(setup):
 
 def test_fp16_graph_is_trt_ready_and_splits(setup):
     from pddnet.export.onnx_export import export_model
-    from pddnet.export.trt_support import check_trt_readiness
-    from pddnet.runtime.split import split_model
+    from pddnet.backends.trt.support import check_trt_readiness
+    from pddnet.graph.split import split_model
 
     m = export_model(setup["net"], SHAPE, precision="fp16")
     rep = check_trt_readiness(m)
@@ -289,8 +290,8 @@ def test_feature_network_calibration_equals_the_merged_full_model_ranges(setup):
 
 def test_qdq_structure(setup, int8):
     from pddnet.calibration.int8 import branch_pairs, qdq_summary
-    from pddnet.export.trt_support import check_trt_readiness
-    from pddnet.runtime.split import split_model
+    from pddnet.backends.trt.support import check_trt_readiness
+    from pddnet.graph.split import split_model
 
     q = onnx.load(str(int8["int8"]))
     s = qdq_summary(q)

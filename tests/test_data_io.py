@@ -249,7 +249,7 @@ def test_atomic_write_result_has_default_permissions(tmp_path):
     import os
     import stat
 
-    from pddnet.data.io import atomic_write
+    from pddnet._files import atomic_write
 
     umask = os.umask(0o022)
     try:

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     from pddnet.model.checkpoint import save_checkpoint
-    from pddnet.model.config import preset
+    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
 
     net = PDDNet(preset("tiny"), seed=0).eval()
@@ -31,7 +31,7 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def test_demo_steps_on_a_tiny_preset(tiny_ckpt, tmp_path, capsys):
-    from pddnet.demo import STEPS, DemoOptions, run_demo
+    from pddnet.deploy.demo import STEPS, DemoOptions, run_demo
     from pddnet.runtime.bundle import open_bundle
 
     out = tmp_path / "demo"
@@ -71,7 +71,7 @@ def test_demo_steps_on_a_tiny_preset(tiny_ckpt, tmp_path, capsys):
 
 
 def test_demo_refuses_a_non_empty_folder(tmp_path):
-    from pddnet.demo import DemoOptions, run_demo
+    from pddnet.deploy.demo import DemoOptions, run_demo
     from pddnet.errors import PddnetError
 
     (tmp_path / "x.txt").write_text("keep")

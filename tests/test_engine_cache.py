@@ -1,4 +1,4 @@
-"""Engine cache keys and the stale / foreign / corrupt decisions (pddnet.export.engine_cache).
+"""Engine cache keys and the stale / foreign / corrupt decisions (pddnet.backends.trt.cache).
 
 Pure Python: fake engine bytes and environments. Checked: the key changes with every field it
 is made of (model hash, GPU name, compute capability, SM count, TensorRT version, precision,
@@ -22,10 +22,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pddnet.errors import PddnetError
-from pddnet.export.engine_cache import (EngineCache, EngineKey, Environment, check_engine_file,
+from pddnet.backends.trt.cache import (EngineCache, EngineKey, Environment, check_engine_file,
                                         compare, default_cache_dir, meta_path_for)
-from pddnet.export.trt_build import model_precision, parse_size, plugins_label
-from pddnet.export.trt_binding import BindingPlan
+from pddnet.backends.trt.build import model_precision, parse_size, plugins_label
+from pddnet.backends.trt.binding import BindingPlan
 
 H100 = Environment("NVIDIA H100 80GB HBM3", "9.0", 132, "10.9.0.34")
 A100 = Environment("NVIDIA A100-SXM4-80GB", "8.0", 108, "10.9.0.34")

@@ -18,10 +18,10 @@ import scipy.ndimage as ndi
 import torch
 
 from pddnet.errors import PddnetError
-from pddnet.export import contract as C
+from pddnet.spec import contract as C
 from pddnet.export.onnx_export import check_model, export_checkpoint, export_model
 from pddnet.model.checkpoint import save_checkpoint
-from pddnet.model.config import preset
+from pddnet.spec.config import preset
 from pddnet.model.network import PDDNet
 
 
@@ -117,7 +117,7 @@ def test_label_range_travels_from_checkpoint_to_runtime(tmp_path, rng):
     """A trained checkpoint's label set reaches the model's input contract; the runtime then
     refuses label maps with values beyond it (and accepts those within it)."""
     from pddnet.data.io import Volume
-    from pddnet.runtime.model import load_model as load_onnx
+    from pddnet.graph.model import load_model as load_onnx
     from pddnet.runtime.preprocess import check_labels
 
     model = random_network(rng)

@@ -15,9 +15,9 @@ import pytest
 import torch
 from onnx import helper
 
-from pddnet.export import contract as C
-from pddnet.export import functions as fn
-from pddnet.export.graph import Builder, value_info
+from pddnet.spec import contract as C
+from pddnet.graph import functions as fn
+from pddnet.graph.builder import Builder, value_info
 from pddnet.model import ops
 
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the TensorRT plugins (pddnet.export.kernels) against the PyTorch reference.
+"""Triton kernels of the TensorRT plugins (pddnet.backends.trt.kernels) against the PyTorch reference.
 
 Every kernel runs under the Triton interpreter (``TRITON_INTERPRET=1``, set below before triton
 is first imported) on torch CPU tensors, on fresh random inputs each run, and is compared with
@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover
     pytest.skip("triton is not importable (pip install 'pddnet[dev]'): the Triton kernels of the "
                 "TensorRT plugins cannot be run", allow_module_level=True)
 
-from pddnet.export import kernels as K  # noqa: E402
+from pddnet.backends.trt import kernels as K  # noqa: E402
 
 if "Interpreted" not in type(K._minconv_kernel).__name__:
     # imported earlier in this process without the interpreter: rebuild the kernels with it
@@ -358,7 +358,7 @@ import numpy as np
 sys.path.insert(0, sys.argv[1])
 import tensorrt.plugin as trtp
 from triton.backends.compiler import GPUTarget
-from pddnet.export import kernels as K, plugins as P
+from pddnet.backends.trt import kernels as K, plugins as P
 
 K.AOT_TARGET = GPUTarget("cuda", 90, 32)
 ids = P.register_plugins()
@@ -432,8 +432,8 @@ def test_plugins_import_without_tensorrt_and_register_names_the_extra(monkeypatc
     for name in [m for m in sys.modules if m == "tensorrt" or m.startswith("tensorrt.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` fail
-    monkeypatch.delitem(sys.modules, "pddnet.export.plugins", raising=False)
-    plugins = importlib.import_module("pddnet.export.plugins")
+    monkeypatch.delitem(sys.modules, "pddnet.backends.trt.plugins", raising=False)
+    plugins = importlib.import_module("pddnet.backends.trt.plugins")
     assert "tensorrt" not in [m for m, v in sys.modules.items() if v is not None]
     with pytest.raises(PddnetError, match=r"pddnet\[gpu\]"):
         plugins.register_plugins()
@@ -441,7 +441,7 @@ def test_plugins_import_without_tensorrt_and_register_names_the_extra(monkeypatc
 
 
 def test_importing_export_and_plugins_needs_no_heavy_packages():
-    code = ("import sys, pddnet.export, pddnet.export.plugins; "
+    code = ("import sys, pddnet.export, pddnet.backends.trt.plugins; "
             "print([m for m in ('triton', 'tensorrt', 'torch') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -1,4 +1,4 @@
-"""Tests for pddnet.validation.metrics (Learn2Reg metric definitions).
+"""Tests for pddnet.metrics (Learn2Reg metric definitions).
 
 What is tested: hand-computed Dice of boxes, identical/disjoint maps, absent labels -> NaN and
 skipped; DSC30 against np.percentile; HD95 of offset boxes (exact) and offset spheres (analytic,
@@ -24,8 +24,9 @@ import warnings
 import numpy as np
 import pytest
 
+from pddnet._files import jsonable
 from pddnet.errors import PddnetError
-from pddnet.validation import metrics as M
+from pddnet import metrics as M
 
 
 @pytest.fixture
@@ -421,7 +422,7 @@ def test_pair_metrics_bundle_and_json(rng):
     assert pm["sdlogj"] == M.sdlogj(disp)
     assert pm["folding_percent"] == M.folding_percent(disp)
     json.dumps(pm)                                    # Python json: NaN written as NaN
-    strict = json.loads(json.dumps(M.jsonable(pm), allow_nan=False))
+    strict = json.loads(json.dumps(jsonable(pm), allow_nan=False))
     assert strict["dice_per_label"]["2"] is None and strict["hd95_per_label"]["2"] is None
     assert strict["dice_per_label"]["1"] == pytest.approx(pm["dice_per_label"][1])
     with pytest.raises(PddnetError, match=r"pair_metrics.*disp shape"):

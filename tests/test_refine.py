@@ -15,6 +15,8 @@ import pytest
 
 from pddnet.errors import PddnetError
 from pddnet.runtime import refine as N
+from pddnet.spec import contract as C
+from pddnet.spec import refine as S
 
 torch = pytest.importorskip("torch")
 
@@ -158,7 +160,7 @@ def test_runtime_refinement_matches_reference(grid, L, q, image):
     rng = np.random.default_rng(8)
     p = _probs(rng, grid, L, sharp=3.0).astype(np.float32)
     e = _expectation(p.astype(np.float64), L, q).astype(np.float32)
-    opts = N.RefineOptions(steps=50)
+    opts = S.RefineOptions(steps=50)
     got = N.instance_optimise(p, e, L, q, opts)
     ref = R.instance_optimise(torch.from_numpy(p), torch.from_numpy(e), L, q, opts)
     vox_got = N.to_voxels(got.grid_disp, image)
@@ -175,7 +177,7 @@ def test_zero_steps_is_the_smoothed_expectation():
     rng = np.random.default_rng(9)
     p = _probs(rng, (4, 4, 4), 3)
     e = _expectation(p, 3, 0.2)
-    got = N.instance_optimise(p, e, 3, 0.2, N.RefineOptions(steps=0))
+    got = N.instance_optimise(p, e, 3, 0.2, S.RefineOptions(steps=0))
     np.testing.assert_allclose(got.grid_disp, N.smooth(e), atol=1e-7)
 
 
@@ -210,11 +212,11 @@ def test_refinement_converges_to_a_known_translation():
     before = np.abs(N.smooth(start) - truth).max()
     for impl in ("numpy", "torch"):
         if impl == "numpy":
-            got = N.instance_optimise(p, start, L, q, N.RefineOptions(steps=100, lr=0.01))
+            got = N.instance_optimise(p, start, L, q, S.RefineOptions(steps=100, lr=0.01))
             u = got.grid_disp
         else:
             u = R.instance_optimise(torch.tensor(p), torch.tensor(start), L, q,
-                                    N.RefineOptions(steps=100, lr=0.01)).grid_disp.numpy()
+                                    S.RefineOptions(steps=100, lr=0.01)).grid_disp.numpy()
         err = np.abs(u - truth).max()
         assert err < 0.1 * h < 0.05 * before, (impl, err / h)
 
@@ -230,7 +232,7 @@ def test_refinement_converges_to_a_known_ramp():
     truth[..., 2] = -h
     p = _gaussian_probs(truth, L, q)
     start = truth + np.random.default_rng(11).normal(0, 0.7 * h, truth.shape)
-    got = N.instance_optimise(p, start, L, q, N.RefineOptions(steps=150, lr=0.005, weight=0.05))
+    got = N.instance_optimise(p, start, L, q, S.RefineOptions(steps=150, lr=0.005, weight=0.05))
     assert np.abs(got.grid_disp - truth).max() < 0.15 * h
     assert np.abs(got.grid_disp - truth).mean() < 0.05 * h
 
@@ -287,27 +289,27 @@ def test_compose_rejects_mismatched_fields():
 # options and stage-two geometry
 # --------------------------------------------------------------------------------------------
 def test_refine_options_validation_and_coercion():
-    assert N.RefineOptions.coerce(None) is None
-    assert N.RefineOptions.coerce(0) is None
-    assert N.RefineOptions.coerce(7).steps == 7
+    assert S.RefineOptions.coerce(None) is None
+    assert S.RefineOptions.coerce(0) is None
+    assert S.RefineOptions.coerce(7).steps == 7
     with pytest.raises(PddnetError, match="steps"):
-        N.RefineOptions(steps=-1)
+        S.RefineOptions(steps=-1)
     with pytest.raises(PddnetError, match="lr"):
-        N.RefineOptions(lr=0)
+        S.RefineOptions(lr=0)
     with pytest.raises(PddnetError, match="refine must be"):
-        N.RefineOptions.coerce("many")
-    assert N.parse_modes("ff, inst,ff") == ["ff", "inst"]
+        S.RefineOptions.coerce("many")
+    assert S.parse_modes("ff, inst,ff") == ["ff", "inst"]
     with pytest.raises(PddnetError, match="unknown registration mode"):
-        N.parse_modes("ff,fast")
+        S.parse_modes("ff,fast")
 
 
 def test_stage2_geometry():
-    from pddnet.model.config import preset
+    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
 
     small = preset("small").as_dict()
-    assert N.stage2_overrides(small) == {"grid": [30, 30, 30], "capture": 0.15}  # 1.5 x 20
-    paper = N.stage2_overrides(preset("paper").as_dict())
+    assert S.stage2_overrides(small) == {"grid": [30, 30, 30], "capture": 0.15}  # 1.5 x 20
+    paper = S.stage2_overrides(preset("paper").as_dict())
     assert paper == {"grid": [48, 48, 48], "capture": 0.2}
     net = PDDNet(preset("tiny"), seed=1).eval()
     net2 = R.stage2_network(net)
@@ -326,7 +328,7 @@ def test_stage2_geometry():
 
 
 def test_network_for_config_follows_an_overridden_export():
-    from pddnet.model.config import preset
+    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
 
     net = PDDNet(preset("tiny"), seed=4).eval()
@@ -340,7 +342,7 @@ def test_network_for_config_follows_an_overridden_export():
 
 
 def test_register_stages_shapes_and_identity_of_stage_one():
-    from pddnet.model.config import preset
+    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
 
     net = PDDNet(preset("tiny"), seed=2).eval()
@@ -351,7 +353,7 @@ def test_register_stages_shapes_and_identity_of_stage_one():
     with torch.no_grad():
         direct = net(f, m).dense((24, 24, 24))
     assert torch.allclose(ff.disp, direct)
-    two = R.register_stages(net, f, m, stages=2, refine=N.RefineOptions(steps=3))
+    two = R.register_stages(net, f, m, stages=2, refine=S.RefineOptions(steps=3))
     assert two.disp.shape == (24, 24, 24, 3) and len(two.stages) == 2
     assert two.stages[1].config.grid == (9, 9, 9)
     assert set(two.times_ms) == {"features", "head", "refine", "warp", "features2", "head2",
@@ -374,7 +376,7 @@ def sharp_tiny(tmp_path_factory):
     with the probabilities."""
     from pddnet.export.onnx_export import export_checkpoint
     from pddnet.model.checkpoint import save_checkpoint
-    from pddnet.model.config import preset
+    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
 
     net = PDDNet(preset("tiny"), seed=3).eval()
@@ -405,16 +407,16 @@ def _norm(v):
 
 
 def test_export_stage2_writes_a_linked_model(sharp_tiny):
-    from pddnet.runtime.model import load_model
-    from pddnet.runtime.stages import stage2_path
+    from pddnet.graph.model import load_model
+    from pddnet.spec.refine import stage2_path
 
     _, _, model = sharp_tiny
     second = stage2_path(model)
     assert second.name == "tiny.stage2.onnx" and second.exists()
     one, two = load_model(model), load_model(second)
     meta = {p.key: json.loads(p.value) for p in one.proto.metadata_props}
-    assert meta[N.META_STAGE2]["file"] == second.name
-    assert meta[N.META_STAGE2]["sha256"] == two.info.sha256
+    assert meta[C.META_STAGE2]["file"] == second.name
+    assert meta[C.META_STAGE2]["sha256"] == two.info.sha256
     assert two.info.config["grid"] == [9, 9, 9]
     assert two.info.config["capture"] == pytest.approx(0.15)
     assert "probs" in two.info.outputs
@@ -422,13 +424,13 @@ def test_export_stage2_writes_a_linked_model(sharp_tiny):
               for o in two.proto.graph.output}
     assert shapes["grid_disp"] == [9, 9, 9, 3] and shapes["probs"] == [9, 9, 9, 125]
     meta2 = {p.key: json.loads(p.value) for p in two.proto.metadata_props}
-    assert meta2[N.META_OVERRIDES]["overrides"]["grid"] == [9, 9, 9]
-    assert meta2[N.META_OVERRIDES]["base_config"]["grid"] == [6, 6, 6]
+    assert meta2[C.META_OVERRIDES]["overrides"]["grid"] == [9, 9, 9]
+    assert meta2[C.META_OVERRIDES]["base_config"]["grid"] == [6, 6, 6]
 
 
 def test_export_with_overrides(sharp_tiny, tmp_path):
     from pddnet.export.onnx_export import export_checkpoint
-    from pddnet.runtime.model import load_model
+    from pddnet.graph.model import load_model
 
     _, ckpt, _ = sharp_tiny
     path = export_checkpoint(ckpt, tmp_path / "g8.onnx", overrides={"grid": [8, 8, 8],
@@ -453,7 +455,7 @@ def test_runtime_refine_and_two_stages_match_reference(sharp_tiny):
     f, m = _norm(fixed), _norm(moving)
     cfg = net.config
     cfg2 = R.stage2_network(net).config
-    opts = N.RefineOptions(steps=30)
+    opts = S.RefineOptions(steps=30)
 
     def refined(probs, grid, c):
         g = R.instance_optimise(torch.from_numpy(probs), torch.from_numpy(grid), c.disp_size,
@@ -637,7 +639,7 @@ def test_validate_compares_modes_side_by_side(tmp_path):
     from pddnet.data.synth import write_dataset
     from pddnet.export.onnx_export import export_checkpoint
     from pddnet.model.checkpoint import save_checkpoint
-    from pddnet.model.config import preset
+    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
     from pddnet.validation.compare import compare, default_candidates, mode_candidates
     from pddnet.validation.report import format_table

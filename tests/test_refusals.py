@@ -256,7 +256,7 @@ def test_external_data_escaping_its_folder(base, tmp_path):
     shutil.copytree(base["bundle"], b)
     shutil.copy(model, b / MODEL_REL)
     m = _manifest(b)
-    from pddnet.runtime.bundle import sha256_file
+    from pddnet._files import sha256_file
 
     digest = sha256_file(b / MODEL_REL)
     m["files"][MODEL_REL] = {"sha256": digest, "bytes": (b / MODEL_REL).stat().st_size}

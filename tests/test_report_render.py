@@ -27,9 +27,10 @@ def setup(tmp_path_factory):
     import onnx
 
     from pddnet.data.synth import write_dataset
-    from pddnet.export.onnx_export import export_model, sha256_file
+    from pddnet._files import sha256_file
+    from pddnet.export.onnx_export import export_model
     from pddnet.model.checkpoint import save_checkpoint
-    from pddnet.model.config import preset
+    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
 
     tmp = tmp_path_factory.mktemp("render")

@@ -11,8 +11,8 @@ import pytest
 
 from fake_models import make_model
 from pddnet.errors import PddnetError
-from pddnet.runtime.backends import BACKENDS, Backend, TensorSpec, create_backend
-from pddnet.runtime.backends.onnxrt import OnnxRuntimeBackend, resolve_providers
+from pddnet.backends import BACKENDS, Backend, TensorSpec, create_backend
+from pddnet.backends.onnxrt import OnnxRuntimeBackend, resolve_providers
 
 SHAPE = (24, 21, 30)
 

@@ -13,10 +13,11 @@ import pytest
 
 from fake_models import make_model, save_model
 from pddnet.errors import PddnetError
-from pddnet.export import contract as C
-from pddnet.runtime.backends import create_backend
-from pddnet.runtime.model import load_model, parse_model_bytes
-from pddnet.runtime.split import FEATURES_INPUT, FEATURES_OUTPUT, META_PART, split_model
+from pddnet.spec import contract as C
+from pddnet.backends import create_backend
+from pddnet.graph.model import load_model, parse_model_bytes
+from pddnet.graph.split import split_model
+from pddnet.spec.contract import FEATURES_INPUT, FEATURES_OUTPUT, META_PART
 
 SHAPE = (24, 21, 30)
 

@@ -193,7 +193,7 @@ def test_unsplittable_model_falls_back_to_the_full_model(tmp_path):
         assert not reg.reuses_features
         res = reg.register(Volume(f, AFF4), Volume(mv, AFF4))
     assert "not reused" in res.notes[0] and res.timings_ms["features"] is None
-    from pddnet.runtime.backends import create_backend
+    from pddnet.backends import create_backend
 
     with create_backend("onnxruntime", m) as be:
         norm = lambda a: (np.clip(a, -1000, 1500) / 500).astype(np.float32)[None, None]

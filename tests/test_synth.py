@@ -25,7 +25,7 @@ from pddnet.data import synth
 from pddnet.data.synth import (LABELS, PRESETS, preset_affine, split_subjects,
                                synthesize_subject, write_dataset)
 from pddnet.errors import PddnetError
-from pddnet.validation.metrics import dice_per_label
+from pddnet.metrics import dice_per_label
 
 N_SUBJECTS = 8
 

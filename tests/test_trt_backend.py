@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 from pddnet.errors import PddnetError
-from pddnet.export.engine_cache import EngineCache, EngineKey, Environment
-from pddnet.runtime.backends import BACKENDS, create_backend
-from pddnet.runtime.backends.trt_io import IOPlan, TensorDesc, numpy_dtype
+from pddnet.backends.trt.cache import EngineCache, EngineKey, Environment
+from pddnet.backends import BACKENDS, create_backend
+from pddnet.backends.trt.io import IOPlan, TensorDesc, numpy_dtype
 
 ENV = Environment("Fake GPU", "9.0", 4, "10.9.0.34")
 
@@ -86,7 +86,7 @@ class FakeCuda:
         return ptr
 
     def install(self, monkeypatch):
-        from pddnet.runtime.backends import cuda_rt
+        from pddnet.backends.trt import cuda as cuda_rt
 
         cuda = self
         rt = types.SimpleNamespace(cudaSetDevice=lambda d: (0,))
@@ -331,9 +331,9 @@ def test_registry_and_missing_tensorrt(monkeypatch):
 @pytest.mark.parametrize("plugins", ["native", "auto"])
 def test_real_engine_matches_onnxruntime(tmp_path, plugins):
     torch = pytest.importorskip("torch")
-    from pddnet.export import contract as C
+    from pddnet.spec import contract as C
     from pddnet.export.onnx_export import export_model
-    from pddnet.model.config import preset
+    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
 
     net = PDDNet(preset("tiny"), seed=3).eval()

@@ -1,5 +1,5 @@
-"""The plugin-binding pass (pddnet.export.trt_binding) and the TensorRT readiness check
-(pddnet.export.trt_support), before/after on tiny models built here, plus one real export.
+"""The plugin-binding pass (pddnet.backends.trt.binding) and the TensorRT readiness check
+(pddnet.backends.trt.support), before/after on tiny models built here, plus one real export.
 
 Checked: local functions dropped only for bound ops (nested calls included), attribute values
 and types preserved while reordered to the spec order with the binding attributes last, the
@@ -22,10 +22,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pddnet.errors import PddnetError
-from pddnet.export import contract as C
-from pddnet.export.trt_binding import (DUMMY_PENALTY, BindPlugins, custom_ops_in,
-                                       plan_binding)
-from pddnet.export.trt_support import check_trt_readiness
+from pddnet.spec import contract as C
+from pddnet.backends.trt.binding import custom_ops_in, plan_binding
+from pddnet.graph.passes.bind_plugins import DUMMY_PENALTY, BindPlugins
+from pddnet.backends.trt.support import check_trt_readiness
 
 F = TensorProto.FLOAT
 OPSETS = [helper.make_opsetid("", C.OPSET), helper.make_opsetid(C.DOMAIN, 1)]
@@ -179,7 +179,7 @@ def test_native_rewrite_runs_identically_in_onnxruntime():
 def test_real_export_binding_and_readiness():
     torch = pytest.importorskip("torch")
     from pddnet.export.onnx_export import export_model
-    from pddnet.model.config import preset
+    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
 
     net = PDDNet(preset("tiny"), seed=1).eval()

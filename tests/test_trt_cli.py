@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 
 from fake_models import ct_like, grid_affine, make_model, save_model, save_volume
 from pddnet.cli import main
-from pddnet.doctor import Probe, as_json, collect, format_report
+from pddnet.backends.doctor import Probe, as_json, collect, format_report
 
 
 def _run(*args):

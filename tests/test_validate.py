@@ -13,7 +13,6 @@ import math
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,9 +28,10 @@ def setup(tmp_path_factory):
     import onnx
 
     from pddnet.data.synth import write_dataset
-    from pddnet.export.onnx_export import export_model, sha256_file
+    from pddnet._files import sha256_file
+    from pddnet.export.onnx_export import export_model
     from pddnet.model.checkpoint import save_checkpoint
-    from pddnet.model.config import preset
+    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
 
     tmp = tmp_path_factory.mktemp("validate")
@@ -100,9 +100,9 @@ def _validate_args(setup, out, *extra, onnx_model=None):
 def test_torch_backend_matches_direct_pddnet_calls(setup):
     import onnx
 
-    from pddnet.export import contract as C
-    from pddnet.runtime.backends import create_backend
-    from pddnet.runtime.split import split_model
+    from pddnet.spec import contract as C
+    from pddnet.backends import create_backend
+    from pddnet.graph.split import split_model
 
     net = setup["net"]
     proto = onnx.load(str(setup["onnx"]))
@@ -158,7 +158,7 @@ def test_torch_backend_follows_an_export_on_another_grid(setup, tmp_path):
 
     from pddnet.export.onnx_export import export_model
     from pddnet.model.refine import network_for_config
-    from pddnet.runtime.backends import create_backend
+    from pddnet.backends import create_backend
 
     net = setup["net"]
     other = network_for_config(net, {**net.config.as_dict(), "grid": [4, 5, 4], "capture": 0.2})
@@ -176,7 +176,7 @@ def test_torch_backend_follows_an_export_on_another_grid(setup, tmp_path):
 
 def test_torch_backend_refuses_a_checkpoint_of_another_architecture(setup):
     from pddnet.errors import PddnetError
-    from pddnet.runtime.backends import create_backend
+    from pddnet.backends import create_backend
 
     be = create_backend("torch", setup["wrong"], checkpoint=setup["ckpt"])
     with pytest.raises(PddnetError, match="another configuration.*channels"):
@@ -190,7 +190,7 @@ def test_torch_backend_without_torch_names_the_extra(setup):
         import sys
         sys.modules["torch"] = None
         from pddnet.errors import PddnetError
-        from pddnet.runtime.backends import create_backend
+        from pddnet.backends import create_backend
         be = create_backend("torch", {str(setup['onnx'])!r}, checkpoint={str(setup['ckpt'])!r})
         try:
             be.activate()
@@ -207,7 +207,7 @@ def test_torch_backend_without_torch_names_the_extra(setup):
 # the comparator and its report
 # --------------------------------------------------------------------------------------------
 def test_report_fields_are_present_and_consistent(report, setup):
-    from pddnet.validation.metrics import jsonable
+    from pddnet._files import jsonable
 
     assert report["schema"] == "pddnet.validation.report/1"
     assert report["status"] == "passed" and report["failed_gates"] == []

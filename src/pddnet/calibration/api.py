@@ -31,7 +31,8 @@ from pddnet.calibration.blocks import (DEFAULT_INT8_BLOCKS, fp16_plan, profile_b
 from pddnet.calibration.search import (DEFAULT_GATES, Decision, Evaluator, Measure, blocks_of,
                                        choose, load_average, timestamp)
 from pddnet.errors import PddnetError
-from pddnet.export import contract as C
+from pddnet.spec.metadata import read_metadata, set_metadata
+from pddnet.spec import contract as C
 
 Echo = Callable[[str], None]
 RANGES_FILES = ("ranges.json", "calibration.flatbuffers", "calibration.cache", "calibration.json")
@@ -42,7 +43,7 @@ def _say(echo: Echo | None) -> Echo:
 
 
 def _save(model: onnx.ModelProto, path, *, overwrite: bool = True) -> Path:
-    from pddnet.data.io import atomic_write
+    from pddnet._files import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +78,7 @@ def calibrate(onnx_path, data_dir, out_dir, *, method: str = "minmax", pairs: in
     ``overwrite``."""
     from pddnet.calibration.data import PairReader
     from pddnet.calibration.int8 import build_int8, check_fp32_input, qdq_summary, write_tables
-    from pddnet.runtime.model import load_model
+    from pddnet.graph.model import load_model
 
     say = _say(echo)
     loaded = load_model(onnx_path)
@@ -97,9 +98,9 @@ def calibrate(onnx_path, data_dir, out_dir, *, method: str = "minmax", pairs: in
         say(f"note: {n}")
     q, ranges, info = build_int8(loaded.proto, blocks, reader, method=method, table=table,
                                  echo=say)
-    meta = G.metadata(q)[C.META_PRECISION]
+    meta = read_metadata(q)[C.META_PRECISION]
     meta["source_fp32"] = {"file": Path(onnx_path).name, "sha256": loaded.info.sha256}
-    G.set_metadata(q, C.META_PRECISION, meta)
+    set_metadata(q, C.META_PRECISION, meta)
     out.mkdir(parents=True, exist_ok=True)
     files = write_tables(ranges, out, method=method, merged_pairs=info["pairs"],
                          quantised=_quantised_tensors(q))
@@ -164,7 +165,7 @@ def audit_fp16(model, *, optimization: str = "all") -> dict[str, Any]:
     kept (docs/precision.md)."""
     import onnxruntime as ort
 
-    from pddnet.validation.profile import inline_named
+    from pddnet.graph.passes.inline import inline_named
 
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     inlined, _ = inline_named(proto)
@@ -251,9 +252,9 @@ def run_search(checkpoint, data_dir, out_dir, *, precisions: Sequence[str] = ("f
     from pddnet.calibration.int8 import (branch_pairs, calibrate_tensors, check_qdq,
                                          float_tensors, int8_metadata, node_tensors, prepare,
                                          quantise, write_tables)
-    from pddnet.export.onnx_export import sha256_file
+    from pddnet._files import sha256_file
     from pddnet.model.checkpoint import load_model as load_ckpt
-    from pddnet.runtime.model import load_model
+    from pddnet.graph.model import load_model
 
     say = _say(echo)
     gates = {**DEFAULT_GATES, **(gates or {})}
@@ -344,10 +345,10 @@ def run_search(checkpoint, data_dir, out_dir, *, precisions: Sequence[str] = ("f
             model16 = export(plan)
             path16 = _save(model16, out / "model.fp16.onnx")
             cpu = measured(path16)
-            meta = G.metadata(model16)[C.META_PRECISION]
+            meta = read_metadata(model16)[C.META_PRECISION]
             meta["decision"] = _decision_meta(dec, ev, cpu_measure=cpu,
                                               emulated="fp16 storage, float32 arithmetic")
-            G.set_metadata(model16, C.META_PRECISION, meta)
+            set_metadata(model16, C.META_PRECISION, meta)
             _save(model16, path16)
             doc["decisions"]["fp16"]["cpu_graph_measure"] = cpu.as_dict()
             doc["decisions"]["fp16"]["audit"] = audit_fp16(model16)
@@ -375,7 +376,7 @@ def run_search(checkpoint, data_dir, out_dir, *, precisions: Sequence[str] = ("f
             check_qdq(q)
             inl = sorted({n.name for n in fp32.graph.node} - {n.name for n in w.graph.node})
             desc = reader.describe()
-            G.set_metadata(q, C.META_PRECISION, int8_metadata(
+            set_metadata(q, C.META_PRECISION, int8_metadata(
                 chosen, names, method=method, inlined=inl,
                 calibration={k: desc.get(k) for k in ("split", "pairs", "pair_names", "seed")}))
             return q
@@ -436,14 +437,14 @@ def run_search(checkpoint, data_dir, out_dir, *, precisions: Sequence[str] = ("f
         doc["files"]["ranges"] = str(out / "ranges.json")
         if dec8.chosen:
             q = build(dec8.chosen)
-            meta = G.metadata(q)[C.META_PRECISION]
+            meta = read_metadata(q)[C.META_PRECISION]
             meta["decision"] = _decision_meta(dec8, ev)
-            G.set_metadata(q, C.META_PRECISION, meta)
+            set_metadata(q, C.META_PRECISION, meta)
             path8 = _save(q, out / "model.int8.onnx")
             final = ev.time({"fp32": fp32_path, "int8": path8}, repeats=repeats)
             meta["decision"]["speedup_vs_fp32"] = \
                 final["fp32"]["median_ms"] / final["int8"]["median_ms"]
-            G.set_metadata(q, C.META_PRECISION, meta)
+            set_metadata(q, C.META_PRECISION, meta)
             _save(q, path8)
             doc["decisions"]["int8"]["timing"] = final
             doc["files"]["int8"] = str(path8)
@@ -486,9 +487,9 @@ def _decision_meta(dec: Decision, ev: Evaluator, *, cpu_measure: Measure | None 
 # ---------------------------------------------------------------------------------------------
 def _find_checkpoint(fp32_model: Path) -> Path | None:
     """The checkpoint an export came from, when it is the shipped weights (by SHA-256)."""
-    from pddnet.export.onnx_export import sha256_file
+    from pddnet._files import sha256_file
 
-    src = G.metadata(onnx.load(str(fp32_model), load_external_data=False)).get(C.META_SOURCE)
+    src = read_metadata(onnx.load(str(fp32_model), load_external_data=False)).get(C.META_SOURCE)
     want = src.get("checkpoint_sha256") if isinstance(src, dict) else None
     if not want:
         return None
@@ -527,7 +528,7 @@ def demo_graphs(fp32_model, data_dir, out_dir, *, pairs: int | None = None,
         say("FP16: the checkpoint of the FP32 model is unknown (pass checkpoint=); no FP16 "
             "graph")
         return made
-    outputs = tuple(G.metadata(onnx.load(str(fp32_model), load_external_data=False))
+    outputs = tuple(read_metadata(onnx.load(str(fp32_model), load_external_data=False))
                     .get(C.META_OUTPUTS) or ())
     outputs = tuple(o for o in outputs if o in C.OPTIONAL_OUTPUTS)
     path, kept = export_fp16(ckpt, out / precision_path(fp32_model, "fp16").name,

@@ -28,7 +28,7 @@ from collections import defaultdict
 from typing import Any, Iterable, Sequence
 
 from pddnet.errors import PddnetError
-from pddnet.export import contract as C
+from pddnet.spec import contract as C
 
 #: blocks an FP16 export keeps in FP32 by default: none. ``pddnet sensitivity`` on the shipped
 #: ``small`` weights (and on earlier training snapshots) found every block within the FP16 gate
@@ -142,7 +142,7 @@ def profile_blocks(model, feeds: dict, *, threads: int | None = 2, runs: int = 2
     import onnxruntime as ort
 
     from pddnet.calibration.graphs import block_map as get_block_map
-    from pddnet.validation.profile import inline_named
+    from pddnet.graph.passes.inline import inline_named
 
     bm = get_block_map(model)
     inlined, _ = inline_named(model)

@@ -70,7 +70,7 @@ class PairReader(_reader_base()):
 
     Args:
         data_dir: a Learn2Reg dataset folder (or its ``*_dataset.json``).
-        info: the model's :class:`~pddnet.runtime.model.ModelInfo` (grid, intensity window).
+        info: the model's :class:`~pddnet.graph.model.ModelInfo` (grid, intensity window).
         split, pairs, seed: as :func:`select_pairs`.
         progress: show a progress bar while pairs are read (each pass of the calibrator).
         spacing_tolerance: as the runtime's (a model trained at another spacing is refused).

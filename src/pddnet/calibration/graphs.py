@@ -17,7 +17,6 @@ Torch-free (onnx, numpy; onnxruntime only where a function says so).
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
@@ -25,7 +24,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from pddnet.errors import PddnetError
-from pddnet.export import contract as C
+from pddnet.spec.metadata import read_metadata, set_metadata
+from pddnet.spec import contract as C
 
 F16 = TensorProto.FLOAT16
 F32 = TensorProto.FLOAT
@@ -44,32 +44,13 @@ _FALLBACK_PATTERNS: dict[str, tuple[str, ...]] = {
 }
 
 
-def metadata(model: onnx.ModelProto) -> dict[str, object]:
-    """The ``pddnet.*`` metadata, JSON-decoded (undecodable values kept as strings)."""
-    out: dict[str, object] = {}
-    for p in model.metadata_props:
-        try:
-            out[p.key] = json.loads(p.value)
-        except ValueError:
-            out[p.key] = p.value
-    return out
-
-
-def set_metadata(model: onnx.ModelProto, key: str, value) -> None:
-    """Set (replace) one ``metadata_props`` entry to ``json.dumps(value)``."""
-    for p in list(model.metadata_props):
-        if p.key == key:
-            model.metadata_props.remove(p)
-    model.metadata_props.add(key=key, value=json.dumps(value, sort_keys=True))
-
-
 def block_map(model: onnx.ModelProto) -> dict[str, list[str]]:
     """``{block: [main-graph node names]}`` for :data:`contract.BLOCKS` (some may be empty).
 
     From the ``pddnet.blocks`` metadata when present; otherwise from the node names of the
     model contract (feature layers, correlation and the two mean-field steps; the softmax and
     upsampling blocks are then the remaining ``head/`` nodes)."""
-    meta = metadata(model)
+    meta = read_metadata(model)
     names = [n.name for n in model.graph.node]
     present = set(names)
     blocks = meta.get(C.META_BLOCKS)
@@ -103,7 +84,7 @@ def is_quantised(model: onnx.ModelProto) -> bool:
 def precision_mode(model: onnx.ModelProto) -> str:
     """``fp32`` / ``fp16`` / ``int8``: the ``pddnet.precision`` metadata, else the graph's
     content (Q/DQ -> int8, float16 initializers or casts -> fp16)."""
-    prec = metadata(model).get(C.META_PRECISION)
+    prec = read_metadata(model).get(C.META_PRECISION)
     if isinstance(prec, dict) and prec.get("mode") in ("fp32", "fp16", "int8"):
         mode = prec["mode"]
         if mode != "fp32" or not is_quantised(model):
@@ -152,7 +133,7 @@ def emulate_fp16_storage(model: onnx.ModelProto) -> onnx.ModelProto:
     followed by ``round16``. Inputs, outputs and metadata are kept; the ``pddnet.precision``
     entry gets ``"emulated": "fp16-storage"``.
     """
-    from pddnet.validation.profile import inline_named
+    from pddnet.graph.passes.inline import inline_named
 
     inlined, _ = inline_named(model)
     try:
@@ -218,7 +199,7 @@ def emulate_fp16_storage(model: onnx.ModelProto) -> onnx.ModelProto:
     out.ir_version = model.ir_version
     for p in model.metadata_props:
         out.metadata_props.add(key=p.key, value=p.value)
-    prec = metadata(model).get(C.META_PRECISION)
+    prec = read_metadata(model).get(C.META_PRECISION)
     prec = dict(prec) if isinstance(prec, dict) else {"mode": "fp16"}
     prec["emulated"] = "fp16-storage"
     set_metadata(out, C.META_PRECISION, prec)

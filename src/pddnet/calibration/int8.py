@@ -11,7 +11,7 @@ Everything goes through ``onnxruntime.quantization``:
 1. :func:`prepare` -- the model to quantise. Main-graph nodes (the feature convolutions) are
    visible to the library as they are. For blocks whose work is inside an ``ai.pddnet`` local
    function (``obelisk``: DeformableSample3D; ``correlation``; the mean-field steps) those calls
-   are *inlined* first (:func:`pddnet.validation.profile.inline_named` naming the body's nodes
+   are *inlined* first (:func:`pddnet.graph.passes.inline.inline_named` naming the body's nodes
    ``<caller>/<function>/<node>``) and their ``Constant`` matrices become initializers, so
    that the library sees and quantises the bodies' MatMuls like any other (the alternative,
    Q/DQ written by hand into the function bodies, would need one function per call site --
@@ -49,7 +49,8 @@ from onnx import numpy_helper
 
 from pddnet.calibration import graphs as G
 from pddnet.errors import PddnetError
-from pddnet.export import contract as C
+from pddnet.spec.metadata import set_metadata
+from pddnet.spec import contract as C
 
 METHODS = ("minmax", "entropy", "percentile")
 #: op types the quantiser is asked to quantise (inputs: activation + weight)
@@ -114,7 +115,7 @@ def prepare(model: onnx.ModelProto, blocks: Sequence[str]) -> tuple[onnx.ModelPr
     calls = {n for n in chosen if by_name[n].domain == C.DOMAIN}
     work = model
     if calls:
-        from pddnet.validation.profile import inline_named
+        from pddnet.graph.passes.inline import inline_named
 
         work, _ = inline_named(model, only=calls)
         _constants_to_initializers(work)
@@ -279,11 +280,11 @@ def collect_feature_ranges(model: onnx.ModelProto, reader, *, tensors: set[str],
     (``runtime.split``) fed with both scans of each pair: the fixed branch's ranges over fixed
     and moving scans -- the branches' union -- copied to the moving twins. The head never
     runs, which at the paper size is most of the time and memory."""
-    from pddnet.runtime.split import FEATURES_INPUT, FEATURES_OUTPUT, split_model
+    from pddnet.graph.split import split_model
 
     pairs = branch_pairs(model)
     back = {v: k for k, v in pairs.items()}
-    rename = {C.INPUT_FIXED: FEATURES_INPUT, C.FIXED_FEATURES: FEATURES_OUTPUT}
+    rename = {C.INPUT_FIXED: C.FEATURES_INPUT, C.FIXED_FEATURES: C.FEATURES_OUTPUT}
     fixed_side = {back.get(t, t) for t in tensors}
     part = split_model(model).features
     wanted = {rename.get(t, t) for t in fixed_side}
@@ -431,7 +432,7 @@ def write_tables(ranges, out_dir, *, method: str, merged_pairs=None, quantised=(
     ``out_dir``; returns ``{name: path}``."""
     from onnxruntime.quantization import write_calibration_table
 
-    from pddnet.data.io import atomic_write
+    from pddnet._files import atomic_write
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -486,5 +487,5 @@ def build_int8(model: onnx.ModelProto, blocks: Sequence[str], reader, *, method:
     meta = int8_metadata(blocks, names, method=method, inlined=inlined,
                          calibration={k: desc.get(k) for k in ("split", "pairs", "pair_names",
                                                                "seed")})
-    G.set_metadata(q, C.META_PRECISION, meta)
+    set_metadata(q, C.META_PRECISION, meta)
     return q, ranges, {"nodes": names, "inlined": inlined, "pairs": pairs, "reader": desc}

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pddnet.data.io import atomic_write
+from pddnet._files import atomic_write
 
 
 def _f(v, fmt: str = "{:.3f}") -> str:
@@ -120,7 +120,7 @@ def render_sensitivity(doc: dict[str, Any]) -> str:
 
 
 def write_sensitivity(doc: dict[str, Any], out_dir) -> dict[str, Path]:
-    from pddnet.validation.metrics import jsonable
+    from pddnet._files import jsonable
 
     out = Path(out_dir)
     paths = {"sensitivity.json": out / "sensitivity.json", "sensitivity.md": out / "sensitivity.md"}

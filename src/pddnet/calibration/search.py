@@ -228,7 +228,7 @@ class Evaluator:
              pair: int = 0) -> dict[str, dict[str, Any]]:
         """Median model-execution time of each graph (``Registrar.run_model`` on one search
         pair), runs interleaved across graphs so that load changes hit all alike."""
-        from pddnet.runtime.model import load_model
+        from pddnet.graph.model import load_model
         from pddnet.runtime.preprocess import prepare_fixed, prepare_moving
         from pddnet.runtime.session import Registrar
 
@@ -264,7 +264,7 @@ def timestamp() -> str:
 
 
 def blocks_of(names: Iterable[str]) -> list[str]:
-    from pddnet.export import contract as C
+    from pddnet.spec import contract as C
 
     names = list(names)
     bad = sorted(set(names) - set(C.BLOCKS))

@@ -71,9 +71,9 @@ def annotate_report(report: dict[str, Any], candidates: list) -> dict[str, Any]:
     precision candidate of ``report`` and the FP16 note (in place; returns ``report``)."""
     import onnx
 
-    from pddnet.calibration import graphs as G
     from pddnet.calibration.api import audit_fp16
-    from pddnet.export import contract as C
+    from pddnet.spec import contract as C
+    from pddnet.spec.metadata import read_metadata
 
     fp16_seen = False
     for c in candidates:
@@ -81,7 +81,7 @@ def annotate_report(report: dict[str, Any], candidates: list) -> dict[str, Any]:
         if entry is None:
             continue
         proto = onnx.load(str(c.model))
-        info: dict[str, Any] = {"pddnet.precision": G.metadata(proto).get(C.META_PRECISION)}
+        info: dict[str, Any] = {C.META_PRECISION: read_metadata(proto).get(C.META_PRECISION)}
         if c.name == "onnxruntime-fp16":
             fp16_seen = True
             try:

@@ -1,93 +1,19 @@
-"""File I/O shared by every part: atomic writes, NIfTI volumes.
-
-All writers go through :func:`atomic_write`: data lands in a temporary file in the destination
-folder and is renamed into place only when complete, so an error or Ctrl-C never leaves a
-partial output.
+"""NIfTI volumes: reading with header checks, writing through :func:`pddnet._files.atomic_write`,
+and reorientation to the canonical (RAS+) axis order.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import nibabel as nib
 import numpy as np
 
+from pddnet._files import atomic_write
 from pddnet.errors import PddnetError
 
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` when the block succeeds.
-
-    The temporary file keeps the final suffixes (so writers that infer the format from the name,
-    such as nibabel, still work). On any exception, including KeyboardInterrupt, it is removed.
-    """
-    final = Path(path)
-    if final.exists() and not overwrite:
-        raise PddnetError(f"{final} already exists; remove it or pass --overwrite")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(final.suffixes)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".partial{suffix}",
-                                    dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        # mkstemp creates 0600; give the result the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty staging folder beside ``path``; it becomes ``path`` when the block succeeds.
-
-    The folder version of :func:`atomic_write` (files inside it are still written with
-    ``atomic_write``): a bundle, a Triton repository. An existing ``path`` is refused unless
-    ``overwrite``; it is then replaced only after the block succeeded (renamed aside, the new
-    folder renamed in, the old one removed). On any exception, KeyboardInterrupt included, the
-    staging folder is removed and ``path`` is left as it was.
-    """
-    import shutil
-
-    final = Path(path)
-    if final.exists() and not final.is_dir():
-        raise PddnetError(f"{final} exists and is not a folder; choose another output path")
-    if final.exists() and not overwrite:
-        raise PddnetError(f"{final} already exists; remove it or pass --overwrite")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    try:
-        yield stage
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(stage, 0o777 & ~umask)
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-            os.replace(final, old / final.name)
-            os.replace(stage, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, final)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-
-
-# --------------------------------------------------------------------------------------------
-# NIfTI volumes
-# --------------------------------------------------------------------------------------------
 
 #: Largest voxel spacing (mm) accepted by :func:`load_nifti`; anything above is a broken header.
 MAX_SPACING_MM = 20.0

@@ -1069,7 +1069,7 @@ def _previous_synth(out: Path) -> dict | None:
 
 
 def _pair_dice(fixed: np.ndarray, moving: np.ndarray, fname: str, mname: str) -> PairDice:
-    from pddnet.validation.metrics import dice_per_label
+    from pddnet.metrics import dice_per_label
 
     per = dice_per_label(fixed, moving, moving, labels=[k for k in LABELS if k])
     vals = [v for v in per.values() if not math.isnan(v)]
@@ -1089,7 +1089,8 @@ def write_dataset(out_dir: str | Path, *, subjects: int, seed: int, preset: str 
     """
     from tqdm import tqdm
 
-    from pddnet.data.io import atomic_write, save_nifti
+    from pddnet._files import atomic_write
+    from pddnet.data.io import save_nifti
 
     p = _preset(preset)
     if int(subjects) != subjects:

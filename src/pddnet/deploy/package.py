@@ -38,11 +38,12 @@ from typing import Any, Callable, Sequence
 
 import onnx
 
-from pddnet.data.io import atomic_directory, atomic_write
+from pddnet._files import atomic_directory, atomic_write, sha256_bytes, sha256_file, write_json
 from pddnet.errors import PddnetError
-from pddnet.export import contract as C
-from pddnet.runtime.bundle import MANIFEST, PREPROCESSING, SCHEMA, sha256_file, verify_folder
-from pddnet.runtime.model import LoadedModel, load_model
+from pddnet.spec import contract as C
+from pddnet.spec.metadata import metadata_value
+from pddnet.runtime.bundle import MANIFEST, PREPROCESSING, SCHEMA, verify_folder
+from pddnet.graph.model import LoadedModel, load_model
 
 PRECISIONS = ("fp32", "fp16", "int8")
 REPORT_FILES = ("report.json", "report.md", "report.html")
@@ -95,7 +96,7 @@ class PackageResult:
 # --------------------------------------------------------------------------------------------
 def collect_model(path: str | os.PathLike, precision: str) -> SourceModel:
     """Load ``path`` with the runtime's checks and make sure it is a ``precision`` graph."""
-    from pddnet.export.trt_build import model_precision
+    from pddnet.backends.trt.build import model_precision
 
     p = Path(path)
     loaded = load_model(p)  # refuses truncated files, escaping external data, foreign models
@@ -107,7 +108,7 @@ def collect_model(path: str | os.PathLike, precision: str) -> SourceModel:
                           "own option")
     companions: list[Path] = []
     raw = onnx.load(str(p), load_external_data=False)
-    from pddnet.runtime.model import _all_tensors
+    from pddnet.graph.model import _all_tensors
 
     for t in _all_tensors(raw):
         if t.data_location == onnx.TensorProto.EXTERNAL:
@@ -115,9 +116,8 @@ def collect_model(path: str | os.PathLike, precision: str) -> SourceModel:
             if Path(loc) not in companions:
                 companions.append(Path(loc))  # load_model checked it stays in the folder
     stage2 = None
-    meta = {m.key: m.value for m in loaded.proto.metadata_props}
-    if "pddnet.stage2" in meta:
-        link = json.loads(meta["pddnet.stage2"])
+    link = metadata_value(loaded.proto, C.META_STAGE2, where=str(p), default=None)
+    if link is not None:
         name = str(link.get("file", ""))
         if not name or "/" in name or "\\" in name or name in (".", ".."):
             raise PddnetError(f"{p}: its pddnet.stage2 metadata names {name!r}; a stage-two model "
@@ -254,8 +254,8 @@ def validation_for(report: dict[str, Any], sha: str, *, trt: bool,
 def collect_engines(paths: Sequence[str | os.PathLike],
                     models: Sequence[SourceModel]) -> list[EngineSet]:
     """Group the given engines by (graph, precision, GPU/TensorRT, plugins) and check them."""
-    from pddnet.export import engine_cache as ec
-    from pddnet.export.trt_build import model_bytes, runtime_parts
+    from pddnet.backends.trt import cache as ec
+    from pddnet.backends.trt.build import model_bytes, runtime_parts
 
     files: list[Path] = []
     for p in map(Path, paths):
@@ -273,7 +273,7 @@ def collect_engines(paths: Sequence[str | os.PathLike],
     runtime_labels: dict[str, set[str]] = {}
     for m in models:
         for label, part in runtime_parts(m.loaded.proto, whole=True):
-            parts[ec.sha256_bytes(model_bytes(part))] = (m, label)
+            parts[sha256_bytes(model_bytes(part))] = (m, label)
         runtime_labels[m.id] = {lab for lab, _ in runtime_parts(m.loaded.proto)}
     sets: dict[tuple, EngineSet] = {}
     for f in files:
@@ -334,13 +334,6 @@ def collect_engines(paths: Sequence[str | os.PathLike],
 def _copy(src: Path, dst: Path) -> None:
     with atomic_write(dst) as tmp:
         shutil.copyfile(src, tmp)
-
-
-def _write_json(dst: Path, obj: Any) -> None:
-    from pddnet.validation.metrics import jsonable
-
-    with atomic_write(dst) as tmp:
-        tmp.write_text(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
 def versions() -> dict[str, Any]:
@@ -452,7 +445,7 @@ def package(onnx_model: str | os.PathLike, *, report_dir: str | os.PathLike,
                 _copy(m.path.parent / comp, stage / f"models/{m.id}" / comp)
         for es in esets:
             for f in es.parts.values():
-                from pddnet.export.engine_cache import meta_path_for
+                from pddnet.backends.trt.cache import meta_path_for
 
                 _copy(f, stage / "engines" / f.name)
                 _copy(meta_path_for(f), stage / "engines" / meta_path_for(f).name)
@@ -463,14 +456,14 @@ def package(onnx_model: str | os.PathLike, *, report_dir: str | os.PathLike,
         if figs.is_dir() and (report_path / "report.md").is_file():
             for f in sorted(figs.glob("*.png")):
                 _copy(f, stage / "validation" / "figures" / f.name)
-        _write_json(stage / PREPROCESSING, contract)
+        write_json(stage / PREPROCESSING, contract)
         files = {}
         for p in sorted(stage.rglob("*")):
             if p.is_file():
                 rel = p.relative_to(stage).as_posix()
                 files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         manifest = {**manifest_base, "files": files}
-        _write_json(stage / MANIFEST, manifest)
+        write_json(stage / MANIFEST, manifest)
         verify_folder(stage, where="staged bundle")  # the runtime's own checks, before renaming
         return manifest
 

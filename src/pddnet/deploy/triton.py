@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 import onnx
 
-from pddnet.data.io import atomic_directory, atomic_write
+from pddnet._files import atomic_directory, atomic_write
 from pddnet.errors import PddnetError
 
 ONNX_TYPES = {

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 from pathlib import Path
 
@@ -20,12 +19,12 @@ import onnx
 from onnx import helper
 
 from pddnet import __version__
-from pddnet.data.io import atomic_write
+from pddnet._files import atomic_write, sha256_file
 from pddnet.errors import PddnetError
-from pddnet.export import contract as C
-from pddnet.export import functions as fn
-from pddnet.export.graph import Builder, value_info
-from pddnet.model.config import PDDConfig
+from pddnet.spec import contract as C
+from pddnet.graph import functions as fn
+from pddnet.graph.builder import Builder, value_info
+from pddnet.spec.config import PDDConfig
 
 
 def _np(t) -> np.ndarray:
@@ -411,14 +410,6 @@ def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
         raise PddnetError(f"the exported graph fails the ONNX checker: {exc}") from exc
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export_checkpoint(checkpoint, out, *, image_shape=None, outputs=(), overwrite=False,
                       overrides: dict | None = None, stage2: bool | dict = False,
                       precision=None) -> Path:
@@ -430,7 +421,7 @@ def export_checkpoint(checkpoint, out, *, image_shape=None, outputs=(), overwrit
             in the ``pddnet.overrides`` metadata with the checkpoint's config.
         stage2: also write the stage-two model (``docs/refinement.md``) next to ``out`` as
             ``<stem>.stage2.onnx`` -- ``True`` for the default finer grid and smaller capture
-            range (:func:`pddnet.runtime.refine.stage2_overrides`), or a dict of overrides --
+            range (:func:`pddnet.spec.refine.stage2_overrides`), or a dict of overrides --
             and name it (file, SHA-256, overrides) in ``out``'s ``pddnet.stage2`` metadata,
             which ``pddnet register --stages 2`` follows. Both get the same ``outputs``.
         precision: as :func:`export_model` (``"fp16"``, or ``{block: "fp16"|"fp32"}``, e.g.
@@ -442,8 +433,8 @@ def export_checkpoint(checkpoint, out, *, image_shape=None, outputs=(), overwrit
 
     from pddnet.model.checkpoint import load_model
     from pddnet.model.refine import stage2_network
-    from pddnet.runtime import refine as R
-    from pddnet.runtime.stages import stage2_path
+    from pddnet.spec import refine as R
+    from pddnet.spec.refine import stage2_path
 
     model, ckpt = load_model(checkpoint)
     shape = tuple(image_shape or ckpt.get("image_shape") or ())
@@ -477,14 +468,14 @@ def export_checkpoint(checkpoint, out, *, image_shape=None, outputs=(), overwrit
     meta: dict = {}
     if overrides:
         model = variant(dict(overrides))
-        meta[R.META_OVERRIDES] = {"overrides": dict(overrides), "base_config": base_cfg}
+        meta[C.META_OVERRIDES] = {"overrides": dict(overrides), "base_config": base_cfg}
     second = None
     if stage2:
         ov2 = R.stage2_overrides(model.config.as_dict()) if stage2 is True else dict(stage2)
         second = stage2_path(out)
         write(variant(ov2), second,
-              {R.META_OVERRIDES: {"overrides": ov2, "base_config": model.config.as_dict()}})
-        meta[R.META_STAGE2] = {"file": second.name, "sha256": sha256_file(second),
+              {C.META_OVERRIDES: {"overrides": ov2, "base_config": model.config.as_dict()}})
+        meta[C.META_STAGE2] = {"file": second.name, "sha256": sha256_file(second),
                                "overrides": ov2}
     try:
         write(model, out, meta)

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from pddnet.data.io import atomic_write
+from pddnet._files import atomic_write
 from pddnet.errors import PddnetError
-from pddnet.model.config import PDDConfig
+from pddnet.spec.config import PDDConfig
 from pddnet.model.network import PDDNet
 
 FORMAT = "pddnet-checkpoint"

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pddnet.model import ops
-from pddnet.model.config import PDDConfig
+from pddnet.spec.config import PDDConfig
 
 Tensor = torch.Tensor
 

@@ -12,7 +12,7 @@ The definitions (written out in ``docs/refinement.md`` and the docstring of
   ``torch.optim.Adam(lr)``. Everything in normalised units, computed in float64 by default.
 * :func:`compose_fields`: ``u(x) = u2(x) + u1(x + u2(x))`` in voxels.
 * :func:`register_stages`: stage one, optional refinement, warp, stage two with the finer grid
-  and smaller capture range of :func:`pddnet.runtime.refine.stage2_overrides` (same weights,
+  and smaller capture range of :func:`pddnet.spec.refine.stage2_overrides` (same weights,
   fixed features reused), optional refinement, composition.
 
 The authors' ``fit_sparse2dense`` (pdd_net, ``pdd_abdomen_unsupervised_2warps.py``) is the
@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from pddnet.model import ops
-from pddnet.model.config import PDDConfig
+from pddnet.spec.config import PDDConfig
 from pddnet.model.losses import diffusion_penalty
-from pddnet.runtime.refine import RefineOptions, stage2_overrides
+from pddnet.spec.refine import RefineOptions, stage2_overrides
 
 Tensor = torch.Tensor
 
@@ -134,7 +134,7 @@ def compose_fields(u1: Tensor, u2: Tensor) -> Tensor:
 def stage2_network(model, overrides: dict[str, Any] | None = None):
     """The same weights with the stage-two control grid and capture range.
 
-    ``overrides`` default to :func:`pddnet.runtime.refine.stage2_overrides` of the model's
+    ``overrides`` default to :func:`pddnet.spec.refine.stage2_overrides` of the model's
     config; any ``PDDConfig`` field that does not change the weights may be overridden.
     """
     from pddnet.model.network import PDDNet

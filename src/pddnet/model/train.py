@@ -13,16 +13,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pddnet.errors import PddnetError
 from pddnet.model import losses, ops
 from pddnet.model.checkpoint import read_checkpoint, save_checkpoint
-from pddnet.model.config import PDDConfig
+from pddnet.spec.config import PDDConfig
 from pddnet.model.network import PDDNet, normalise_intensity
 
 NUM_CLASSES = 14  # background + the 13 Learn2Reg abdomen labels

@@ -5,9 +5,9 @@ runtime with ``import torch`` blocked).
 
 Modules, in the order data flows through them:
 
-- :mod:`~pddnet.runtime.model`       load and check an exported ``.onnx``, parse its metadata
-- :mod:`~pddnet.runtime.split`       cut it into ``features`` and ``head`` for fixed-scan reuse
-- :mod:`~pddnet.runtime.backends`    inference engines behind one interface (ONNX Runtime)
+- :mod:`~pddnet.graph.model`       load and check an exported ``.onnx``, parse its metadata
+- :mod:`~pddnet.graph.split`       cut it into ``features`` and ``head`` for fixed-scan reuse
+- :mod:`~pddnet.backends`    inference engines behind one interface (ONNX Runtime)
 - :mod:`~pddnet.runtime.preprocess`  NIfTI in any orientation/spacing -> model-grid arrays
 - :mod:`~pddnet.runtime.resample`    the interpolation primitives (numpy/scipy)
 - :mod:`~pddnet.runtime.postprocess` model-grid field -> fixed-file field; warping
@@ -26,10 +26,10 @@ from typing import Any
 _LAZY = {
     "Registrar": "pddnet.runtime.session",
     "RegistrationResult": "pddnet.runtime.session",
-    "load_model": "pddnet.runtime.model",
-    "ModelInfo": "pddnet.runtime.model",
-    "split_model": "pddnet.runtime.split",
-    "create_backend": "pddnet.runtime.backends",
+    "load_model": "pddnet.graph.model",
+    "ModelInfo": "pddnet.graph.model",
+    "split_model": "pddnet.graph.split",
+    "create_backend": "pddnet.backends",
     "register_files": "pddnet.runtime.batch",
 }
 

@@ -22,7 +22,7 @@ the one asked for) and says which and why (:class:`Selection`):
 
 1. TensorRT, when ``tensorrt`` and a CUDA device are usable here and the bundle holds engines
    built for this GPU model and TensorRT version (the identity check of
-   :mod:`pddnet.export.engine_cache`) whose validation passed: the lowest such precision
+   :mod:`pddnet.backends.trt.cache`) whose validation passed: the lowest such precision
    (int8, then fp16, then fp32);
 2. ONNX Runtime with the CUDA execution provider, when onnxruntime-gpu sees a device: the
    validated ONNX model of the lowest precision among fp16, fp32, int8 (in that order);
@@ -37,7 +37,6 @@ warning in the selection's notes. Torch-free.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -48,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
+from pddnet._files import read_json, sha256_file
 from pddnet.errors import PddnetError
 
 SCHEMA = "pddnet.bundle/1"
@@ -63,14 +63,6 @@ BACKEND_ALIASES = {"auto": "auto", "onnxruntime": "onnxruntime", "ort": "onnxrun
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def is_bundle(path: str | os.PathLike) -> bool:
     """True for a folder (every folder is treated as a bundle, so a folder without a manifest
     is refused with a clear message) or a file named ``*.tar.gz`` / ``*.tgz`` / ``*.tar``."""
@@ -268,7 +260,7 @@ class Bundle:
         return opts
 
     def _engine_usable(self, m: dict[str, Any], env: Any) -> tuple[bool, str]:
-        from pddnet.export import engine_cache as ec
+        from pddnet.backends.trt import cache as ec
 
         if env == "probe":
             env, problem = trt_environment()
@@ -380,7 +372,7 @@ class Bundle:
         m = self.model(o.model_id)
         if o.backend == "tensorrt":
             onnx_m = self.model(m["model"])
-            record = _read_json(self.path(_meta_rel(next(iter(m["engines"].values())))))
+            record = read_json(self.path(_meta_rel(next(iter(m["engines"].values())))))
             plugins = str((record or {}).get("key", {}).get("plugins", "auto"))
             mode = plugins if plugins in ("native", "none") else "auto"
             options = {"engine_cache": str(self.path("engines")), "build": "never",
@@ -439,16 +431,9 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def _meta_rel(engine_rel: str) -> str:
-    from pddnet.export.engine_cache import meta_path_for
+    from pddnet.backends.trt.cache import meta_path_for
 
     return str(PurePosixPath(meta_path_for(PurePosixPath(engine_rel)).as_posix()))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def trt_environment(device: int = 0) -> tuple[Any, str | None]:
@@ -459,7 +444,7 @@ def trt_environment(device: int = 0) -> tuple[Any, str | None]:
     if not available("tensorrt"):
         return None, "the tensorrt package is not installed (pip install 'pddnet[gpu]')"
     try:
-        from pddnet.export.trt_build import current_environment
+        from pddnet.backends.trt.build import current_environment
 
         return current_environment(device), None
     except Exception as exc:  # PddnetError (no cuda-python / no device) or a driver error
@@ -626,7 +611,7 @@ def _check_onnx_entry(root: Path, m: dict[str, Any], files: dict[str, Any], wher
     checksum has passed; reads the graph's structure only (no external data)."""
     import onnx
 
-    from pddnet.runtime.model import check_external_data
+    from pddnet.graph.model import check_external_data
 
     rel = m["file"]
     if m.get("sha256") is not None and m["sha256"] != files[rel]["sha256"]:

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pddnet.data.io import atomic_write, save_nifti
+from pddnet._files import atomic_write
+from pddnet.data.io import save_nifti
 from pddnet.errors import PddnetError
 
 if TYPE_CHECKING:

@@ -32,7 +32,7 @@ import numpy as np
 from pddnet.data import io as dio
 from pddnet.data.io import Volume, load_nifti, to_canonical
 from pddnet.errors import PddnetError
-from pddnet.runtime.model import ModelInfo
+from pddnet.graph.model import ModelInfo
 from pddnet.runtime.resample import resample, resize_map
 
 DEFAULT_SPACING_TOLERANCE = 0.30

@@ -32,14 +32,14 @@ import numpy as np
 
 from pddnet.data.io import Volume
 from pddnet.errors import PddnetError
-from pddnet.export import contract as C
-from pddnet.runtime.backends import create_backend
+from pddnet.spec import contract as C
+from pddnet.backends import create_backend
 from pddnet.runtime.bundle import is_bundle, open_bundle
-from pddnet.runtime.model import load_model
+from pddnet.graph.model import load_model
 from pddnet.runtime.postprocess import field_to_fixed_grid, labels_on_fixed_grid, warp_to_fixed
 from pddnet.runtime.preprocess import (DEFAULT_SPACING_TOLERANCE, PreparedFixed, VolumeLike,
                                        _codes, prepare_fixed, prepare_moving)
-from pddnet.runtime.split import FEATURES_INPUT, FEATURES_OUTPUT, split_model
+from pddnet.graph.split import split_model
 
 STAGES = ("load", "preprocess", "features", "head", "refine", "stage2", "postprocess", "metrics",
           "write")
@@ -101,7 +101,7 @@ class RegistrationResult:
     def summary(self, outputs: list[str] | None = None) -> dict[str, Any]:
         """The ``summary.json`` content (strict JSON types)."""
         from pddnet import __version__
-        from pddnet.validation.metrics import jsonable
+        from pddnet._files import jsonable
 
         norm = np.sqrt(np.einsum("...a,...a->...", self.disp, self.disp))
         return jsonable({
@@ -144,7 +144,7 @@ class Registrar:
             or ``.tar.gz`` from ``pddnet package``): every checksum in it is verified before
             anything is loaded, and :meth:`pddnet.runtime.bundle.Bundle.select` picks the
             backend and precision (``selection`` says which and why; ``docs/bundle.md``).
-        backend: a name from :data:`pddnet.runtime.backends.BACKENDS`; ``"auto"`` (default) is
+        backend: a name from :data:`pddnet.backends.BACKENDS`; ``"auto"`` (default) is
             ``"onnxruntime"`` for a model file and the bundle's choice for a bundle.
         threads: intra-op threads of the backend (``None``: its default).
         providers: ONNX Runtime execution providers (``["cpu"]``, ``["cuda"]``, ...).
@@ -152,7 +152,7 @@ class Registrar:
             spacing on the model grid and the training spacing (default 0.30).
         backend_options: further keyword options for the backend class.
         refine: instance optimisation after the network (``pdd+inst``): a number of Adam steps
-            or :class:`~pddnet.runtime.refine.RefineOptions`; needs the ``probs`` output.
+            or :class:`~pddnet.spec.refine.RefineOptions`; needs the ``probs`` output.
         stages: 2 runs the stage-two model on the moving scan warped by stage one and
             composes the fields (``docs/refinement.md``).
         stage2_model: the stage-two ``.onnx`` (default: the file the model's ``pddnet.stage2``
@@ -160,7 +160,7 @@ class Registrar:
         precision: for a bundle, run its model of this precision (``fp32``/``fp16``/``int8``)
             instead of the automatic choice; refused for a single model file.
 
-    The model is split into ``features`` and ``head`` (:mod:`pddnet.runtime.split`); if it cannot
+    The model is split into ``features`` and ``head`` (:mod:`pddnet.graph.split`); if it cannot
     be split, the whole model runs per pair and a note says that nothing is reused.
     """
 
@@ -301,9 +301,9 @@ class Registrar:
             outs = self._full.run({C.INPUT_FIXED: fixed, C.INPUT_MOVING: moving})
             ms = self._full.last_run_ms
         else:
-            ff = self._features.run({FEATURES_INPUT: fixed})[FEATURES_OUTPUT]
+            ff = self._features.run({C.FEATURES_INPUT: fixed})[C.FEATURES_OUTPUT]
             ms = self._features.last_run_ms
-            mf = self._features.run({FEATURES_INPUT: moving})[FEATURES_OUTPUT]
+            mf = self._features.run({C.FEATURES_INPUT: moving})[C.FEATURES_OUTPUT]
             ms += self._features.last_run_ms
             outs = self._head.run({C.FIXED_FEATURES: ff, C.MOVING_FEATURES: mf})
             ms += self._head.last_run_ms
@@ -320,7 +320,7 @@ class Registrar:
         pre_ms = (time.perf_counter() - t0) * 1e3
         feats, feat_ms = None, 0.0
         if self._features is not None:
-            feats = self._features.run({FEATURES_INPUT: prep.array})[FEATURES_OUTPUT]
+            feats = self._features.run({C.FEATURES_INPUT: prep.array})[C.FEATURES_OUTPUT]
             feat_ms = self._features.last_run_ms
         inputs = {"fixed": _describe_volume(prep.volume, fixed),
                   "fixed_labels": _source(fixed_labels)}
@@ -333,7 +333,7 @@ class Registrar:
         mov = prepare_moving(moving, fixed, self.info, labels=moving_labels)
         pre_ms = (time.perf_counter() - t0) * 1e3
         if self._full is None:
-            mfeat = self._features.run({FEATURES_INPUT: mov.array})[FEATURES_OUTPUT]
+            mfeat = self._features.run({C.FEATURES_INPUT: mov.array})[C.FEATURES_OUTPUT]
             feat_ms = self._features.last_run_ms
             outs = self._head.run({C.FIXED_FEATURES: state.features,
                                    C.MOVING_FEATURES: mfeat})
@@ -413,7 +413,7 @@ def _describe_volume(vol: Volume, given: Any) -> dict[str, Any]:
 def _metrics(disp: np.ndarray, fixed: PreparedFixed, moving_labels: Volume | None,
              warped_labels: np.ndarray | None) -> dict[str, Any]:
     """Field statistics (SDlogJ, % folding) always; Learn2Reg label metrics with both labels."""
-    from pddnet.validation import metrics as M
+    from pddnet import metrics as M
 
     if fixed.labels is None or moving_labels is None or warped_labels is None:
         return {"sdlogj": M.sdlogj(disp), "folding_percent": M.folding_percent(disp)}

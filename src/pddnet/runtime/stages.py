@@ -15,7 +15,6 @@ and only the warped moving scan's features are computed again.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -24,30 +23,18 @@ from typing import Any
 import numpy as np
 
 from pddnet.errors import PddnetError
-from pddnet.export import contract as C
+from pddnet.spec import contract as C
 from pddnet.runtime import refine as R
-from pddnet.runtime.backends import create_backend
-from pddnet.runtime.model import LoadedModel, load_model
+from pddnet.spec import refine as S
+from pddnet.spec.metadata import metadata_value
+from pddnet.backends import create_backend
+from pddnet.graph.model import LoadedModel, load_model
 from pddnet.runtime.resample import warp
-from pddnet.runtime.split import FEATURES_INPUT, FEATURES_OUTPUT, split_model
-
-
-def stage2_path(model_path: str | os.PathLike) -> Path:
-    """Where ``pddnet export --stage2`` writes the stage-two model: ``m.onnx`` -> ``m.stage2.onnx``."""
-    p = Path(model_path)
-    stem = p.name[:-5] if p.name.lower().endswith(".onnx") else p.name
-    return p.with_name(f"{stem}.stage2.onnx")
+from pddnet.graph.split import split_model
 
 
 def _meta(loaded: LoadedModel, key: str) -> Any:
-    for prop in loaded.proto.metadata_props:
-        if prop.key == key:
-            try:
-                return json.loads(prop.value)
-            except ValueError as exc:
-                raise PddnetError(f"{loaded.info.path}: metadata {key!r} is not valid JSON") \
-                    from exc
-    return None
+    return metadata_value(loaded.proto, key, where=str(loaded.info.path), default=None)
 
 
 def resolve_stage2(loaded: LoadedModel, stage2_model: str | os.PathLike | None) -> Path:
@@ -56,7 +43,7 @@ def resolve_stage2(loaded: LoadedModel, stage2_model: str | os.PathLike | None) 
     make one."""
     if stage2_model is not None:
         return Path(stage2_model)
-    link = _meta(loaded, R.META_STAGE2)
+    link = _meta(loaded, C.META_STAGE2)
     where = loaded.info.path
     if not link:
         raise PddnetError(f"{where}: two stages need a stage-two model, and this model names "
@@ -87,7 +74,7 @@ def check_stage2(first: LoadedModel, second: LoadedModel) -> None:
     if sa and sb and sa != sb:
         raise PddnetError(f"{where} was exported from another checkpoint ({sb[:12]}...) than "
                           f"stage one ({sa[:12]}...); export both with `pddnet export --stage2`")
-    link = _meta(first, R.META_STAGE2)
+    link = _meta(first, C.META_STAGE2)
     if link and link.get("sha256") and b.sha256 and \
             Path(str(b.path)).name == link.get("file") and link["sha256"] != b.sha256:
         raise PddnetError(f"{where}: its SHA-256 differs from the one stage one recorded at "
@@ -99,7 +86,7 @@ class StagePipeline:
 
     Args:
         loaded: the stage-one model (it must output ``probs`` for refinement).
-        refine: :class:`~pddnet.runtime.refine.RefineOptions`, a number of Adam steps, or
+        refine: :class:`~pddnet.spec.refine.RefineOptions`, a number of Adam steps, or
             ``None`` (no refinement). Applied to every stage.
         stages: 1 or 2.
         stage2_model: path of the stage-two model (default: the one ``loaded`` names).
@@ -108,13 +95,13 @@ class StagePipeline:
             scan when the stage-two model's feature graph is the same), or ``None``.
     """
 
-    def __init__(self, loaded: LoadedModel, *, refine: R.RefineOptions | int | None = None,
+    def __init__(self, loaded: LoadedModel, *, refine: S.RefineOptions | int | None = None,
                  stages: int = 1, stage2_model: str | os.PathLike | None = None,
                  backend: str = "onnxruntime", backend_options: dict[str, Any] | None = None,
                  features: Any = None):
         if stages not in (1, 2):
             raise PddnetError(f"stages must be 1 or 2, got {stages!r}")
-        self.refine = R.RefineOptions.coerce(refine)
+        self.refine = S.RefineOptions.coerce(refine)
         self.stages = int(stages)
         self.config = dict(loaded.info.config)
         self.image_shape = tuple(loaded.info.image_shape)
@@ -250,8 +237,8 @@ class StagePipeline:
             return outs, 0.0, self._full2.last_run_ms
         feats = self._features or self._features2
         if fixed_features is None:
-            fixed_features = feats.run({FEATURES_INPUT: fixed})[FEATURES_OUTPUT]
-        mf = feats.run({FEATURES_INPUT: warped})[FEATURES_OUTPUT]
+            fixed_features = feats.run({C.FEATURES_INPUT: fixed})[C.FEATURES_OUTPUT]
+        mf = feats.run({C.FEATURES_INPUT: warped})[C.FEATURES_OUTPUT]
         t_feat = feats.last_run_ms
         outs = self._head2.run({C.FIXED_FEATURES: fixed_features, C.MOVING_FEATURES: mf})
         return outs, t_feat, self._head2.last_run_ms

@@ -8,7 +8,7 @@ One run measures, on the same input pair and with the same thread count:
   run_isolated`), so that one's allocator caches and thread pools do not pollute another's
   timing or peak RSS; ``warmup`` untimed runs, then ``repeats`` timed runs of the whole model
   (both feature passes and the head), summarised by
-  :func:`~pddnet.validation.metrics.latency_stats` (median = p50);
+  :func:`~pddnet.metrics.latency_stats` (median = p50);
 * the speed-up ORT/PyTorch (ratio of medians, measured in the same run);
 * the model's useful FLOPs (:mod:`pddnet.validation.flops`, per block) and the *floor*: FLOPs
   divided by this CPU's fp32 matrix-multiply rate, the best of several large square GEMMs in
@@ -51,7 +51,7 @@ def _timed_runs(backend, feeds, warmup: int, repeats: int
 
 
 def _stats(samples: list[float], warmup: int) -> dict[str, Any]:
-    from pddnet.validation.metrics import latency_stats
+    from pddnet.metrics import latency_stats
 
     lat = latency_stats(samples, warmup=warmup)
     lat["samples_ms"] = [round(s * 1e3, 3) for s in samples[warmup:]]
@@ -66,7 +66,7 @@ def bench_backend(backend: str, model: str, feeds_path: str, threads: int, warmu
     rate of its library afterwards. Runs in a child process."""
     import sys
 
-    from pddnet.runtime.backends import create_backend
+    from pddnet.backends import create_backend
     from pddnet.validation import machine
 
     with np.load(feeds_path) as z:
@@ -138,8 +138,9 @@ def profile_ort(model: str, feeds_path: str, threads: int, runs: int, mem_patter
     """ONNX Runtime profile of ``runs`` runs after one warm-up, grouped per block."""
     import onnx
 
-    from pddnet.runtime.backends.onnxrt import OnnxRuntimeBackend
-    from pddnet.validation.profile import inline_named, summarise_profile
+    from pddnet.backends.onnxrt import OnnxRuntimeBackend
+    from pddnet.graph.passes.inline import inline_named
+    from pddnet.validation.profile import summarise_profile
 
     with np.load(feeds_path) as z:
         feeds = {k: np.ascontiguousarray(z[k]) for k in z.files}
@@ -175,7 +176,7 @@ def run_bench(preset_name: str, *, shape: Sequence[int] | None = None, threads: 
 
     from pddnet.export.onnx_export import export_model
     from pddnet.model.checkpoint import load_model, save_checkpoint
-    from pddnet.model.config import PRESET_IMAGE_SHAPES, preset
+    from pddnet.spec.config import PRESET_IMAGE_SHAPES, preset
     from pddnet.model.network import PDDNet
     from pddnet.validation import machine
     from pddnet.validation.flops import count_flops
@@ -295,7 +296,7 @@ def _make_feeds(proto, image_shape, seed: int, fixed, moving) -> dict[str, np.nd
         rng = np.random.default_rng(seed)
         return {n: rng.uniform(-2.0, 3.0, (1, 1, *image_shape)).astype(np.float32)
                 for n in ("fixed", "moving")}
-    from pddnet.runtime.model import read_model_info
+    from pddnet.graph.model import read_model_info
     from pddnet.runtime.preprocess import prepare_fixed, prepare_moving
 
     info = read_model_info(proto)

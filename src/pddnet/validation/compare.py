@@ -20,7 +20,7 @@ Two phases:
    run_isolated`, unless ``isolate=False``): the pairs' inputs are pre-processed, then the
    peak-RSS counter is reset, the model loaded, run ``warmup`` times untimed and ``repeats``
    times timed (the model execution only: both feature passes and the head,
-   :meth:`Registrar.run_model`). Latency is :func:`~pddnet.validation.metrics.latency_stats`
+   :meth:`Registrar.run_model`). Latency is :func:`~pddnet.metrics.latency_stats`
    of the timed runs, memory :class:`~pddnet.validation.machine.PeakRss`.
 
 Gates are evaluated per pair; a gate passes when every pair passes (the worst pair is reported).
@@ -37,7 +37,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from pddnet._files import sha256_file
 from pddnet.errors import PddnetError
+from pddnet.spec import contract as C
+from pddnet.spec.metadata import read_metadata
 
 SCHEMA = "pddnet.validation.report/1"
 
@@ -114,7 +117,7 @@ class Gate:
 
 @dataclass
 class Candidate:
-    """One deployed form: a backend name (``pddnet.runtime.backends.BACKENDS``), the model
+    """One deployed form: a backend name (``pddnet.backends.BACKENDS``), the model
     file it runs (for ``torch`` the ONNX model whose interface and pre-processing contract it
     mirrors; the weights come from ``options["checkpoint"]``), a precision label, backend
     options, further :class:`~pddnet.runtime.session.Registrar` keyword arguments
@@ -135,7 +138,7 @@ class Candidate:
 
     @property
     def mode(self) -> str:
-        """The registration mode (``pddnet.runtime.refine.MODES``) its ``registrar`` selects."""
+        """The registration mode (``pddnet.spec.refine.MODES``) its ``registrar`` selects."""
         two = int(self.registrar.get("stages", 1)) == 2
         refined = bool(self.registrar.get("refine"))
         return ("2stage" if two else "") + ("+inst" if two and refined else
@@ -184,7 +187,7 @@ def mode_candidates(checkpoint, onnx_model, modes, *, refine_steps: int = 50,
     same inputs is a unit test (``tests/test_refine.py``). ``onnx_model`` must be exported with
     ``--probs`` (refined modes) and ``--stage2`` (two-stage modes).
     """
-    from pddnet.runtime.refine import MODES, parse_modes
+    from pddnet.spec.refine import MODES, parse_modes
 
     out: list[Candidate] = []
     for mode in parse_modes(modes):
@@ -381,11 +384,11 @@ def measure_candidate(spec: dict[str, Any], inputs: Sequence[tuple[str, str]],
     ``repeats`` times timed, cycling through the inputs."""
     import sys
 
-    from pddnet.runtime.model import load_model
+    from pddnet.graph.model import load_model
     from pddnet.runtime.preprocess import prepare_fixed, prepare_moving
     from pddnet.runtime.session import Registrar
     from pddnet.validation import machine
-    from pddnet.validation.metrics import latency_stats
+    from pddnet.metrics import latency_stats
 
     info = load_model(spec["model"]).info
     feeds = []
@@ -462,7 +465,7 @@ def _nanmax_abs(vals) -> float | None:
 
 def _summarise(recs: list[dict[str, Any]]) -> dict[str, Any]:
     """Means over pairs (undefined values skipped); worst values for the differences."""
-    from pddnet.validation.metrics import dsc30
+    from pddnet.metrics import dsc30
 
     ok = [r for r in recs if not r.get("error")]
     out: dict[str, Any] = {"pairs": len(recs), "failed_pairs": len(recs) - len(ok)}
@@ -490,14 +493,9 @@ def _label_names(dataset) -> dict[str, str]:
 
 
 def _sha256(path) -> str | None:
-    import hashlib
-
+    """The file's SHA-256, or ``None`` where it cannot be read (provenance is best-effort)."""
     try:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return sha256_file(path)
     except OSError:
         return None
 
@@ -505,9 +503,8 @@ def _sha256(path) -> str | None:
 def _provenance_notes(reference: Candidate, candidates: Sequence[Candidate]) -> list[str]:
     """Say when an ONNX model was not exported from the reference checkpoint (by its
     ``pddnet.source.checkpoint_sha256``); the comparison still runs (its gates decide)."""
-    import json
 
-    from pddnet.runtime.model import parse_model_bytes
+    from pddnet.graph.model import parse_model_bytes
 
     ckpt = reference.options.get("checkpoint")
     if not ckpt:
@@ -519,8 +516,7 @@ def _provenance_notes(reference: Candidate, candidates: Sequence[Candidate]) -> 
             proto = parse_model_bytes(Path(c.model).read_bytes(), where=str(c.model))
         except (PddnetError, OSError):
             continue  # the Registrar reports it properly
-        meta = {p.key: p.value for p in proto.metadata_props}
-        src = json.loads(meta.get("pddnet.source", "{}") or "{}")
+        src = read_metadata(proto).get(C.META_SOURCE) or {}
         got = src.get("checkpoint_sha256")
         if got is None:
             notes.append(f"{c.name}: {c.model} does not record the checkpoint it was exported "

@@ -1,10 +1,10 @@
 """``pddnet evaluate``: the PyTorch reference on a dataset split, per pair and on average.
 
 Per pair: initial Dice (no registration), registered Dice, HD95, SDlogJ, folding % and the
-forward time, using the Learn2Reg definitions of :mod:`pddnet.validation.metrics`.
+forward time, using the Learn2Reg definitions of :mod:`pddnet.metrics`.
 
 With ``modes`` (``pddnet evaluate --modes ff,inst,2stage,2stage+inst``) every pair is registered
-in each mode of :data:`pddnet.runtime.refine.MODES` -- feed-forward, instance optimisation,
+in each mode of :data:`pddnet.spec.refine.MODES` -- feed-forward, instance optimisation,
 two stages, two refined stages (:func:`pddnet.model.refine.register_stages`) -- and the result
 holds them side by side under ``"modes"`` with the time of every stage; the top-level
 ``pairs``/``mean``/``dsc30`` are those of the first mode.
@@ -12,15 +12,12 @@ holds them side by side under ``"modes"`` with the time of every stage; the top-
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
-from pddnet.data.io import atomic_write
 from pddnet.errors import PddnetError
-from pddnet.validation import metrics
+from pddnet import metrics
 
 
 def _summary(rows: list[dict], keys) -> dict:
@@ -37,11 +34,11 @@ def evaluate_checkpoint(checkpoint, data_dir, *, split: str = "test", max_pairs:
     """Register every pair of ``split`` with the checkpoint's network and measure it.
 
     Args:
-        modes: names from :data:`pddnet.runtime.refine.MODES` (or ``"ff,inst"``).
-        refine: :class:`~pddnet.runtime.refine.RefineOptions` or a number of steps for the
+        modes: names from :data:`pddnet.spec.refine.MODES` (or ``"ff,inst"``).
+        refine: :class:`~pddnet.spec.refine.RefineOptions` or a number of steps for the
             refined modes (default: ``RefineOptions()``, 50 steps).
         stage2: config overrides of the stage-two network (default:
-            :func:`pddnet.runtime.refine.stage2_overrides`).
+            :func:`pddnet.spec.refine.stage2_overrides`).
     """
     import torch
     from tqdm import tqdm
@@ -51,7 +48,7 @@ def evaluate_checkpoint(checkpoint, data_dir, *, split: str = "test", max_pairs:
     from pddnet.model.checkpoint import load_model
     from pddnet.model.network import normalise_intensity
     from pddnet.model.refine import register_stages, stage2_network
-    from pddnet.runtime.refine import MODES, RefineOptions, parse_modes
+    from pddnet.spec.refine import MODES, RefineOptions, parse_modes
 
     mode_list = parse_modes(modes)
     ropts = RefineOptions.coerce(refine) or RefineOptions()
@@ -166,7 +163,3 @@ def format_modes(modes: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict, path, *, overwrite: bool = True) -> Path:
-    with atomic_write(path, overwrite=overwrite) as tmp:
-        Path(tmp).write_text(json.dumps(metrics.jsonable(result), indent=2) + "\n")
-    return Path(path)

@@ -32,7 +32,7 @@ cost of its standard efficient formulation where that is exact:
   the conversion to voxels (1 multiply per output value).
 
 Both scans go through the feature network, so its blocks count twice. Nothing here needs
-torch: the count is a function of the :class:`~pddnet.model.config.PDDConfig` and the image
+torch: the count is a function of the :class:`~pddnet.spec.config.PDDConfig` and the image
 shape only.
 """
 
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from pddnet.errors import PddnetError
-from pddnet.model.config import PDDConfig
+from pddnet.spec.config import PDDConfig
 
 #: estimated FLOPs per element and axis of the exact (lower-envelope) min-convolution: building
 #: the envelope (an intersection: 2 subtracts, a divide, a compare; amortised twice per element)

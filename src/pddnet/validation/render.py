@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pddnet.data.io import atomic_write
+from pddnet._files import atomic_write
 from pddnet.errors import PddnetError
 
 REPORT_MD = "report.md"
@@ -91,7 +91,7 @@ class FigureCollector:
     def _add_reference(self, index: int, pair: Any, res: Any, volumes: tuple) -> None:
         from pddnet.runtime.postprocess import labels_on_fixed_grid, moving_voxel_map
         from pddnet.runtime.resample import resample
-        from pddnet.validation.metrics import jacobian_determinant
+        from pddnet.metrics import jacobian_determinant
 
         fixed, moving, fl, ml = volumes
         if fl is not None and np.any(fl.array > 0):
@@ -577,7 +577,7 @@ def to_html(secs: list[Section]) -> str:
 def render(report: dict[str, Any], figures: FigureCollector | None = None
            ) -> tuple[str, str, dict[str, bytes]]:
     """``(markdown, html, {figure name: png})`` -- everything in memory, nothing written."""
-    from pddnet.validation.metrics import jsonable
+    from pddnet._files import jsonable
 
     report = jsonable(report)  # the numbers exactly as report.json holds them
     secs = build_document(report, figures)

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pddnet.data.io import atomic_write
+from pddnet._files import atomic_write
 from pddnet.errors import PddnetError
 
 REPORT_FILE = "report.json"
@@ -30,7 +30,7 @@ def check_out_dir(out_dir, *, overwrite: bool) -> Path:
 
 def write_report(report: dict[str, Any], out_dir, *, overwrite: bool = False) -> Path:
     """Write ``out_dir/report.json`` atomically (strict JSON: NaN/inf become null)."""
-    from pddnet.validation.metrics import jsonable
+    from pddnet._files import jsonable
 
     out = check_out_dir(out_dir, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)

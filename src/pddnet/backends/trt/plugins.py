@@ -8,7 +8,7 @@ op_type as name, version ``"1"``, so that the ONNX parser binds the ``ai.pddnet`
 - ``@trtp.register``: output shape (symbolic) and dtype (the input's); the attributes are those
   of the spec, with these types: ints -> ``numpy.typing.NDArray[np.int32]``, int -> ``int``,
   float -> ``float``, string -> ``str``;
-- ``@trtp.aot_impl``: compiles the op's Triton kernel (:mod:`pddnet.export.kernels`) to PTX at
+- ``@trtp.aot_impl``: compiles the op's Triton kernel (:mod:`pddnet.backends.trt.kernels`) to PTX at
   engine-build time, on the building GPU, and returns it with its launch parameters, so the
   engine embeds the kernel and runs with no Python (``trtexec``, the C++ runtime);
 - ``@trtp.impl``: the JIT fallback, a Python callback that launches the same kernel on
@@ -76,11 +76,11 @@ import numpy.typing as npt
 
 from pddnet._optional import require
 from pddnet.errors import PddnetError
-from pddnet.export.contract import CUSTOM_OPS, PLUGIN_NAMESPACE
+from pddnet.spec.contract import CUSTOM_OPS, PLUGIN_NAMESPACE
 
 log = logging.getLogger(__name__)
 
-_PURPOSE = "registering the TensorRT plugins (pddnet.export.plugins)"
+_PURPOSE = "registering the TensorRT plugins (pddnet.backends.trt.plugins)"
 _INTS = npt.NDArray[np.int32]
 _MAX_AOT_SHARED = 48 * 1024  # dynamic shared memory without an opt-in attribute
 
@@ -144,9 +144,9 @@ def _defined_elsewhere(trtp, op: str) -> bool:
 # ------------------------------------------------------------------------------------------
 
 def _kernels():
-    """:mod:`pddnet.export.kernels`, after checking that triton is importable."""
+    """:mod:`pddnet.backends.trt.kernels`, after checking that triton is importable."""
     require("triton", "the Triton kernels of the TensorRT plugins")
-    from pddnet.export import kernels
+    from pddnet.backends.trt import kernels
 
     return kernels
 
@@ -171,7 +171,7 @@ def _static(expr, what: str) -> int:
 
 def _torch_views(*tensors):
     """``torch`` and zero-copy CUDA views of TensorRT tensors (``__cuda_array_interface__``)."""
-    torch = require("torch", "the JIT TensorRT plugins (pddnet.export.plugins)")
+    torch = require("torch", "the JIT TensorRT plugins (pddnet.backends.trt.plugins)")
     return torch, [torch.as_tensor(t, device="cuda") for t in tensors]
 
 

@@ -1,5 +1,7 @@
 """Plugin binding: the graph rewrite that prepares an exported model for TensorRT's ONNX parser.
 
+Which ops to bind for a TensorRT version is decided by :func:`pddnet.backends.trt.binding.plan_binding`.
+
 A pass in the style of onnx-ir: :class:`BindPlugins` has ``call(model) -> (model, changed)``
 and never modifies its input. For the ops it binds (``ops``) it
 
@@ -42,7 +44,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from pddnet.errors import PddnetError
-from pddnet.export import contract as C
+from pddnet.spec import contract as C
 
 #: Attribute order of each op's spec (docs/ops.md), without the binding attributes.
 SPEC_ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -54,11 +56,6 @@ SPEC_ATTRIBUTES: dict[str, tuple[str, ...]] = {
 BINDING_ATTRIBUTES = ("plugin_namespace", "plugin_version")
 #: Plugins whose input list is ``(cost, penalty)`` while the ONNX op's penalty is optional.
 PENALTY_OPS = ("MinConv", "MeanFieldStep")
-#: Plugins with an ahead-of-time implementation (engine runs without Python; TensorRT >= 10.9).
-AOT_OPS = ("DeformableSample3D", "Correlation", "MinConv")
-#: Plugins with a JIT implementation only (the engine needs Python, torch and triton to run).
-JIT_ONLY_OPS = ("MeanFieldStep",)
-PLUGIN_MODES = ("auto", "native", "none")
 DUMMY_PENALTY = "pddnet/plugin_penalty_unused"
 
 
@@ -100,7 +97,7 @@ class BindPlugins:
         penalty_dtype: dtype of the dummy penalty (any float works: ``approx`` never reads it).
     """
 
-    ops: Sequence[str] = AOT_OPS
+    ops: Sequence[str]
     strip_unbound: bool = True
     penalty_dtype: type = np.float32
     log: list[str] = field(default_factory=list)
@@ -230,80 +227,4 @@ def _prune_functions(model: onnx.ModelProto) -> list[str]:
     return drop
 
 
-# ------------------------------------------------------------------------------------------
-# Choosing what to bind
-# ------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BindingPlan:
-    """What ``pddnet build --plugins MODE`` does for one model and one TensorRT version.
-
-    ``ops is None``: no rewrite at all (``none``); ``()``: every function inlined (``native``).
-    """
-
-    mode: str
-    ops: tuple[str, ...] | None
-    aot: bool
-    notes: tuple[str, ...] = ()
-
-    def describe(self) -> str:
-        if self.ops is None:
-            return "none (graph parsed as is, no plugins registered)"
-        if not self.ops:
-            return "native (every custom op inlined from its local function)"
-        return f"plugins {', '.join(self.ops)}" + (" (AOT: no Python at run time)" if self.aot
-                                                    else " (JIT: Python at run time)")
-
-
-def custom_ops_in(model: onnx.ModelProto) -> list[str]:
-    """Custom op types used anywhere in ``model`` (graph or function bodies), in spec order."""
-    used = {n.op_type for n in model.graph.node if n.domain == C.DOMAIN}
-    for f in model.functions:
-        used |= {n.op_type for n in f.node if n.domain == C.DOMAIN}
-    return [o for o in SPEC_ATTRIBUTES if o in used]
-
-
-def plan_binding(mode: str, model: onnx.ModelProto, *, trt_version: tuple[int, int] | None,
-                 triton_available: bool, ops: Sequence[str] | None = None) -> BindingPlan:
-    """Decide which ops to bind.
-
-    ``auto``: the AOT-capable plugins (:data:`AOT_OPS`) of the ops the model uses, when
-    TensorRT >= 10.9 (``tensorrt.plugin.aot_impl``) and triton (PTX compilation at build time)
-    are available; otherwise native, with a note saying why. ``MeanFieldStep`` is never bound
-    by ``auto`` (its plugin is JIT only). ``native``: bind nothing. ``none``: no rewrite.
-    ``ops`` overrides the choice (library use, e.g. to try the JIT ``MeanFieldStep``).
-    """
-    if mode not in PLUGIN_MODES:
-        raise PddnetError(f"plugins must be one of {PLUGIN_MODES}, got {mode!r}")
-    used = custom_ops_in(model)
-    if mode == "none":
-        return BindingPlan(mode, None, False, ("the graph is parsed as exported; TensorRT's "
-                                               "own rules decide between functions and plugins "
-                                               "(no pddnet plugin is registered)",))
-    if mode == "native" and ops is None:
-        return BindingPlan(mode, (), False)
-    notes = []
-    if ops is not None:
-        chosen = tuple(o for o in ops if o in used)
-        skipped = [o for o in ops if o not in used]
-        if skipped:
-            notes.append(f"{skipped} not used by this model")
-    else:
-        if trt_version is not None and trt_version < (10, 9):
-            return BindingPlan(mode, (), False, (
-                f"TensorRT {trt_version[0]}.{trt_version[1]} has no AOT Python plugins "
-                "(tensorrt.plugin.aot_impl needs >= 10.9): every custom op is inlined",))
-        if not triton_available:
-            return BindingPlan(mode, (), False, (
-                "triton is not importable, so the plugin kernels cannot be compiled to PTX: "
-                "every custom op is inlined (pip install triton)",))
-        chosen = tuple(o for o in AOT_OPS if o in used)
-        if "MeanFieldStep" in used:
-            notes.append("MeanFieldStep stays a local function (its plugin is JIT only); "
-                         "TensorRT inlines it into the MinConv plugin and native MatMuls")
-    aot = all(o in AOT_OPS for o in chosen)
-    return BindingPlan(mode, chosen, aot, tuple(notes))
-
-
-__all__ = ["BindPlugins", "BindingPlan", "plan_binding", "custom_ops_in", "SPEC_ATTRIBUTES",
-           "AOT_OPS", "JIT_ONLY_OPS", "PENALTY_OPS", "PLUGIN_MODES", "DUMMY_PENALTY"]
+__all__ = ["BindPlugins", "SPEC_ATTRIBUTES", "BINDING_ATTRIBUTES", "PENALTY_OPS", "DUMMY_PENALTY"]

@@ -41,7 +41,7 @@ class Probe:
             return None
 
     def gpu(self) -> dict[str, Any]:
-        from pddnet.runtime.backends.cuda_rt import device_properties
+        from pddnet.backends.trt.cuda import device_properties
 
         return device_properties(0)
 

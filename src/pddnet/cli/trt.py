@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from pddnet.cli_errors import friendly
+from pddnet.cli.errors import friendly
 from pddnet.errors import PddnetError
 
 
@@ -21,7 +21,7 @@ def print_trt_readiness(model_path, *, as_json: bool = False,
     """Print the readiness report of ``model_path``; True when every version imports it."""
     import onnx
 
-    from pddnet.export.trt_support import check_trt_readiness
+    from pddnet.backends.trt.support import check_trt_readiness
 
     try:
         proto = onnx.load(str(model_path), load_external_data=False)
@@ -83,7 +83,7 @@ def build_cmd(onnx_path, out_dir, plugins, workspace, timing_cache, hardware_com
     one is reused unless --force. Needs tensorrt, cuda-python and an NVIDIA GPU:
     pip install 'pddnet[gpu]'.
     """
-    from pddnet.export.trt_build import BuildOptions, build_command
+    from pddnet.backends.trt.build import BuildOptions, build_command
 
     opts = BuildOptions(plugins=plugins, workspace=workspace, timing_cache=timing_cache,
                         hardware_compat=hardware_compat, device=device, verbose=verbose)
@@ -98,8 +98,8 @@ def build_cmd(onnx_path, out_dir, plugins, workspace, timing_cache, hardware_com
 def doctor_cmd(as_json) -> None:
     """Which backends, ONNX Runtime providers, precisions and TensorRT plugin paths are usable
     here; for each one that is not, why and what to install."""
-    from pddnet.doctor import as_json as to_json
-    from pddnet.doctor import collect, format_report
+    from pddnet.backends.doctor import as_json as to_json
+    from pddnet.backends.doctor import collect, format_report
 
     rep = collect()
     click.echo(json.dumps(to_json(rep), indent=2) if as_json else format_report(rep))

@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from pddnet.export.contract import DOMAIN, DOMAIN_VERSION, OPSET, PLUGIN_NAMESPACE, PLUGIN_VERSION
-from pddnet.export.graph import Builder
+from pddnet.spec.contract import DOMAIN, DOMAIN_VERSION, OPSET, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from pddnet.graph.builder import Builder
 
 # ---------------------------------------------------------------------------------------------
 # numpy twins of the reference's coordinate helpers (the exporter must not need torch)

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from pddnet.data.io import atomic_write
+from pddnet._files import atomic_write, sha256_bytes, sha256_file
 from pddnet.errors import PddnetError
 
 ENGINE_FORMAT = 1
@@ -55,18 +55,6 @@ def default_cache_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "pddnet" / "engines"
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -307,4 +295,4 @@ def check_engine_file(engine_path: str | os.PathLike, key: EngineKey) -> dict:
 
 __all__ = ["EngineCache", "EngineKey", "Environment", "Verdict", "Lookup", "compare",
            "check_engine_file", "make_record", "read_record", "meta_path_for",
-           "default_cache_dir", "sha256_bytes", "sha256_file", "PRECISIONS"]
+           "default_cache_dir", "PRECISIONS"]

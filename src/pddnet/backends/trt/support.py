@@ -8,7 +8,7 @@ ONNX parser of each TensorRT release imports. It answers, per TensorRT version r
   violated, e.g. a rank-5 ``GridSample`` before TensorRT 11.2, a non-zero Q/DQ zero point);
 - which custom ops therefore *need* a plugin (their local function contains such a node, or
   they have no local function at all) and which merely *may* use one (``pddnet::<op>``, bound
-  by :mod:`pddnet.export.trt_binding` for speed).
+  by :mod:`pddnet.backends.trt.binding` for speed).
 
 Sources of the table (checked when this was written; the check is an approximation of the
 parser, the real answer is ``trt.OnnxParser.parse`` on the target):
@@ -42,7 +42,7 @@ from typing import Iterable, Sequence
 import onnx
 from onnx import helper
 
-from pddnet.export import contract as C
+from pddnet.spec import contract as C
 
 # ------------------------------------------------------------------------------------------
 # The tables

@@ -15,7 +15,7 @@ internally).
 NaN and infinity: a label absent from the fixed or the original moving map gives NaN for that
 label (skipped by the means, as ``np.nanmean`` does in the official code); HD95 is ``inf``
 when the warped map lost a label completely (as in the official code). Metric dicts hold
-plain Python floats including NaN/inf; :func:`jsonable` turns non-finite values into
+plain Python floats including NaN/inf; :func:`pddnet._files.jsonable` turns non-finite values into
 ``None`` when (and only when) writing JSON.
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,6 @@ __all__ = [
     "folding_percent",
     "pair_metrics",
     "latency_stats",
-    "jsonable",
 ]
 
 
@@ -629,21 +628,3 @@ def latency_stats(samples_seconds: Iterable[float], warmup: int = 0) -> dict[str
 # --------------------------------------------------------------------------------------------
 # serialisation
 # --------------------------------------------------------------------------------------------
-def jsonable(obj: Any) -> Any:
-    """Deep-copy ``obj`` into strict-JSON-safe types: NaN/inf -> ``None``, numpy scalars and
-    arrays -> Python numbers and lists, dict keys -> ``str``. Use when writing a report;
-    metric functions themselves keep NaN/inf so that means and checks stay honest."""
-    if isinstance(obj, Mapping):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    return obj

@@ -1,7 +1,7 @@
 """Triton kernels of the TensorRT plugins, one per custom op of ``docs/ops.md``, and launchers.
 
 The kernels are the bodies of the ``pddnet::<OpType>`` TensorRT plugins
-(:mod:`pddnet.export.plugins`): compiled to PTX for an engine that runs with no Python
+(:mod:`pddnet.backends.trt.plugins`): compiled to PTX for an engine that runs with no Python
 (:func:`compile_aot`), or launched from Python on TensorRT's stream (the launchers below).
 With ``TRITON_INTERPRET=1`` set *before* this module is imported they run on the CPU on torch
 CPU tensors, which is how ``tests/test_kernels.py`` checks them against
@@ -53,7 +53,7 @@ def _jit(**options):
     return triton.jit(**options)
 
 
-_PURPOSE = "the Triton kernels of the TensorRT plugins (pddnet.export.kernels)"
+_PURPOSE = "the Triton kernels of the TensorRT plugins (pddnet.backends.trt.kernels)"
 
 #: Launch configuration per kernel (block sizes are powers of two; masks handle the tails).
 DEFORM_BLOCK = 256
@@ -359,7 +359,7 @@ def _grid_smooth_kernel(src_ptr, GI, GJ, GK, D, dst_ptr, BLOCK_K: tl.constexpr,
 # =============================================================================================
 
 def _torch():
-    return require("torch", "the Triton kernel launchers (pddnet.export.kernels)")
+    return require("torch", "the Triton kernel launchers (pddnet.backends.trt.kernels)")
 
 
 def _check_float(name: str, t) -> None:
@@ -520,7 +520,7 @@ class KernelABI:
 
 
 #: Kernel ABI per op bound to an AOT plugin. ``MeanFieldStep`` has none: it needs two
-#: launches and an AOT plugin is one kernel (see :mod:`pddnet.export.plugins`).
+#: launches and an AOT plugin is one kernel (see :mod:`pddnet.backends.trt.plugins`).
 AOT_ABI = {
     "DeformableSample3D": KernelABI("_deformable_sample_kernel", ("x_ptr", "off_ptr"),
                                     ("C", "I", "J", "K", "PO", "QO", "RO"), ("y_ptr",)),
@@ -604,7 +604,7 @@ def compile_aot(op: str, dtypes: dict[str, str], constexprs: dict, *, num_warps:
     fn = globals()[abi.kernel]
     if not isinstance(fn, tr.runtime.jit.JITFunction):
         raise PddnetError("compile_aot: the kernels were created by the Triton interpreter "
-                          "(TRITON_INTERPRET=1 was set when pddnet.export.kernels was imported); "
+                          "(TRITON_INTERPRET=1 was set when pddnet.backends.trt.kernels was imported); "
                           "compile PTX in a process without it")
     signature = {}
     for name in fn.arg_names:

@@ -1,11 +1,11 @@
-"""Runtime backends behind one interface (:class:`~pddnet.runtime.backends.base.Backend`).
+"""Runtime backends behind one interface (:class:`~pddnet.backends.base.Backend`).
 
 ``create_backend(name, model, **options)`` builds one by name. Backends register in
 :data:`BACKENDS` as ``name -> "module:Class"`` and are imported only when asked for, so a
 TensorRT backend (``"tensorrt"``, alias ``"trt"``) never loads tensorrt unless it is
 selected.
 
-``"torch"`` is the PyTorch reference (:class:`pddnet.validation.torch_backend.TorchBackend`):
+``"torch"`` is the PyTorch reference (:class:`pddnet.backends.torch.TorchBackend`):
 it lives outside the runtime and is registered here only by its import string, so the runtime
 never imports torch unless that backend is asked for. Other packages add backends with
 :func:`register_backend`.
@@ -17,13 +17,13 @@ import importlib
 from typing import Any
 
 from pddnet.errors import PddnetError
-from pddnet.runtime.backends.base import Backend, TensorSpec
+from pddnet.backends.base import Backend, TensorSpec
 
 BACKENDS: dict[str, str] = {
-    "onnxruntime": "pddnet.runtime.backends.onnxrt:OnnxRuntimeBackend",
-    "tensorrt": "pddnet.runtime.backends.trt:TensorRTBackend",
-    "trt": "pddnet.runtime.backends.trt:TensorRTBackend",
-    "torch": "pddnet.validation.torch_backend:TorchBackend",
+    "onnxruntime": "pddnet.backends.onnxrt:OnnxRuntimeBackend",
+    "tensorrt": "pddnet.backends.trt.runner:TensorRTBackend",
+    "trt": "pddnet.backends.trt.runner:TensorRTBackend",
+    "torch": "pddnet.backends.torch:TorchBackend",
 }
 
 __all__ = ["BACKENDS", "Backend", "TensorSpec", "create_backend", "register_backend"]

@@ -169,7 +169,7 @@ def _trt_candidates(s: DemoState, cands: list) -> Path | None:
     if env is None:
         s.notes.append(f"TensorRT: not usable here ({why}); no engines built or validated")
         return None
-    from pddnet.export.trt_build import BuildOptions, build_command
+    from pddnet.backends.trt.build import BuildOptions, build_command
 
     engines = s.opts.out / "engines"
     gate = {"fp32": 0.1, "fp16": 0.5, "int8": 1.0}

@@ -14,7 +14,7 @@ only here and in the runtime backend):
   ``get_error(i)`` (``desc()``, ``node_name()``, ``node_operator()``,
   ``local_function_stack()`` where the release has them). The parser flag
   ``OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE`` (10.15+) is *not* set: the binding pass
-  (:mod:`pddnet.export.trt_binding`) drops the bound ops' local functions, which binds them on
+  (:mod:`pddnet.backends.trt.binding`) drops the bound ops' local functions, which binds them on
   every release, and the flag would also let registered plugins capture nodes meant to stay
   functions;
 - ``IBuilderConfig``: ``set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, bytes)``;
@@ -30,7 +30,6 @@ Nothing here has run: no GPU or TensorRT where it was written (docs/tensorrt.md)
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,12 +39,14 @@ from typing import Any, Callable, Sequence
 import onnx
 
 from pddnet._optional import require
-from pddnet.data.io import atomic_write
+from pddnet._files import atomic_write, sha256_bytes
 from pddnet.errors import PddnetError
-from pddnet.export import contract as C
-from pddnet.export.engine_cache import (EngineCache, EngineKey, Environment, Lookup,
-                                        sha256_bytes)
-from pddnet.export.trt_binding import (JIT_ONLY_OPS, BindingPlan, BindPlugins, plan_binding)
+from pddnet.spec.metadata import read_metadata
+from pddnet.spec import contract as C
+from pddnet.backends.trt.cache import (EngineCache, EngineKey, Environment, Lookup,
+                                        )
+from pddnet.backends.trt.binding import JIT_ONLY_OPS, BindingPlan, plan_binding
+from pddnet.graph.passes.bind_plugins import BindPlugins
 
 _PURPOSE = "building TensorRT engines (pddnet build)"
 
@@ -95,7 +96,7 @@ def tensorrt():
 def current_environment(device: int = 0) -> Environment:
     """The GPU (cuda-python) and TensorRT version of this machine."""
     trt = tensorrt()
-    from pddnet.runtime.backends.cuda_rt import device_properties
+    from pddnet.backends.trt.cuda import device_properties
 
     p = device_properties(device)
     return Environment(p["gpu_name"], p["compute_capability"], p["sm_count"], trt.__version__)
@@ -104,14 +105,10 @@ def current_environment(device: int = 0) -> Environment:
 def model_precision(model: onnx.ModelProto) -> str:
     """``fp32`` / ``fp16`` / ``int8``: the ``pddnet.precision`` metadata, else from the graph
     (Q/DQ nodes -> int8; float16 initializers or casts to float16 -> fp16)."""
-    for p in model.metadata_props:
-        if p.key == C.META_PRECISION:
-            try:
-                mode = json.loads(p.value).get("mode")
-            except (ValueError, AttributeError):
-                mode = None
-            if mode in ("fp32", "fp16", "int8"):
-                return mode
+    recorded = read_metadata(model).get(C.META_PRECISION)
+    mode = recorded.get("mode") if isinstance(recorded, dict) else None
+    if mode in ("fp32", "fp16", "int8"):
+        return mode
     nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in nodes):
         return "int8"
@@ -239,7 +236,7 @@ def build_engine(model: onnx.ModelProto, *, options: BuildOptions | None = None,
     if plan.ops is not None:
         parsed, _ = BindPlugins(plan.ops).call(model)
         if plan.ops:
-            from pddnet.export.plugins import register_plugins
+            from pddnet.backends.trt.plugins import register_plugins
 
             register_plugins(plan.ops)
             say(f"{label}: bound {', '.join(plan.ops)} to the pddnet plugins "
@@ -315,10 +312,10 @@ def build_engine(model: onnx.ModelProto, *, options: BuildOptions | None = None,
 
 def runtime_parts(model: onnx.ModelProto, *, whole: bool = False) -> list[tuple[str, onnx.ModelProto]]:
     """``[(label, model)]`` exactly as :class:`~pddnet.runtime.session.Registrar` creates its
-    backends: ``features`` and ``head`` from :func:`~pddnet.runtime.split.split_model`, or
+    backends: ``features`` and ``head`` from :func:`~pddnet.graph.split.split_model`, or
     ``full`` when the model cannot be split; ``whole=True`` adds the full model (for trtexec or
     a Triton server)."""
-    from pddnet.runtime.split import split_model
+    from pddnet.graph.split import split_model
 
     try:
         parts = split_model(model)
@@ -367,7 +364,7 @@ def build_command(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                   options: BuildOptions, whole: bool = False, force: bool = False,
                   echo: Callable[[str], None] = print) -> list[Lookup]:
     """``pddnet build``: engines for every part the runtime runs, into ``out_dir``."""
-    from pddnet.runtime.model import load_model
+    from pddnet.graph.model import load_model
 
     loaded = load_model(onnx_path)
     cache = EngineCache(out_dir)

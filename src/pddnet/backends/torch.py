@@ -1,10 +1,10 @@
 """The PyTorch reference as a runtime backend (``create_backend("torch", ...)``).
 
 :class:`TorchBackend` runs a checkpoint's :class:`~pddnet.model.network.PDDNet` behind the same
-interface as :class:`~pddnet.runtime.backends.onnxrt.OnnxRuntimeBackend`: it is given the
+interface as :class:`~pddnet.backends.onnxrt.OnnxRuntimeBackend`: it is given the
 exported ONNX (sub-)model whose *interface* it mirrors -- input names, dtypes and shapes, output
 names, and the part (``features``, ``head`` or the whole model, from the ``pddnet.part``
-metadata that :func:`pddnet.runtime.split.split_model` writes) -- and computes those outputs
+metadata that :func:`pddnet.graph.split.split_model` writes) -- and computes those outputs
 with PyTorch from the checkpoint's weights. So the :class:`~pddnet.runtime.session.Registrar`
 pipeline (pre-processing, split, post-processing, metrics) runs unchanged on top of it, and a
 comparison of backends differs only in the model execution.
@@ -24,7 +24,6 @@ runtime registers it only by its import string, so the torch-free runtime stays 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,10 @@ from typing import Any
 import numpy as np
 
 from pddnet.errors import PddnetError
-from pddnet.export import contract as C
-from pddnet.runtime.backends.base import Backend, TensorSpec
+from pddnet.spec.metadata import metadata_value, raw_metadata
+from pddnet.spec import contract as C
+from pddnet.backends.base import Backend, TensorSpec
 
-PART_META = "pddnet.part"
-FEATURES_INPUT, FEATURES_OUTPUT = "image", "features"
 
 
 class TorchBackend(Backend):
@@ -45,7 +43,7 @@ class TorchBackend(Backend):
     Args:
         model: the ONNX model whose interface to mirror: an ``onnx.ModelProto``, serialised
             bytes or a path (a full model from ``pddnet export`` or a part from
-            :func:`~pddnet.runtime.split.split_model`). Only its graph inputs/outputs and
+            :func:`~pddnet.graph.split.split_model`). Only its graph inputs/outputs and
             ``pddnet.*`` metadata are read; its weights are not used.
         checkpoint: a checkpoint written by ``pddnet train`` (the weights that run).
         network: alternatively, a :class:`~pddnet.model.network.PDDNet` instance (put in eval
@@ -113,7 +111,7 @@ class TorchBackend(Backend):
         t = {k: torch.from_numpy(v) for k, v in feeds.items()}
         with torch.inference_mode():
             if self.part == "features":
-                return {FEATURES_OUTPUT: _np(self._net.features(t[FEATURES_INPUT]))}
+                return {C.FEATURES_OUTPUT: _np(self._net.features(t[C.FEATURES_INPUT]))}
             if self.part == "head":
                 ff, mf = t[C.FIXED_FEATURES], t[C.MOVING_FEATURES]
             else:
@@ -160,14 +158,15 @@ class TorchBackend(Backend):
             raise PddnetError(f"torch backend ({self.label}): model must be the ONNX model whose "
                               f"interface to mirror (ModelProto, bytes or path), received "
                               f"{type(model).__name__}")
-        meta = {p.key: p.value for p in proto.metadata_props}
+        meta = raw_metadata(proto)
         where = f"torch backend ({self.label})"
         if C.META_INPUT not in meta or C.META_CONFIG not in meta:
             raise PddnetError(f"{where}: the model lacks the pddnet metadata; give a model "
                               "written by `pddnet export` (or a part of one)")
-        self._meta_config = json.loads(meta[C.META_CONFIG])
-        self.image_shape = tuple(int(n) for n in json.loads(meta[C.META_INPUT])["image_shape"])
-        self.part = json.loads(meta[PART_META]) if PART_META in meta else "full"
+        self._meta_config = metadata_value(meta, C.META_CONFIG, where=where)
+        self.image_shape = tuple(int(n) for n in
+                                 metadata_value(meta, C.META_INPUT, where=where)["image_shape"])
+        self.part = metadata_value(meta, C.META_PART, where=where, default="full")
         inits = {i.name for i in proto.graph.initializer}
         specs = []
         for vi in proto.graph.input:
@@ -179,13 +178,13 @@ class TorchBackend(Backend):
                 tt.elem_type)), dims))
         self._inputs = specs
         self._outputs = [o.name for o in proto.graph.output]
-        expected = {"features": [FEATURES_INPUT], "head": [C.FIXED_FEATURES, C.MOVING_FEATURES],
+        expected = {"features": [C.FEATURES_INPUT], "head": [C.FIXED_FEATURES, C.MOVING_FEATURES],
                     "full": [C.INPUT_FIXED, C.INPUT_MOVING]}.get(self.part)
         if expected is None or sorted(s.name for s in specs) != sorted(expected):
             raise PddnetError(f"{where}: part {self.part!r} with inputs {[s.name for s in specs]} "
                               "is not one the PyTorch reference can run (expected the full model, "
                               "or the features/head parts of split_model)")
-        known = {FEATURES_OUTPUT} if self.part == "features" else {
+        known = {C.FEATURES_OUTPUT} if self.part == "features" else {
             C.OUTPUT_DISP, C.OUTPUT_GRID_DISP, *C.OPTIONAL_OUTPUTS}
         unknown = [o for o in self._outputs if o not in known]
         if unknown:

@@ -8,7 +8,6 @@ data inlined, and a :class:`ModelInfo` parsed from the ``pddnet.*`` metadata of
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,8 @@ from typing import Any, Iterator
 import onnx
 
 from pddnet.errors import PddnetError
-from pddnet.export import contract as C
+from pddnet.spec import contract as C
+from pddnet.spec.metadata import metadata_value, raw_metadata
 
 #: ONNX domains that are standard (everything else must be defined as a local function).
 STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
@@ -197,30 +197,22 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
                               "file complete?") from exc
 
 
-def _meta_json(meta: dict[str, str], key: str, where: str) -> Any:
-    try:
-        return json.loads(meta[key])
-    except (ValueError, TypeError) as exc:
-        raise PddnetError(f"{where}: metadata {key!r} is not valid JSON ({exc}); re-export the "
-                          "model with `pddnet export`") from exc
-
-
 def read_model_info(proto: onnx.ModelProto, *, path: Path | None = None,
                     sha256: str | None = None) -> ModelInfo:
     """Parse and check the ``pddnet.*`` metadata of ``proto`` against its graph."""
     where = str(path) if path else "model"
-    meta = {p.key: p.value for p in proto.metadata_props}
+    meta = raw_metadata(proto)
     missing = [k for k in C.REQUIRED_META if k not in meta]
     if missing:
         raise PddnetError(f"{where}: the model lacks the pddnet metadata {missing}; it was not "
                           "written by `pddnet export` (or the file is truncated); export a "
                           "checkpoint with `pddnet export CKPT --out model.onnx`")
-    fmt = _meta_json(meta, C.META_FORMAT, where)
+    fmt = metadata_value(meta, C.META_FORMAT, where=where)
     if fmt != C.FORMAT_VERSION:
         raise PddnetError(f"{where}: model format {fmt!r}; this pddnet reads format "
                           f"{C.FORMAT_VERSION}; re-export with this pddnet version")
-    config = _meta_json(meta, C.META_CONFIG, where)
-    inp = _meta_json(meta, C.META_INPUT, where)
+    config = metadata_value(meta, C.META_CONFIG, where=where)
+    inp = metadata_value(meta, C.META_INPUT, where=where)
     if not isinstance(config, dict) or not isinstance(inp, dict):
         raise PddnetError(f"{where}: metadata {C.META_CONFIG}/{C.META_INPUT} must be JSON objects")
     try:
@@ -237,11 +229,11 @@ def read_model_info(proto: onnx.ModelProto, *, path: Path | None = None,
                           "are not three positive sizes")
     if intensity["scale"] == 0 or intensity["upper"] <= intensity["lower"]:
         raise PddnetError(f"{where}: metadata intensity {intensity} is not a valid normalisation")
-    outputs = tuple(_meta_json(meta, C.META_OUTPUTS, where)) if C.META_OUTPUTS in meta else \
+    outputs = tuple(metadata_value(meta, C.META_OUTPUTS, where=where)) if C.META_OUTPUTS in meta else \
         tuple(o.name for o in proto.graph.output)
-    precision = _meta_json(meta, C.META_PRECISION, where) if C.META_PRECISION in meta else \
+    precision = metadata_value(meta, C.META_PRECISION, where=where) if C.META_PRECISION in meta else \
         {"mode": "fp32"}
-    source = _meta_json(meta, C.META_SOURCE, where) if C.META_SOURCE in meta else {}
+    source = metadata_value(meta, C.META_SOURCE, where=where) if C.META_SOURCE in meta else {}
     num_labels = inp.get("num_labels", config.get("num_labels"))
 
     graph_inputs = {i.name: i for i in proto.graph.input}

@@ -1,6 +1,6 @@
 """Deployment commands of the ``pddnet`` CLI: ``package`` and ``verify``.
 
-Kept apart from :mod:`pddnet.cli` (which adds them to its group), like :mod:`pddnet.cli_trt`;
+Kept apart from :mod:`pddnet.cli` (which adds them to its group), like :mod:`pddnet.cli.trt`;
 library code is imported only when a command runs. Both are torch-free.
 """
 
@@ -10,7 +10,7 @@ import json
 
 import click
 
-from pddnet.cli_errors import friendly
+from pddnet.cli.errors import friendly
 
 
 @click.command("package")
@@ -91,7 +91,7 @@ def verify_cmd(bundle, backend, precision, providers, as_json) -> None:
                        providers=[p for p in providers.split(",") if p.strip()]
                        if providers else None)
         if as_json:
-            from pddnet.validation.metrics import jsonable
+            from pddnet._files import jsonable
 
             click.echo(json.dumps(jsonable({"bundle": str(b.source), "verified": True,
                                             "files": len(b.manifest["files"]),

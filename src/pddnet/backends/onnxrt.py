@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pddnet.errors import PddnetError
-from pddnet.runtime.backends.base import Backend, TensorSpec
+from pddnet.backends.base import Backend, TensorSpec
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -67,7 +67,7 @@ class OnnxRuntimeBackend(Backend):
 
     Args:
         model: serialised ONNX bytes, an ``onnx.ModelProto`` or a path (external data must
-            already be inlined for bytes/ModelProto; :func:`pddnet.runtime.model.load_model`
+            already be inlined for bytes/ModelProto; :func:`pddnet.graph.model.load_model`
             does that).
         providers: ``["cpu"]`` (default), ``["cuda"]``, ``["tensorrt", "cuda"]``, ...
         threads: intra-op threads (``None``: ONNX Runtime's default, one per physical core).
@@ -92,7 +92,7 @@ class OnnxRuntimeBackend(Backend):
         provider_options: per-provider dicts, e.g. ``{"cuda": {"device_id": 1}}``; CUDA
             defaults to ``arena_extend_strategy=kSameAsRequested`` for the same reason.
         stages: run a model that holds mean-field steps as two sessions cut after the first
-            step (:func:`pddnet.runtime.split.split_after_first_step`): ONNX Runtime keeps the
+            step (:func:`pddnet.graph.split.split_after_first_step`): ONNX Runtime keeps the
             second half's cost volumes resident otherwise (paper size: 4.6 GB peak in one
             session; see ``docs/benchmarks.md``). Same outputs; off while profiling.
     """
@@ -179,7 +179,7 @@ class OnnxRuntimeBackend(Backend):
         bytes or path) with mean-field steps, else ``None`` (one session)."""
         import onnx
 
-        from pddnet.runtime.split import split_after_first_step
+        from pddnet.graph.split import split_after_first_step
 
         if isinstance(model, onnx.ModelProto):
             proto = model

@@ -29,11 +29,9 @@ import onnx
 from onnx import helper
 
 from pddnet.errors import PddnetError
-from pddnet.export import contract as C
+from pddnet.spec import contract as C
+from pddnet.spec.metadata import set_metadata
 
-FEATURES_INPUT = "image"
-FEATURES_OUTPUT = "features"
-META_PART = "pddnet.part"
 
 
 @dataclass
@@ -67,8 +65,8 @@ def split_model(proto: onnx.ModelProto) -> SplitModel:
 
     types = _value_types(proto)
     features = _make_part(proto, fixed_nodes, "features",
-                          inputs=[(C.INPUT_FIXED, FEATURES_INPUT)],
-                          outputs=[(C.FIXED_FEATURES, FEATURES_OUTPUT)], types=types)
+                          inputs=[(C.INPUT_FIXED, C.FEATURES_INPUT)],
+                          outputs=[(C.FIXED_FEATURES, C.FEATURES_OUTPUT)], types=types)
     head = _make_part(proto, head_nodes, "head",
                       inputs=[(C.FIXED_FEATURES, C.FIXED_FEATURES),
                               (C.MOVING_FEATURES, C.MOVING_FEATURES)],
@@ -210,7 +208,7 @@ def _make_part(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], part: str, *
     model.doc_string = proto.doc_string
     for p in proto.metadata_props:
         model.metadata_props.add(key=p.key, value=p.value)
-    model.metadata_props.add(key=META_PART, value=f'"{part}"')
+    set_metadata(model, C.META_PART, part)
     return model
 
 

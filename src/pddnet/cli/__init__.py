@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from pddnet.cli_errors import friendly
+from pddnet.cli.errors import friendly
 from pddnet.errors import PddnetError
 
 
@@ -194,7 +194,7 @@ def register(model, fixed, moving, moving_labels, fixed_labels, out, threads, ba
 def train_cmd(data_dir, preset_name, iterations, out, init, grid, resume, lr, diffusion_weight,
               minconv, seed, no_augment, checkpoint_every, threads, device) -> None:
     """Train PDD-Net (non-local label loss + diffusion penalty) and write a checkpoint."""
-    from pddnet.model.config import preset
+    from pddnet.spec.config import preset
     from pddnet.model.train import TrainOptions, load_training_subjects, train
 
     subjects, meta = load_training_subjects(data_dir)
@@ -238,15 +238,16 @@ def evaluate_cmd(checkpoint, data_dir, split, out, max_pairs, threads, modes,
     (mean Dice, HD95, SDlogJ, folding and milliseconds per stage)."""
     from pathlib import Path
 
-    from pddnet.runtime.refine import RefineOptions
-    from pddnet.validation.evaluate import evaluate_checkpoint, format_table, write_json
+    from pddnet.spec.refine import RefineOptions
+    from pddnet._files import write_json
+    from pddnet.validation.evaluate import evaluate_checkpoint, format_table
 
     result = evaluate_checkpoint(checkpoint, data_dir, split=split, max_pairs=max_pairs,
                                  threads=threads, modes=modes,
                                  refine=RefineOptions(steps=refine_steps))
     click.echo(format_table(result))
     path = Path(out) if out else Path(checkpoint).with_name(f"evaluate_{split}.json")
-    write_json(result, path)
+    write_json(path, result)
     click.echo(f"wrote {path}")
 
 
@@ -277,7 +278,7 @@ def export_cmd(checkpoint, out, shape, probs, entropy, stage2, stage2_grid, stag
                precision, keep_fp32, overwrite) -> None:
     """Export a checkpoint to ONNX with the ai.pddnet custom ops as local functions."""
     from pddnet.export.onnx_export import export_checkpoint
-    from pddnet.runtime.stages import stage2_path
+    from pddnet.spec.refine import stage2_path
 
     outputs = tuple(n for n, on in (("probs", probs), ("entropy", entropy)) if on)
     if (stage2_grid or stage2_capture) and not stage2:
@@ -285,7 +286,7 @@ def export_cmd(checkpoint, out, shape, probs, entropy, stage2, stage2_grid, stag
     second: bool | dict = bool(stage2)
     if stage2 and (stage2_grid or stage2_capture):
         from pddnet.model.checkpoint import read_checkpoint
-        from pddnet.runtime.refine import stage2_overrides
+        from pddnet.spec.refine import stage2_overrides
 
         second = stage2_overrides(read_checkpoint(checkpoint)["config"])
         if stage2_grid:
@@ -436,9 +437,9 @@ def bench_cmd(preset_name, shape, threads, repeats, warmup, checkpoint, fixed, m
     """
     import json
 
-    from pddnet.data.io import atomic_write
+    from pddnet._files import atomic_write
     from pddnet.validation.bench import format_bench, run_bench
-    from pddnet.validation.metrics import jsonable
+    from pddnet._files import jsonable
 
     result = run_bench(preset_name, shape=tuple(shape) if shape else None, threads=threads,
                        warmup=warmup, repeats=repeats, checkpoint=checkpoint, seed=seed,
@@ -451,18 +452,18 @@ def bench_cmd(preset_name, shape, threads, repeats, warmup, checkpoint, fixed, m
         click.echo(f"wrote {out}")
 
 
-# TensorRT: check-trt, build, doctor (pddnet.cli_trt)
-from pddnet.cli_trt import add_commands as _add_trt_commands  # noqa: E402
+# TensorRT: check-trt, build, doctor (pddnet.cli.trt)
+from pddnet.cli.trt import add_commands as _add_trt_commands  # noqa: E402
 
 _add_trt_commands(main)
 
-# Reduced precision: calibrate, sensitivity (pddnet.cli_precision)
-from pddnet.cli_precision import add_commands as _add_precision_commands  # noqa: E402
+# Reduced precision: calibrate, sensitivity (pddnet.cli.precision)
+from pddnet.cli.precision import add_commands as _add_precision_commands  # noqa: E402
 
 _add_precision_commands(main)
 
-# Deployment: package, verify (pddnet.cli_deploy)
-from pddnet.cli_deploy import add_commands as _add_deploy_commands  # noqa: E402
+# Deployment: package, verify (pddnet.cli.deploy)
+from pddnet.cli.deploy import add_commands as _add_deploy_commands  # noqa: E402
 
 _add_deploy_commands(main)
 
@@ -499,7 +500,7 @@ def demo_cmd(out, subjects, calib_pairs, seed, checkpoint, max_pairs, repeats, t
     """
     from pathlib import Path
 
-    from pddnet.demo import DemoOptions, run_demo
+    from pddnet.deploy.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(out=Path(out), subjects=subjects, seed=seed, checkpoint=checkpoint,
                          threads=threads, overwrite=overwrite, max_pairs=max_pairs,

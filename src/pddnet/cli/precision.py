@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from pddnet.cli_errors import friendly
+from pddnet.cli.errors import friendly
 
 
 def _blocks(value: str | None) -> list[str] | None:

@@ -6,7 +6,7 @@ The backend asks the engine for its I/O tensors (``ICudaEngine.num_io_tensors``,
 :class:`TensorDesc` records to :class:`IOPlan`, which decides everything that does not need a
 GPU: the numpy dtype of each TensorRT data type, that every shape is static (pddnet exports
 fixed shapes; a dynamic engine is refused with the fix), the byte size of every buffer, the
-:class:`~pddnet.runtime.backends.base.TensorSpec` list the base class checks feeds against, and
+:class:`~pddnet.backends.base.TensorSpec` list the base class checks feeds against, and
 how feeds are copied into the pinned host buffers. ``tests/test_trt_backend.py`` runs it with
 fake engines.
 """
@@ -19,7 +19,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from pddnet.errors import PddnetError
-from pddnet.runtime.backends.base import TensorSpec
+from pddnet.backends.base import TensorSpec
 
 #: ``tensorrt.DataType`` member name -> numpy dtype (``trt.nptype`` does the same for these).
 TRT_DTYPES: dict[str, np.dtype] = {

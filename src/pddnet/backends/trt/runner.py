@@ -2,20 +2,20 @@
 
 Registered as ``"tensorrt"`` (alias ``"trt"``), so ``pddnet register --backend trt`` and
 ``pddnet validate --backend trt`` use it through the same
-:class:`~pddnet.runtime.backends.base.Backend` interface as ONNX Runtime. No torch.
+:class:`~pddnet.backends.base.Backend` interface as ONNX Runtime. No torch.
 
 Loading (``activate``):
 
 1. ``model`` is an ONNX model (bytes, ``ModelProto`` or ``.onnx`` path) or a serialized engine
    (``.engine``/``.plan`` path with its metadata ``.json``). For ONNX, the engine comes from the
-   cache (:mod:`pddnet.export.engine_cache`): key = model hash, GPU name, compute capability,
+   cache (:mod:`pddnet.backends.trt.cache`): key = model hash, GPU name, compute capability,
    SM count, TensorRT version, precision, plugin binding. A missing, stale, foreign or corrupt
    engine is rebuilt (``build="auto"``, the default), rebuilt always (``"force"``) or refused
    (``"never"``); an explicit engine file is verified and refused unless it matches this
    machine. A mismatching engine is never deserialized.
 2. ``trt.Runtime(logger).deserialize_cuda_engine(bytes)``, ``create_execution_context()``; the
    JIT plugins an engine uses (none with ``--plugins auto``) are registered first.
-3. I/O buffers are allocated once (:mod:`~pddnet.runtime.backends.trt_io` decides shapes and
+3. I/O buffers are allocated once (:mod:`~pddnet.backends.trt.io` decides shapes and
    sizes): device memory with ``cudaMalloc``, pinned host memory with ``cudaMallocHost``, and
    bound with ``context.set_tensor_address(name, ptr)``; one CUDA stream.
 4. ``warmup`` runs on zero inputs; with ``cuda_graph=True`` the enqueue is then captured into a
@@ -41,8 +41,8 @@ import numpy as np
 
 from pddnet._optional import require
 from pddnet.errors import PddnetError
-from pddnet.runtime.backends.base import Backend, TensorSpec
-from pddnet.runtime.backends.trt_io import IOPlan
+from pddnet.backends.base import Backend, TensorSpec
+from pddnet.backends.trt.io import IOPlan
 
 _PURPOSE = "the TensorRT backend (--backend trt)"
 BUILD_MODES = ("auto", "never", "force")
@@ -86,7 +86,7 @@ class TensorRTBackend(Backend):
                               f"{build!r}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise PddnetError(f"tensorrt backend: warmup must be an integer >= 0, got {warmup!r}")
-        from pddnet.export.trt_build import BuildOptions
+        from pddnet.backends.trt.build import BuildOptions
 
         self.options = BuildOptions(plugins=plugins, workspace=workspace,
                                     timing_cache=timing_cache, hardware_compat=hardware_compat,
@@ -122,7 +122,7 @@ class TensorRTBackend(Backend):
     # -- loading --------------------------------------------------------------------------
     def _load_impl(self) -> None:
         trt = require("tensorrt", _PURPOSE)
-        from pddnet.runtime.backends import cuda_rt
+        from pddnet.backends.trt import cuda as cuda_rt
 
         cuda_rt.runtime_module()  # clear error naming the extra when cuda-python is missing
         cuda_rt.call(cuda_rt.runtime_module().cudaSetDevice(self.device))
@@ -130,7 +130,7 @@ class TensorRTBackend(Backend):
         engine_bytes = self._engine_bytes(trt)
         jit_ops = list((self.record or {}).get("binding", {}).get("jit_ops", []))
         if jit_ops:
-            from pddnet.export.plugins import register_plugins
+            from pddnet.backends.trt.plugins import register_plugins
 
             register_plugins(jit_ops)
             if self.cuda_graph:
@@ -153,8 +153,8 @@ class TensorRTBackend(Backend):
         self._warm_up()
 
     def _engine_bytes(self, trt) -> bytes:
-        from pddnet.export import engine_cache as ec
-        from pddnet.export.trt_build import build_cached, current_environment
+        from pddnet.backends.trt import cache as ec
+        from pddnet.backends.trt.build import build_cached, current_environment
 
         env = current_environment(self.device)
         if _is_engine_path(self._model):
@@ -176,7 +176,7 @@ class TensorRTBackend(Backend):
         proto = self._as_proto()
         cache = ec.EngineCache(self.engine_cache)
         if self.build == "never":
-            from pddnet.export.trt_build import engine_key, make_plan
+            from pddnet.backends.trt.build import engine_key, make_plan
 
             key = engine_key(proto, make_plan(proto, self.options, trt.__version__), env,
                              self.options)
@@ -201,11 +201,11 @@ class TensorRTBackend(Backend):
         if isinstance(m, onnx.ModelProto):
             return m
         if isinstance(m, (bytes, bytearray)):
-            from pddnet.runtime.model import parse_model_bytes
+            from pddnet.graph.model import parse_model_bytes
 
             return parse_model_bytes(bytes(m), where=f"{self.label} model")
         if isinstance(m, (str, os.PathLike)):
-            from pddnet.runtime.model import load_model
+            from pddnet.graph.model import load_model
 
             return load_model(m).proto
         raise PddnetError(f"tensorrt backend ({self.label}): model must be ONNX bytes, an "
@@ -213,7 +213,7 @@ class TensorRTBackend(Backend):
                           f"{type(m).__name__}")
 
     def _allocate(self) -> None:
-        from pddnet.runtime.backends import cuda_rt
+        from pddnet.backends.trt import cuda as cuda_rt
 
         assert self._plan is not None
         self._stream = cuda_rt.Stream()
@@ -231,7 +231,7 @@ class TensorRTBackend(Backend):
                               "the TensorRT log)")
 
     def _warm_up(self) -> None:
-        from pddnet.runtime.backends import cuda_rt
+        from pddnet.backends.trt import cuda as cuda_rt
 
         assert self._plan is not None
         for d in self._plan.inputs:
@@ -275,7 +275,7 @@ class TensorRTBackend(Backend):
         return [d.name for d in self._plan.outputs]
 
     def _run_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pddnet.runtime.backends import cuda_rt
+        from pddnet.backends.trt import cuda as cuda_rt
 
         plan = self._plan
         assert plan is not None

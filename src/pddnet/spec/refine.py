@@ -1,0 +1,114 @@
+"""Refinement and registration-mode settings shared by the PyTorch reference and the runtime.
+
+Instance optimisation ("pdd+inst") and the two-stage mode ("2 warps") are defined in
+``docs/refinement.md``; :mod:`pddnet.model.refine` implements them with PyTorch and
+:mod:`pddnet.runtime.refine` with numpy. Both take their settings from here, so neither imports
+the other. numpy only (for integer checks).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pddnet.errors import PddnetError
+
+
+#: registration modes reported side by side by ``pddnet evaluate`` / ``pddnet validate``:
+#: name -> (stages, refined). ``ff`` is the network alone; ``inst`` the paper's pdd+inst;
+#: ``2stage`` two warps without and ``2stage+inst`` with refinement of both stages (the
+#: authors' two-warp script).
+MODES: dict[str, tuple[int, bool]] = {"ff": (1, False), "inst": (1, True), "2stage": (2, False),
+                                      "2stage+inst": (2, True)}
+
+
+def parse_modes(modes) -> list[str]:
+    """``"ff,inst"`` or a sequence -> a list of known mode names (order kept, no repeats)."""
+    items = modes.split(",") if isinstance(modes, str) else list(modes)
+    out = []
+    for m in (str(x).strip() for x in items):
+        if not m:
+            continue
+        if m not in MODES:
+            raise PddnetError(f"unknown registration mode {m!r}; choose from {list(MODES)}")
+        if m not in out:
+            out.append(m)
+    if not out:
+        raise PddnetError(f"no registration mode given; choose from {list(MODES)}")
+    return out
+
+
+#: stage two: control grid per axis = round(GRID_SCALE * stage-one grid)
+STAGE2_GRID_SCALE = 1.5
+#: stage two: capture range = CAPTURE_SCALE * stage-one capture range
+STAGE2_CAPTURE_SCALE = 0.5
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    """Instance optimisation settings (see the module docstring for the exact energy).
+
+    Attributes:
+        steps: Adam iterations (0: only the initial smoothing ``S(E)``).
+        lr: Adam learning rate, normalised units per step.
+        weight: ``lam``, weight of the diffusion penalty (normalised units).
+        betas, eps: Adam's moment decay rates and denominator offset.
+    """
+
+    steps: int = 50
+    lr: float = 0.02
+    weight: float = 1.5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer)) \
+                or self.steps < 0:
+            raise PddnetError(f"RefineOptions: steps must be an integer >= 0, got {self.steps!r}")
+        if not self.lr > 0 or not self.weight >= 0 or not self.eps > 0:
+            raise PddnetError(f"RefineOptions: need lr > 0, weight >= 0, eps > 0; got lr="
+                              f"{self.lr}, weight={self.weight}, eps={self.eps}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise PddnetError(f"RefineOptions: betas must be two values in [0, 1), got "
+                              f"{self.betas}")
+        object.__setattr__(self, "steps", int(self.steps))
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def coerce(cls, value: "RefineOptions | int | None") -> "RefineOptions | None":
+        """``None``/``0``/``False`` -> ``None`` (no refinement); an int -> that many steps."""
+        if value is None or value is False:
+            return None
+        if isinstance(value, RefineOptions):
+            return value
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            return cls(steps=int(value)) if value > 0 else None
+        raise PddnetError(f"refine must be None, a number of steps or RefineOptions, got "
+                          f"{value!r}")
+
+
+def stage2_overrides(config: dict[str, Any], *, grid_scale: float = STAGE2_GRID_SCALE,
+                     capture_scale: float = STAGE2_CAPTURE_SCALE) -> dict[str, Any]:
+    """Config overrides of the stage-two model: a finer grid and a smaller capture range.
+
+    ``grid = round(grid_scale * G)`` per axis, ``capture = capture_scale * q``; the number of
+    displacements ``L`` and every weight stay the same (the lattice step shrinks with ``q``).
+    """
+    grid = [max(2, int(round(grid_scale * int(g)))) for g in config["grid"]]
+    return {"grid": grid, "capture": round(float(config["capture"]) * capture_scale, 6)}
+
+
+def stage2_path(model_path: str | os.PathLike) -> Path:
+    """Where ``pddnet export --stage2`` writes the stage-two model: ``m.onnx`` -> ``m.stage2.onnx``."""
+    p = Path(model_path)
+    stem = p.name[:-5] if p.name.lower().endswith(".onnx") else p.name
+    return p.with_name(f"{stem}.stage2.onnx")
