@@ -108,9 +108,9 @@ def collect_model(path: str | os.PathLike, precision: str) -> SourceModel:
                           "own option")
     companions: list[Path] = []
     raw = onnx.load(str(p), load_external_data=False)
-    from pddnet.graph.model import _all_tensors
+    from pddnet.graph.model import all_tensors
 
-    for t in _all_tensors(raw):
+    for t in all_tensors(raw):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             loc = {e.key: e.value for e in t.external_data}.get("location", "")
             if Path(loc) not in companions:

@@ -38,6 +38,7 @@ import onnx
 
 from pddnet._files import atomic_directory, atomic_write
 from pddnet.errors import PddnetError
+from pddnet.spec import contract as C
 
 ONNX_TYPES = {
     onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
@@ -276,7 +277,7 @@ def client_inputs(fixed, moving, *, protocol: str = "grpc"):
         raise PddnetError(f"protocol must be grpc or http, got {protocol!r}")
     client = require(f"tritonclient.{protocol}", "calling a Triton server")
     out = []
-    for name, arr in (("fixed", fixed), ("moving", moving)):
+    for name, arr in zip(C.INPUTS, (fixed, moving)):
         a = np.ascontiguousarray(arr, dtype=np.float32)
         if a.ndim != 5 or a.shape[:2] != (1, 1):
             raise PddnetError(f"Triton input {name!r}: expected a (1, 1, I, J, K) array from "

@@ -113,7 +113,7 @@ def parse_model_bytes(data: bytes, *, where: str = "model") -> onnx.ModelProto:
         raise PddnetError(f"{where}: not an ONNX model (no IR version or no graph in {size} "
                           "bytes); give the .onnx written by `pddnet export`")
     defined = {(f.domain, f.name) for f in proto.functions}
-    for node in _all_nodes(proto):
+    for node in all_nodes(proto):
         if node.domain not in STANDARD_DOMAINS and (node.domain, node.op_type) not in defined:
             raise PddnetError(
                 f"{where}: node {node.name or node.op_type!r} uses {node.domain}.{node.op_type}, "
@@ -122,7 +122,7 @@ def parse_model_bytes(data: bytes, *, where: str = "model") -> onnx.ModelProto:
     return proto
 
 
-def _all_nodes(proto: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+def all_nodes(proto: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
     def walk(nodes):
         for n in nodes:
             yield n
@@ -138,7 +138,7 @@ def _all_nodes(proto: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
         yield from walk(f.node)
 
 
-def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     def in_graph(g):
         yield from g.initializer
         for s in g.sparse_initializer:
@@ -167,7 +167,7 @@ def check_external_data(proto: onnx.ModelProto, path: Path) -> list:
     whose location leaves the model's folder or whose file is missing."""
     folder = path.resolve().parent
     refs = []
-    for t in _all_tensors(proto):
+    for t in all_tensors(proto):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         loc = {e.key: e.value for e in t.external_data}.get("location", "")

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pddnet.errors import PddnetError
+from pddnet.spec import contract as C
 
 SCHEMA = "pddnet.bench/1"
 #: the ONNX Runtime settings timed: name -> enable_mem_pattern (the backend's default first)
@@ -295,13 +296,13 @@ def _make_feeds(proto, image_shape, seed: int, fixed, moving) -> dict[str, np.nd
     if fixed is None:
         rng = np.random.default_rng(seed)
         return {n: rng.uniform(-2.0, 3.0, (1, 1, *image_shape)).astype(np.float32)
-                for n in ("fixed", "moving")}
+                for n in C.INPUTS}
     from pddnet.graph.model import read_model_info
     from pddnet.runtime.preprocess import prepare_fixed, prepare_moving
 
     info = read_model_info(proto)
     pf = prepare_fixed(fixed, info)
-    return {"fixed": pf.array, "moving": prepare_moving(moving, pf, info).array}
+    return {C.INPUT_FIXED: pf.array, C.INPUT_MOVING: prepare_moving(moving, pf, info).array}
 
 
 # --------------------------------------------------------------------------------------------
