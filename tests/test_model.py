@@ -73,7 +73,7 @@ def test_forward_shapes_and_probabilities(rng):
     torch.testing.assert_close(out.probs.sum(-1), torch.ones(G), atol=1e-5, rtol=0)
     assert out.dense(shape).shape == (*shape, 3)
     assert out.grid_disp.abs().max() <= cfg.capture + 1e-6
-    with pytest.raises(ValueError, match="same shape|one shape"):
+    with pytest.raises(PddnetError, match="same shape|one shape"):
         model(fixed, moving[..., :-1])
 
 

@@ -319,7 +319,7 @@ def test_stage2_geometry():
         assert torch.equal(a, b), k
     # a finer lattice: the stage-two displacement step is half of stage one's
     assert net2.config.disp_step == pytest.approx(net.config.disp_step / 2)
-    with pytest.raises(ValueError, match="changes the weights"):
+    with pytest.raises(PddnetError, match="changes the weights"):
         R.stage2_network(net, {"channels": 8})
     # the stage-two network registers on its own grid
     x = torch.randn(1, 1, 24, 24, 24)
@@ -337,7 +337,7 @@ def test_network_for_config_follows_an_overridden_export():
     net2 = R.network_for_config(net, cfg2)
     assert net2.config.grid == (9, 9, 9) and net2.config.capture == 0.15
     assert torch.equal(net2.alpha, net.alpha)
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(PddnetError, match="channels"):
         R.network_for_config(net, {**net.config.as_dict(), "channels": 8})
 
 

@@ -198,7 +198,7 @@ class TorchBackend(Backend):
 
         try:
             return network_for_config(net, self._meta_config)
-        except ValueError as exc:
+        except (PddnetError, ValueError) as exc:
             src = str(self.checkpoint) if self.checkpoint else "the network"
             raise PddnetError(f"torch backend ({self.label}): {src} has another configuration "
                               f"than the ONNX model ({exc}); they are not the same "

@@ -69,7 +69,7 @@ def load_nifti(path: str | os.PathLike, *, kind: str = "image") -> Volume:
     and non-integer, negative or > 255 values in a label map.
     """
     if kind not in ("image", "label"):
-        raise ValueError(f"kind must be 'image' or 'label', not {kind!r}")
+        raise PddnetError(f"kind must be 'image' or 'label', not {kind!r}")
     p = Path(path)
     if not p.exists():
         raise PddnetError(f"{p}: no such file; check the path")

@@ -454,7 +454,7 @@ def export_checkpoint(checkpoint, out, *, image_shape=None, outputs=(), overwrit
     def variant(ov):
         try:
             return stage2_network(model, ov).eval()
-        except (ValueError, TypeError) as exc:
+        except (PddnetError, ValueError, TypeError) as exc:
             raise PddnetError(f"export: invalid config overrides {ov}: {exc}") from exc
 
     def write(net, path, meta):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from pddnet.errors import PddnetError
 
 
 class Builder:
@@ -25,7 +26,7 @@ class Builder:
     def __init__(self, prefix: str = "", *, function: bool = False, dtype=np.float32,
                  like: str | None = None):
         if like is not None and not function:
-            raise ValueError("Builder: like= is for function bodies only")
+            raise PddnetError("Builder: like= is for function bodies only")
         self.prefix = prefix
         self.function = function
         self.dtype = np.dtype(dtype)

@@ -23,6 +23,7 @@ from onnx import helper
 
 from pddnet.spec.contract import DOMAIN, DOMAIN_VERSION, OPSET, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from pddnet.graph.builder import Builder
+from pddnet.errors import PddnetError
 
 # ---------------------------------------------------------------------------------------------
 # numpy twins of the reference's coordinate helpers (the exporter must not need torch)
@@ -81,7 +82,7 @@ class FunctionSet:
     def add(self, op_type: str, signature: tuple, build) -> None:
         if op_type in self.signatures:
             if self.signatures[op_type] != signature:
-                raise ValueError(f"{op_type} is used with two different shapes/attributes in one "
+                raise PddnetError(f"{op_type} is used with two different shapes/attributes in one "
                                  f"model ({self.signatures[op_type]} vs {signature}); local "
                                  f"functions are specialised per model")
             return
@@ -313,7 +314,7 @@ def minconv_function(grid, disp_size: int, mode: str, dtype,
         b.op("Reshape", out, b.ints((gi, gj, gk, L, L, L)), outputs=["output"])
         inputs = ["cost", "penalty"]
     else:
-        raise ValueError(f"MinConv: unknown mode {mode!r}")
+        raise PddnetError(f"MinConv: unknown mode {mode!r}")
     return _function("MinConv", inputs, ["output"], b, ["mode"])
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from pddnet.model import ops
 from pddnet.spec.config import PDDConfig
+from pddnet.errors import PddnetError
 
 Tensor = torch.Tensor
 
@@ -120,7 +121,7 @@ class PDDNet(nn.Module):
 
     def forward(self, fixed: Tensor, moving: Tensor) -> Registration:
         if fixed.shape != moving.shape or fixed.dim() != 5 or fixed.shape[:2] != (1, 1):
-            raise ValueError(f"PDDNet expects fixed and moving as (1, 1, I, J, K) of one shape; "
+            raise PddnetError(f"PDDNet expects fixed and moving as (1, 1, I, J, K) of one shape; "
                              f"got {tuple(fixed.shape)} and {tuple(moving.shape)}")
         return self.register_features(self.features(fixed), self.features(moving))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pddnet.errors import PddnetError
 
 Tensor = torch.Tensor
 
@@ -66,7 +67,7 @@ def grid_sample3d(x: Tensor, coords: Tensor, *, mode: str = "bilinear") -> Tenso
         ``(N, C, *S)``.
     """
     if x.dim() != 5 or coords.shape[-1] != 3 or coords.shape[0] != x.shape[0]:
-        raise ValueError(f"grid_sample3d: expected x (N,C,I,J,K) and coords (N,...,3), got "
+        raise PddnetError(f"grid_sample3d: expected x (N,C,I,J,K) and coords (N,...,3), got "
                          f"{tuple(x.shape)} and {tuple(coords.shape)}")
     sample_shape = coords.shape[1:-1]
     grid = coords.reshape(coords.shape[0], -1, 1, 1, 3).flip(-1)  # torch wants (k, j, i)
@@ -136,7 +137,7 @@ def deformable_sample(x: Tensor, offsets: Tensor, out_shape) -> Tensor:
         ``s`` (the channel order of the authors' code).
     """
     if x.shape[0] != 1 or offsets.dim() != 2 or offsets.shape[1] != 3:
-        raise ValueError(f"deformable_sample: expected x (1,C,I,J,K) and offsets (S,3), got "
+        raise PddnetError(f"deformable_sample: expected x (1,C,I,J,K) and offsets (S,3), got "
                          f"{tuple(x.shape)} and {tuple(offsets.shape)}")
     offsets = offsets.to(x.dtype)
     pos = [cell_centres(int(n), dtype=x.dtype, device=x.device)[None, :] + offsets[:, a, None]
@@ -174,7 +175,7 @@ def correlation(feat_fixed: Tensor, feat_moving: Tensor, grid, disp_size: int,
         ``(G_i, G_j, G_k, L, L, L)``.
     """
     if feat_fixed.shape != feat_moving.shape or feat_fixed.dim() != 5 or feat_fixed.shape[0] != 1:
-        raise ValueError(f"correlation: feature maps must both be (1,C,I,J,K); got "
+        raise PddnetError(f"correlation: feature maps must both be (1,C,I,J,K); got "
                          f"{tuple(feat_fixed.shape)} and {tuple(feat_moving.shape)}")
     grid = tuple(int(g) for g in grid)
     n_ch, L = feat_fixed.shape[1], disp_size
@@ -327,9 +328,9 @@ def minconv(cost: Tensor, mode: str = "approx", penalty: Tensor | float | None =
         return minconv_approx(cost)
     if mode == "exact":
         if penalty is None:
-            raise ValueError("minconv(mode='exact') needs a penalty")
+            raise PddnetError("minconv(mode='exact') needs a penalty")
         return minconv_exact(cost, penalty)
-    raise ValueError(f"minconv: unknown mode {mode!r}")
+    raise PddnetError(f"minconv: unknown mode {mode!r}")
 
 
 def smooth_grid(cost: Tensor) -> Tensor:

@@ -34,6 +34,7 @@ from pddnet.model import ops
 from pddnet.spec.config import PDDConfig
 from pddnet.model.losses import diffusion_penalty
 from pddnet.spec.refine import RefineOptions, stage2_overrides
+from pddnet.errors import PddnetError
 
 Tensor = torch.Tensor
 
@@ -125,7 +126,7 @@ def compose_fields(u1: Tensor, u2: Tensor) -> Tensor:
     ``warp(moving, u) == warp(warp(moving, u1), u2)`` up to interpolation.
     """
     if u1.shape != u2.shape or u1.dim() != 4 or u1.shape[-1] != 3:
-        raise ValueError(f"compose_fields: fields must both be (I, J, K, 3), got "
+        raise PddnetError(f"compose_fields: fields must both be (I, J, K, 3), got "
                          f"{tuple(u1.shape)} and {tuple(u2.shape)}")
     u1_at = ops.warp(u1.permute(3, 0, 1, 2).unsqueeze(0), u2)[0].permute(1, 2, 3, 0)
     return u2 + u1_at
@@ -145,7 +146,7 @@ def stage2_network(model, overrides: dict[str, Any] | None = None):
         ov["grid"] = tuple(int(g) for g in ov["grid"])
     for key in ("channels", "minconv"):
         if key in ov and ov[key] != getattr(cfg, key):
-            raise ValueError(f"stage2_network: overriding {key!r} changes the weights; only the "
+            raise PddnetError(f"stage2_network: overriding {key!r} changes the weights; only the "
                              "grid, capture range and displacement count may change")
     net = PDDNet(dataclasses.replace(cfg, **ov))
     net.load_state_dict(model.state_dict())
@@ -173,7 +174,7 @@ def network_for_config(model, config: dict[str, Any]):
         return model
     fixed = [k for k in diff if k not in OVERRIDABLE]
     if fixed:
-        raise ValueError("the network differs from the exported model in "
+        raise PddnetError("the network differs from the exported model in "
                          + "; ".join(f"{k}: {mine.get(k)!r} vs {theirs.get(k)!r}" for k in fixed))
     return stage2_network(model, {k: theirs[k] for k in diff})
 
@@ -220,7 +221,7 @@ def register_stages(model, fixed: Tensor, moving: Tensor, *, refine: RefineOptio
         for two stages ``warp``, ``features2``, ``head2``, ``refine2``, ``compose``.
     """
     if stages not in (1, 2):
-        raise ValueError(f"register_stages: stages must be 1 or 2, got {stages}")
+        raise PddnetError(f"register_stages: stages must be 1 or 2, got {stages}")
     shape = tuple(fixed.shape[2:])
     times: dict[str, float] = {}
     out: list[StageOutput] = []

@@ -23,13 +23,17 @@ from scipy import ndimage
 from pddnet.data.io import Volume
 from pddnet.runtime.preprocess import AFFINE_ATOL_MM, PreparedFixed
 from pddnet.runtime.resample import resample, resize_map, warp
+from pddnet.errors import PddnetError
 
 
 def field_to_fixed_grid(disp: np.ndarray, fixed: PreparedFixed) -> np.ndarray:
     """Model-grid ``disp`` ``(I, J, K, 3)`` -> ``(i, j, k, 3)`` float32 in fixed-file voxels."""
     disp = np.asarray(disp, np.float32)
     if disp.shape != tuple(fixed.grid_shape) + (3,):
-        raise ValueError(f"disp shape {disp.shape} != model grid {fixed.grid_shape} + (3,)")
+        raise PddnetError(f"field_to_fixed_grid: the model returned a displacement of shape "
+                          f"{disp.shape}, expected the model grid {tuple(fixed.grid_shape)} + (3,); "
+                          "the fixed scan was prepared for another model: prepare it again "
+                          "with this one")
     p = fixed.original_to_canonical()[:3, :3]
     src = [int(np.argmax(np.abs(p[:, o]))) for o in range(3)]  # canonical axis of file axis o
     sign = [float(p[src[o], o]) for o in range(3)]

@@ -33,13 +33,12 @@ import numpy as np
 from pddnet.data.io import Volume
 from pddnet.errors import PddnetError
 from pddnet.spec import contract as C
-from pddnet.backends import create_backend
 from pddnet.runtime.bundle import is_bundle, open_bundle
 from pddnet.graph.model import load_model
 from pddnet.runtime.postprocess import field_to_fixed_grid, labels_on_fixed_grid, warp_to_fixed
 from pddnet.runtime.preprocess import (DEFAULT_SPACING_TOLERANCE, PreparedFixed, VolumeLike,
                                        _codes, prepare_fixed, prepare_moving)
-from pddnet.graph.split import split_model
+from pddnet.runtime.runner import PairRunner
 
 STAGES = ("load", "preprocess", "features", "head", "refine", "stage2", "postprocess", "metrics",
           "write")
@@ -209,20 +208,15 @@ class Registrar:
             opts["providers"] = providers
         self.split_note: str | None = None
         try:
-            parts = split_model(self.loaded.proto)
-        except PddnetError as exc:
-            parts = None
-            self.split_note = (f"model: {exc}; running the whole model per pair (fixed features "
-                               "are not reused; 'head' timings cover the whole network)")
-        self._features = self._head = self._full = None
-        if parts is not None:
-            self._features = create_backend(backend, parts.features, label="features", **opts)
-            self._head = create_backend(backend, parts.head, label="head", **opts)
-            self._features.activate()
-            self._head.activate()
-        else:
-            self._full = create_backend(backend, self.loaded.proto, label="full", **opts)
-            self._full.activate()
+            self._runner = PairRunner(self.loaded.proto, backend, opts)
+        except BaseException:
+            if self.bundle is not None:
+                self.bundle.close()
+            raise
+        if self._runner.split_error is not None:
+            self.split_note = (f"model: {self._runner.split_error}; running the whole model per "
+                               "pair (fixed features are not reused; 'head' timings cover the "
+                               "whole network)")
         self._pipeline = None
         if refine or stages != 1:
             from pddnet.runtime.stages import StagePipeline
@@ -230,7 +224,7 @@ class Registrar:
             try:
                 self._pipeline = StagePipeline(self.loaded, refine=refine, stages=stages,
                                                stage2_model=stage2_model, backend=backend,
-                                               backend_options=opts, features=self._features)
+                                               backend_options=opts, stage1=self._runner)
             except BaseException:
                 self.close()
                 raise
@@ -239,9 +233,8 @@ class Registrar:
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
-        for b in (getattr(self, n, None) for n in ("_features", "_head", "_full")):
-            if b is not None:
-                b.deactivate()
+        if getattr(self, "_runner", None) is not None:
+            self._runner.close()
         if getattr(self, "_pipeline", None) is not None:
             self._pipeline.close()
         if getattr(self, "bundle", None) is not None:
@@ -255,13 +248,12 @@ class Registrar:
 
     @property
     def reuses_features(self) -> bool:
-        return self._full is None
+        return self._runner.is_split
 
     def describe_backend(self) -> dict[str, Any]:
-        b = self._features if self._full is None else self._full
-        d = b.describe()
+        d = self._runner.describe()
         d.pop("label", None)
-        d["mode"] = "split (features + head)" if self._full is None else "full model"
+        d["mode"] = "split (features + head)" if self._runner.is_split else "full model"
         if self.selection is not None:
             d["bundle"] = {"source": str(self.bundle.source), **self.selection.as_dict()}
         return d
@@ -296,17 +288,10 @@ class Registrar:
         backend runs and those stages in milliseconds (the latency that ``pddnet validate``
         reports).
         """
-        ff = None
-        if self._full is not None:
-            outs = self._full.run({C.INPUT_FIXED: fixed, C.INPUT_MOVING: moving})
-            ms = self._full.last_run_ms
-        else:
-            ff = self._features.run({C.FEATURES_INPUT: fixed})[C.FEATURES_OUTPUT]
-            ms = self._features.last_run_ms
-            mf = self._features.run({C.FEATURES_INPUT: moving})[C.FEATURES_OUTPUT]
-            ms += self._features.last_run_ms
-            outs = self._head.run({C.FIXED_FEATURES: ff, C.MOVING_FEATURES: mf})
-            ms += self._head.last_run_ms
+        ff, ms = self._runner.features(fixed)
+        run = self._runner.run_pair(fixed, moving, ff)
+        outs = run.outputs
+        ms += (run.features_ms or 0.0) + run.head_ms
         if self._pipeline is not None:
             outs, staged = self._pipeline.run(outs, fixed=fixed, moving=moving, fixed_features=ff)
             ms += sum(v for v in staged["timings_ms"].values() if v is not None)
@@ -318,10 +303,7 @@ class Registrar:
         prep = prepare_fixed(fixed, self.info, labels=fixed_labels,
                              spacing_tolerance=self.spacing_tolerance)
         pre_ms = (time.perf_counter() - t0) * 1e3
-        feats, feat_ms = None, 0.0
-        if self._features is not None:
-            feats = self._features.run({C.FEATURES_INPUT: prep.array})[C.FEATURES_OUTPUT]
-            feat_ms = self._features.last_run_ms
+        feats, feat_ms = self._runner.features(prep.array)
         inputs = {"fixed": _describe_volume(prep.volume, fixed),
                   "fixed_labels": _source(fixed_labels)}
         return _FixedState(prep, feats, pre_ms, feat_ms, inputs=inputs)
@@ -332,15 +314,8 @@ class Registrar:
         t0 = time.perf_counter()
         mov = prepare_moving(moving, fixed, self.info, labels=moving_labels)
         pre_ms = (time.perf_counter() - t0) * 1e3
-        if self._full is None:
-            mfeat = self._features.run({C.FEATURES_INPUT: mov.array})[C.FEATURES_OUTPUT]
-            feat_ms = self._features.last_run_ms
-            outs = self._head.run({C.FIXED_FEATURES: state.features,
-                                   C.MOVING_FEATURES: mfeat})
-            head_ms = self._head.last_run_ms
-        else:
-            outs = self._full.run({C.INPUT_FIXED: fixed.array, C.INPUT_MOVING: mov.array})
-            feat_ms, head_ms = None, self._full.last_run_ms
+        run = self._runner.run_pair(fixed.array, mov.array, state.features)
+        outs, feat_ms, head_ms = run.outputs, run.features_ms, run.head_ms
         staged = None
         if self._pipeline is not None:
             outs, staged = self._pipeline.run(outs, fixed=fixed.array, moving=mov.array,
@@ -391,8 +366,8 @@ class Registrar:
             reuse={
                 "fixed_features": "computed" if first else "reused",
                 "fixed_preprocess_ms": state.preprocess_ms,
-                "fixed_branch_ms": state.features_ms if self._full is None else None,
-                "saved_ms": 0.0 if first or self._full is not None else fixed_cost,
+                "fixed_branch_ms": state.features_ms if self._runner.is_split else None,
+                "saved_ms": 0.0 if first or not self._runner.is_split else fixed_cost,
             },
             stages=staged)
 

@@ -27,10 +27,9 @@ from pddnet.spec import contract as C
 from pddnet.runtime import refine as R
 from pddnet.spec import refine as S
 from pddnet.spec.metadata import metadata_value
-from pddnet.backends import create_backend
 from pddnet.graph.model import LoadedModel, load_model
 from pddnet.runtime.resample import warp
-from pddnet.graph.split import split_model
+from pddnet.runtime.runner import PairRunner
 
 
 def _meta(loaded: LoadedModel, key: str) -> Any:
@@ -91,14 +90,15 @@ class StagePipeline:
         stages: 1 or 2.
         stage2_model: path of the stage-two model (default: the one ``loaded`` names).
         backend, backend_options: how to run the stage-two model (as the Registrar's).
-        features: the Registrar's stage-one feature backend (reused for the warped moving
-            scan when the stage-two model's feature graph is the same), or ``None``.
+        stage1: the Registrar's :class:`~pddnet.runtime.runner.PairRunner`; stage two shares
+            its feature backend when the two models' feature graphs are the same, and runs
+            the whole model per pair when stage one does.
     """
 
     def __init__(self, loaded: LoadedModel, *, refine: S.RefineOptions | int | None = None,
                  stages: int = 1, stage2_model: str | os.PathLike | None = None,
                  backend: str = "onnxruntime", backend_options: dict[str, Any] | None = None,
-                 features: Any = None):
+                 stage1: PairRunner | None = None):
         if stages not in (1, 2):
             raise PddnetError(f"stages must be 1 or 2, got {stages!r}")
         self.refine = S.RefineOptions.coerce(refine)
@@ -108,29 +108,15 @@ class StagePipeline:
         self._check_probs(loaded)
         self.loaded2: LoadedModel | None = None
         self.config2: dict[str, Any] | None = None
-        self._features = features
-        self._features2 = self._head2 = self._full2 = None
+        self._runner2: PairRunner | None = None
         if self.stages == 2:
             self.loaded2 = load_model(resolve_stage2(loaded, stage2_model))
             check_stage2(loaded, self.loaded2)
             self._check_probs(self.loaded2)
             self.config2 = dict(self.loaded2.info.config)
-            opts = dict(backend_options or {})
-            try:
-                parts = split_model(self.loaded2.proto)
-            except PddnetError:
-                parts = None
-            if parts is not None and features is not None:
-                if not _same_graph(parts.features, split_model(loaded.proto).features):
-                    self._features = None
-                if self._features is None:
-                    self._features2 = create_backend(backend, parts.features, label="features2",
-                                                     **opts).activate()
-                self._head2 = create_backend(backend, parts.head, label="head2",
-                                             **opts).activate()
-            else:
-                self._full2 = create_backend(backend, self.loaded2.proto, label="full2",
-                                             **opts).activate()
+            self._runner2 = PairRunner(self.loaded2.proto, backend, dict(backend_options or {}),
+                                       split=stage1 is not None and stage1.is_split,
+                                       share=stage1, suffix="2")
 
     def _check_probs(self, loaded: LoadedModel) -> None:
         if self.refine is not None and C.OUTPUT_PROBS not in loaded.info.outputs:
@@ -139,9 +125,8 @@ class StagePipeline:
                               "CKPT --out model.onnx --probs` (add --stage2 for two stages)")
 
     def close(self) -> None:
-        for b in (self._features2, self._head2, self._full2):
-            if b is not None:
-                b.deactivate()
+        if self._runner2 is not None:
+            self._runner2.close()
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"stages": self.stages,
@@ -151,8 +136,8 @@ class StagePipeline:
                                  "sha256": self.loaded2.info.sha256,
                                  "grid": self.config2["grid"], "capture": self.config2["capture"],
                                  "disp_size": self.config2["disp_size"],
-                                 "features": "reused from stage one" if self._head2 is not None
-                                 and self._features2 is None else "own"}
+                                 "features": "reused from stage one"
+                                 if self._runner2.shares_features else "own"}
         return d
 
     # ------------------------------------------------------------------------------------
@@ -232,19 +217,8 @@ class StagePipeline:
 
     def _run_stage2(self, fixed: np.ndarray, warped: np.ndarray,
                     fixed_features: np.ndarray | None) -> tuple[dict, float, float]:
-        if self._full2 is not None:
-            outs = self._full2.run({C.INPUT_FIXED: fixed, C.INPUT_MOVING: warped})
-            return outs, 0.0, self._full2.last_run_ms
-        feats = self._features or self._features2
-        if fixed_features is None:
-            fixed_features = feats.run({C.FEATURES_INPUT: fixed})[C.FEATURES_OUTPUT]
-        mf = feats.run({C.FEATURES_INPUT: warped})[C.FEATURES_OUTPUT]
-        t_feat = feats.last_run_ms
-        outs = self._head2.run({C.FIXED_FEATURES: fixed_features, C.MOVING_FEATURES: mf})
-        return outs, t_feat, self._head2.last_run_ms
-
-
-def _same_graph(a, b) -> bool:
-    """Two feature parts compute the same thing (graph and initializers; metadata ignored)."""
-    return a.graph.SerializeToString(deterministic=True) == \
-        b.graph.SerializeToString(deterministic=True)
+        """Stage two on ``(fixed, warped)``; stage one's ``fixed_features`` are reused only where
+        the feature backend is shared (the same feature graph)."""
+        run = self._runner2.run_pair(fixed, warped, fixed_features
+                                     if self._runner2.shares_features else None)
+        return run.outputs, run.features_ms or 0.0, run.head_ms

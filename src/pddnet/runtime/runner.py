@@ -1,0 +1,126 @@
+"""The pair runner: one model run on one pre-processed pair, used by every registration path.
+
+A model is split into ``features`` (one image -> its features) and ``head`` (both feature maps
+-> the outputs) where it can be (:mod:`pddnet.graph.split`), so that a fixed scan's features are
+computed once and reused; where it cannot be split, the whole model runs per pair. The
+:class:`~pddnet.runtime.session.Registrar` (stage one) and the
+:class:`~pddnet.runtime.stages.StagePipeline` (stage two, sharing stage one's feature backend
+when the two models' feature graphs are the same) both run models through this class only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pddnet.backends import create_backend
+from pddnet.errors import PddnetError
+from pddnet.graph.split import split_model
+from pddnet.spec import contract as C
+
+
+@dataclass
+class PairRun:
+    """What :meth:`PairRunner.run_pair` returns.
+
+    ``features_ms`` is the time of the feature runs this call made (``None`` when the whole
+    model ran); ``head_ms`` the head's (or the whole model's) time, both in milliseconds.
+    """
+
+    outputs: dict[str, np.ndarray]
+    features_ms: float | None
+    head_ms: float
+
+
+class PairRunner:
+    """Backends for one model: ``features`` + ``head`` where the model splits, else ``full``.
+
+    Args:
+        proto: the model (``onnx.ModelProto``).
+        backend, options: the backend name and its options (:func:`pddnet.backends.create_backend`).
+        split: ``False`` runs the whole model even where it could be split.
+        share: another runner whose feature backend this one reuses when the feature graphs
+            are identical (the stage-two model of the same weights).
+        suffix: appended to the backends' labels (``"2"`` for stage two).
+    """
+
+    def __init__(self, proto: Any, backend: str, options: dict[str, Any], *, split: bool = True,
+                 share: "PairRunner | None" = None, suffix: str = ""):
+        self.split_error: PddnetError | None = None
+        self.features_graph = None
+        self._features = self._head = self._full = None
+        self._owns_features = False
+        parts = None
+        if split:
+            try:
+                parts = split_model(proto)
+            except PddnetError as exc:
+                self.split_error = exc
+        try:
+            if parts is None:
+                self._full = create_backend(backend, proto, label=f"full{suffix}",
+                                            **options).activate()
+                return
+            self.features_graph = parts.features
+            if share is not None and share.features_graph is not None and \
+                    _same_graph(parts.features, share.features_graph):
+                self._features = share._features
+            else:
+                self._features = create_backend(backend, parts.features,
+                                                label=f"features{suffix}", **options).activate()
+                self._owns_features = True
+            self._head = create_backend(backend, parts.head, label=f"head{suffix}",
+                                        **options).activate()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def is_split(self) -> bool:
+        """True when features and head run separately (fixed features can be reused)."""
+        return self._full is None
+
+    @property
+    def shares_features(self) -> bool:
+        """True when the feature backend is another runner's (see ``share``)."""
+        return self.is_split and not self._owns_features
+
+    def features(self, image: np.ndarray) -> tuple[np.ndarray | None, float]:
+        """``(features, ms)`` of one ``(1, 1, I, J, K)`` image; ``(None, 0.0)`` unsplit."""
+        if self._features is None:
+            return None, 0.0
+        out = self._features.run({C.FEATURES_INPUT: image})[C.FEATURES_OUTPUT]
+        return out, self._features.last_run_ms
+
+    def run_pair(self, fixed: np.ndarray, moving: np.ndarray,
+                 fixed_features: np.ndarray | None = None) -> PairRun:
+        """Run the model on ``(fixed, moving)``; ``fixed_features`` (from :meth:`features` of
+        this runner or of the runner it shares features with) skips the fixed branch."""
+        if self._full is not None:
+            outs = self._full.run({C.INPUT_FIXED: fixed, C.INPUT_MOVING: moving})
+            return PairRun(outs, None, self._full.last_run_ms)
+        feat_ms = 0.0
+        if fixed_features is None:
+            fixed_features, feat_ms = self.features(fixed)
+        moving_features, ms = self.features(moving)
+        outs = self._head.run({C.FIXED_FEATURES: fixed_features,
+                               C.MOVING_FEATURES: moving_features})
+        return PairRun(outs, feat_ms + ms, self._head.last_run_ms)
+
+    def describe(self) -> dict[str, Any]:
+        """The backend's description (the feature backend's when split)."""
+        return (self._features if self._full is None else self._full).describe()
+
+    def close(self) -> None:
+        """Release the backends this runner created (a shared feature backend stays)."""
+        for b in (self._features if self._owns_features else None, self._head, self._full):
+            if b is not None:
+                b.deactivate()
+
+
+def _same_graph(a: Any, b: Any) -> bool:
+    """Two feature parts compute the same thing (graph and initializers; metadata ignored)."""
+    return a.graph.SerializeToString(deterministic=True) == \
+        b.graph.SerializeToString(deterministic=True)
