@@ -75,20 +75,49 @@ def _ver(text: str) -> tuple[int, int]:
         return (0, 0)
 
 
-def collect(probe: Probe | None = None) -> dict[str, Any]:
-    """The doctor's findings as a JSON-ready dict (see :func:`format_report`)."""
-    p = probe or Probe()
+@dataclass
+class _Found:
+    """What the probes found; the report's sections read it (``*_err``: why a module is missing)."""
+
+    ort: ModuleType | None = None
+    ort_err: str | None = None
+    providers: list[str] = field(default_factory=list)
+    torch: ModuleType | None = None
+    torch_err: str | None = None
+    torch_cuda: bool = False
+    triton: ModuleType | None = None
+    triton_err: str | None = None
+    trt: ModuleType | None = None
+    trt_err: str | None = None
+    trt_ver: tuple[int, int] | None = None
+    trtp: ModuleType | None = None
+    trtp_err: str | None = None
+    cuda_ok: bool = False
+    cuda_err: str | None = None
+    gpu: dict[str, Any] | None = None
+    gpu_err: str | None = None
+
+
+def _backend(name, ok, detail, precisions=(), **extra) -> Item:
+    return Item(name, ok, detail, {"precisions": list(precisions) if ok else [], **extra})
+
+
+def _skeleton() -> dict[str, Any]:
     from pddnet import __version__
 
-    rep: dict[str, Any] = {"python": platform.python_version(), "pddnet": __version__,
-                           "platform": platform.platform(), "packages": {}, "backends": [],
-                           "plugin_paths": [], "problems": []}
-    pk = rep["packages"]
+    return {"python": platform.python_version(), "pddnet": __version__,
+            "platform": platform.platform(), "packages": {}, "backends": [],
+            "plugin_paths": [], "problems": []}
+
+
+def _core_versions(p: Probe, pk: dict[str, Any]) -> None:
     for mod in ("numpy", "onnx", "onnxruntime", "nibabel", "scipy"):
         m, err = _try(p.module, mod)
         pk[mod] = getattr(m, "__version__", "?") if m else f"missing ({err})"
 
-    # ONNX Runtime wheels and providers
+
+def _onnxruntime(p: Probe, rep: dict[str, Any], f: _Found) -> None:
+    """The installed onnxruntime wheels (both at once is a problem) and the providers."""
     ort_cpu, ort_gpu = p.dist_version("onnxruntime"), p.dist_version("onnxruntime-gpu")
     rep["onnxruntime_wheels"] = {"onnxruntime": ort_cpu, "onnxruntime-gpu": ort_gpu}
     if ort_cpu and ort_gpu:
@@ -96,110 +125,154 @@ def collect(probe: Probe | None = None) -> dict[str, Any]:
                                "overwrite each other); fix: pip uninstall -y onnxruntime "
                                "onnxruntime-gpu && " + GPU_EXTRA + " (GPU) or pip install "
                                "onnxruntime (CPU)")
-    ort, ort_err = _try(p.module, "onnxruntime")
-    providers = list(ort.get_available_providers()) if ort else []
-    rep["onnxruntime_providers"] = providers
+    f.ort, f.ort_err = _try(p.module, "onnxruntime")
+    f.providers = list(f.ort.get_available_providers()) if f.ort else []
+    rep["onnxruntime_providers"] = f.providers
 
-    # optional packages
-    torch, torch_err = _try(p.module, "torch")
-    triton, triton_err = _try(p.module, "triton")
-    trt, trt_err = _try(p.module, "tensorrt")
-    trtp, trtp_err = (_try(p.module, "tensorrt.plugin") if trt else (None, "tensorrt missing"))
-    cuda_mod, cuda_err = _try(p.module, "cuda.bindings.runtime")
+
+def _optional_modules(p: Probe, f: _Found) -> None:
+    f.torch, f.torch_err = _try(p.module, "torch")
+    f.triton, f.triton_err = _try(p.module, "triton")
+    f.trt, f.trt_err = _try(p.module, "tensorrt")
+    f.trtp, f.trtp_err = (_try(p.module, "tensorrt.plugin") if f.trt
+                          else (None, "tensorrt missing"))
+    cuda_mod, f.cuda_err = _try(p.module, "cuda.bindings.runtime")
     if cuda_mod is None:
         cuda_mod, err2 = _try(p.module, "cuda.cudart")
         if cuda_mod is None:
-            cuda_err = f"{cuda_err}; {err2}"
-    cuda_ok = cuda_mod is not None
-    if cuda_ok:
-        gpu, gpu_err = _try(p.gpu)
+            f.cuda_err = f"{f.cuda_err}; {err2}"
+    f.cuda_ok = cuda_mod is not None
+    f.trt_ver = _ver(f.trt.__version__) if f.trt else None
+
+
+def _gpu(p: Probe, rep: dict[str, Any], f: _Found) -> None:
+    if f.cuda_ok:
+        f.gpu, f.gpu_err = _try(p.gpu)
     else:
-        gpu, gpu_err = None, "cannot query without cuda-python"
-    rep["gpu"] = gpu if gpu else {"error": gpu_err}
-    torch_cuda = bool(torch) and bool(_try(p.torch_cuda, torch)[0])
-    pk["torch"] = (torch.__version__ + (" (CUDA)" if torch_cuda else " (no CUDA)")) if torch \
-        else torch_err
-    pk["triton"] = getattr(triton, "__version__", "?") if triton else triton_err
-    pk["tensorrt"] = trt.__version__ if trt else trt_err
-    pk["cuda-python"] = "importable" if cuda_ok else cuda_err.split(";")[0]
-    trt_ver = _ver(trt.__version__) if trt else None
+        f.gpu, f.gpu_err = None, "cannot query without cuda-python"
+    rep["gpu"] = f.gpu if f.gpu else {"error": f.gpu_err}
 
-    def backend(name, ok, detail, precisions=(), **extra):
-        rep["backends"].append(Item(name, ok, detail,
-                                    {"precisions": list(precisions) if ok else [], **extra}))
 
-    # ONNX Runtime
-    backend("onnxruntime (cpu)", bool(ort), "CPUExecutionProvider" if ort else
-            f"onnxruntime not importable ({ort_err}); pip install onnxruntime",
-            ("fp32", "fp16", "int8"))
+def _optional_versions(p: Probe, pk: dict[str, Any], f: _Found) -> None:
+    f.torch_cuda = bool(f.torch) and bool(_try(p.torch_cuda, f.torch)[0])
+    pk["torch"] = (f.torch.__version__ + (" (CUDA)" if f.torch_cuda else " (no CUDA)")) \
+        if f.torch else f.torch_err
+    pk["triton"] = getattr(f.triton, "__version__", "?") if f.triton else f.triton_err
+    pk["tensorrt"] = f.trt.__version__ if f.trt else f.trt_err
+    pk["cuda-python"] = "importable" if f.cuda_ok else f.cuda_err.split(";")[0]
+
+
+def _ort_backends(f: _Found) -> list[Item]:
+    """ONNX Runtime: the CPU provider, then the CUDA and TensorRT execution providers."""
+    out = [_backend("onnxruntime (cpu)", bool(f.ort), "CPUExecutionProvider" if f.ort else
+                    f"onnxruntime not importable ({f.ort_err}); pip install onnxruntime",
+                    ("fp32", "fp16", "int8"))]
     for prov, alias in (("CUDAExecutionProvider", "cuda"), ("TensorrtExecutionProvider",
                                                             "tensorrt")):
-        if prov in providers:
-            ok = gpu is not None
-            backend(f"onnxruntime ({alias})", ok, prov if ok else
-                    f"{prov} is built in but no GPU is usable ({gpu_err})",
-                    ("fp32", "fp16", "int8"))
+        if prov in f.providers:
+            ok = f.gpu is not None
+            out.append(_backend(f"onnxruntime ({alias})", ok, prov if ok else
+                                f"{prov} is built in but no GPU is usable ({f.gpu_err})",
+                                ("fp32", "fp16", "int8")))
         else:
-            backend(f"onnxruntime ({alias})", False,
-                    f"{prov} not in this onnxruntime build; GPU providers need onnxruntime-gpu "
-                    f"instead of onnxruntime: pip uninstall -y onnxruntime && {GPU_EXTRA}")
+            out.append(_backend(
+                f"onnxruntime ({alias})", False,
+                f"{prov} not in this onnxruntime build; GPU providers need onnxruntime-gpu "
+                f"instead of onnxruntime: pip uninstall -y onnxruntime && {GPU_EXTRA}"))
+    return out
 
-    # TensorRT backend
+
+def _trt_unusable(f: _Found) -> list[str]:
+    """Why the TensorRT backend cannot run here (empty: it can)."""
     why = []
-    if not trt:
-        why.append(f"tensorrt {trt_err}: {GPU_EXTRA} (TensorRT >= 10.9)")
-    elif trt_ver < (10, 0):
-        why.append(f"TensorRT {trt.__version__} is too old (needs >= 10.0; 10.9 for AOT plugins)")
-    if not cuda_ok:
-        why.append(f"cuda-python {cuda_err.split(';')[0]}: {GPU_EXTRA}")
-    if gpu is None:
-        why.append(f"no usable NVIDIA GPU ({gpu_err})")
-    trt_precisions = ["fp32"]
-    if gpu is not None:
-        cc = _ver(gpu.get("compute_capability", "0.0"))
+    if not f.trt:
+        why.append(f"tensorrt {f.trt_err}: {GPU_EXTRA} (TensorRT >= 10.9)")
+    elif f.trt_ver < (10, 0):
+        why.append(f"TensorRT {f.trt.__version__} is too old (needs >= 10.0; 10.9 for AOT "
+                   "plugins)")
+    if not f.cuda_ok:
+        why.append(f"cuda-python {f.cuda_err.split(';')[0]}: {GPU_EXTRA}")
+    if f.gpu is None:
+        why.append(f"no usable NVIDIA GPU ({f.gpu_err})")
+    return why
+
+
+def _trt_backend(f: _Found, why: list[str]) -> Item:
+    precisions = ["fp32"]
+    if f.gpu is not None:
+        cc = _ver(f.gpu.get("compute_capability", "0.0"))
         if cc >= (5, 3):
-            trt_precisions.append("fp16")
+            precisions.append("fp16")
         if cc >= (6, 1):
-            trt_precisions.append("int8")
-    backend("tensorrt (--backend trt)", not why,
-            f"TensorRT {trt.__version__} on {gpu['gpu_name']}" if not why else "; ".join(why),
-            trt_precisions)
+            precisions.append("int8")
+    return _backend("tensorrt (--backend trt)", not why,
+                    f"TensorRT {f.trt.__version__} on {f.gpu['gpu_name']}" if not why
+                    else "; ".join(why), precisions)
 
-    # PyTorch reference
-    backend("torch (reference)", bool(torch), "PyTorch " + torch.__version__ if torch else
-            f"torch not importable ({torch_err}); pip install 'pddnet[train]'", ("fp32",))
 
-    # plugin paths
-    def path(name, ok, detail):
-        rep["plugin_paths"].append(Item(name, ok, detail))
+def _torch_backend(f: _Found) -> Item:
+    return _backend("torch (reference)", bool(f.torch),
+                    "PyTorch " + f.torch.__version__ if f.torch else
+                    f"torch not importable ({f.torch_err}); pip install 'pddnet[train]'",
+                    ("fp32",))
 
-    base = ["needs the TensorRT backend (unusable, see above)"] if why else []
-    path("native (local functions inlined by TensorRT)", not why,
-         "every custom op becomes TensorRT layers; no plugin" if not why else base[0])
-    aot_why = list(base)
-    if trt and trt_ver < (10, 9):
-        aot_why.append(f"TensorRT {trt.__version__} has no AOT Python plugins (needs >= 10.9)")
-    if trt and trtp is None:
-        aot_why.append(f"tensorrt.plugin not importable ({trtp_err})")
-    elif trtp is not None and not hasattr(trtp, "aot_impl"):
-        aot_why.append("tensorrt.plugin has no aot_impl (needs TensorRT >= 10.9)")
-    if not triton:
-        aot_why.append(f"triton not importable at build time ({triton_err}); pip install triton")
-    path("aot (Triton PTX in the engine; no Python at run time)", not aot_why,
-         "Correlation, DeformableSample3D, MinConv" if not aot_why else "; ".join(aot_why))
-    jit_why = list(base)
-    if trt and trt_ver < (10, 6):
-        jit_why.append(f"TensorRT {trt.__version__} has no quickly deployable plugins (>= 10.6)")
-    if not torch_cuda:
-        jit_why.append("torch with CUDA is needed at run time"
-                       + ("" if torch else f" (torch: {torch_err})"))
-    if not triton:
-        jit_why.append("triton is needed at run time")
-    path("jit (Python plugins at run time, incl. MeanFieldStep)", not jit_why,
-         "all four plugins" if not jit_why else "; ".join(jit_why))
-    path("interpreter (kernels on the CPU, TRITON_INTERPRET=1; tests)", bool(triton and torch),
-         "tests/test_kernels.py" if triton and torch else
-         "needs triton and torch: pip install 'pddnet[train,dev]'")
+
+def _aot_unusable(f: _Found, base: list[str]) -> list[str]:
+    why = list(base)
+    if f.trt and f.trt_ver < (10, 9):
+        why.append(f"TensorRT {f.trt.__version__} has no AOT Python plugins (needs >= 10.9)")
+    if f.trt and f.trtp is None:
+        why.append(f"tensorrt.plugin not importable ({f.trtp_err})")
+    elif f.trtp is not None and not hasattr(f.trtp, "aot_impl"):
+        why.append("tensorrt.plugin has no aot_impl (needs TensorRT >= 10.9)")
+    if not f.triton:
+        why.append(f"triton not importable at build time ({f.triton_err}); pip install triton")
+    return why
+
+
+def _jit_unusable(f: _Found, base: list[str]) -> list[str]:
+    why = list(base)
+    if f.trt and f.trt_ver < (10, 6):
+        why.append(f"TensorRT {f.trt.__version__} has no quickly deployable plugins (>= 10.6)")
+    if not f.torch_cuda:
+        why.append("torch with CUDA is needed at run time"
+                   + ("" if f.torch else f" (torch: {f.torch_err})"))
+    if not f.triton:
+        why.append("triton is needed at run time")
+    return why
+
+
+def _plugin_paths(f: _Found, trt_why: list[str]) -> list[Item]:
+    """The TensorRT plugin paths: native, aot, jit, interpreter."""
+    base = ["needs the TensorRT backend (unusable, see above)"] if trt_why else []
+    aot_why, jit_why = _aot_unusable(f, base), _jit_unusable(f, base)
+    cpu_ok = bool(f.triton and f.torch)
+    return [
+        Item("native (local functions inlined by TensorRT)", not trt_why,
+             "every custom op becomes TensorRT layers; no plugin" if not trt_why else base[0]),
+        Item("aot (Triton PTX in the engine; no Python at run time)", not aot_why,
+             "Correlation, DeformableSample3D, MinConv" if not aot_why else "; ".join(aot_why)),
+        Item("jit (Python plugins at run time, incl. MeanFieldStep)", not jit_why,
+             "all four plugins" if not jit_why else "; ".join(jit_why)),
+        Item("interpreter (kernels on the CPU, TRITON_INTERPRET=1; tests)", cpu_ok,
+             "tests/test_kernels.py" if cpu_ok else
+             "needs triton and torch: pip install 'pddnet[train,dev]'"),
+    ]
+
+
+def collect(probe: Probe | None = None) -> dict[str, Any]:
+    """The doctor's findings as a JSON-ready dict (see :func:`format_report`)."""
+    p = probe or Probe()
+    rep = _skeleton()
+    f = _Found()
+    _core_versions(p, rep["packages"])
+    _onnxruntime(p, rep, f)
+    _optional_modules(p, f)
+    _gpu(p, rep, f)
+    _optional_versions(p, rep["packages"], f)
+    trt_why = _trt_unusable(f)
+    rep["backends"] += [*_ort_backends(f), _trt_backend(f, trt_why), _torch_backend(f)]
+    rep["plugin_paths"] += _plugin_paths(f, trt_why)
     return rep
 
 
