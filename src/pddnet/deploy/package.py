@@ -103,7 +103,7 @@ def collect_model(path: str | os.PathLike, precision: str) -> SourceModel:
     actual = model_precision(loaded.proto)
     if actual != precision:
         flag = "--onnx" if precision == "fp32" else f"--{precision}"
-        raise PddnetError(f"{flag} {p}: this is a {actual} graph (its pddnet.precision metadata "
+        raise PddnetError(f"{flag} {p}: this is a {actual} graph (its {C.META_PRECISION} metadata "
                           f"/ tensor types), not {precision}; give each precision's graph to its "
                           "own option")
     companions: list[Path] = []
@@ -120,8 +120,8 @@ def collect_model(path: str | os.PathLike, precision: str) -> SourceModel:
     if link is not None:
         name = str(link.get("file", ""))
         if not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise PddnetError(f"{p}: its pddnet.stage2 metadata names {name!r}; a stage-two model "
-                              "must be a file next to the model (re-export with --stage2)")
+            raise PddnetError(f"{p}: its {C.META_STAGE2} metadata names {name!r}; a stage-two "
+                              "model must be a file next to the model (re-export with --stage2)")
         s2 = p.parent / name
         if not s2.is_file():
             raise PddnetError(f"{p} names the stage-two model {name!r}, which is not next to it; "
@@ -254,8 +254,22 @@ def validation_for(report: dict[str, Any], sha: str, *, trt: bool,
 def collect_engines(paths: Sequence[str | os.PathLike],
                     models: Sequence[SourceModel]) -> list[EngineSet]:
     """Group the given engines by (graph, precision, GPU/TensorRT, plugins) and check them."""
+    files = _engine_files(paths)
+    parts, runtime_labels = _engine_part_index(models)
+    sets: dict[tuple, EngineSet] = {}
+    for f in files:
+        _add_engine(sets, f, _read_engine_record(f), parts)
+    out = []
+    for n, es in enumerate(sets.values(), 1):
+        _check_engine_set(es, runtime_labels[es.model.id])
+        es.id = f"trt-{es.precision}-{n}"
+        out.append(es)
+    return out
+
+
+def _engine_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The ``.engine`` files named by ``--engine`` (files, or folders of them)."""
     from pddnet.backends.trt import cache as ec
-    from pddnet.backends.trt.build import model_bytes, runtime_parts
 
     files: list[Path] = []
     for p in map(Path, paths):
@@ -269,63 +283,84 @@ def collect_engines(paths: Sequence[str | os.PathLike],
             files.append(p)
         else:
             raise PddnetError(f"--engine {p}: no such file or folder")
+    return files
+
+
+def _engine_part_index(models: Sequence[SourceModel]
+                       ) -> tuple[dict[str, tuple[SourceModel, str]], dict[str, set[str]]]:
+    """The model hash of every part an engine may be built from -> (graph, part label), and per
+    graph the part labels the runtime runs."""
+    from pddnet.backends.trt.build import model_bytes, runtime_parts
+
     parts: dict[str, tuple[SourceModel, str]] = {}
     runtime_labels: dict[str, set[str]] = {}
     for m in models:
         for label, part in runtime_parts(m.loaded.proto, whole=True):
             parts[sha256_bytes(model_bytes(part))] = (m, label)
         runtime_labels[m.id] = {lab for lab, _ in runtime_parts(m.loaded.proto)}
-    sets: dict[tuple, EngineSet] = {}
-    for f in files:
-        meta = ec.meta_path_for(f)
-        record = ec.read_record(meta)
-        if record is None:
-            raise PddnetError(f"--engine {f}: no readable metadata file {meta.name} beside it; an "
-                              "engine is never bundled without the record `pddnet build` writes")
-        if record.get("format") != ec.ENGINE_FORMAT:
-            raise PddnetError(f"--engine {f}: metadata format {record.get('format')!r}, expected "
-                              f"{ec.ENGINE_FORMAT}")
-        if sha256_file(f) != record.get("engine_sha256"):
-            raise PddnetError(f"--engine {f}: the file does not match the SHA-256 recorded when it "
-                              "was built (truncated or altered); rebuild it with `pddnet build`")
-        key = record.get("key", {})
-        hit = parts.get(key.get("model_sha256", ""))
-        if hit is None:
-            raise PddnetError(f"--engine {f}: built from a model that is none of the bundled "
-                              f"graphs (or their features/head parts); give the .onnx it was "
-                              "built from")
-        model, label = hit
-        if record.get("label") != label:
-            raise PddnetError(f"--engine {f}: its metadata says part {record.get('label')!r}, but "
-                              f"its model hash is the {label!r} part of {model.path}")
-        env = record.get("env", {})
-        gk = (model.id, key.get("precision"), tuple(env.get(k) for k in ec.ENV_FIELDS),
-              key.get("plugins"), key.get("hardware_compat", "none"))
-        if gk not in sets:
-            sets[gk] = EngineSet("", model, str(key.get("precision")), dict(env),
-                                 str(key.get("plugins")), str(key.get("hardware_compat", "none")))
-        es = sets[gk]
-        if label in es.parts:
-            raise PddnetError(f"--engine: two engines for the same part {label!r} of {model.path} "
-                              f"on the same GPU/TensorRT: {es.parts[label].name}, {f.name}")
-        es.parts[label] = f
-        es.records[label] = record
-    out = []
-    for n, es in enumerate(sets.values(), 1):
-        need = runtime_labels[es.model.id]
-        missing = sorted(need - set(es.parts))
-        if missing:
-            raise PddnetError(f"--engine: the {es.precision} engines of {es.model.path} for "
-                              f"{es.env.get('gpu_name')} / TensorRT {es.env.get('trt_version')} "
-                              f"lack the part(s) {missing} the runtime runs (has "
-                              f"{sorted(es.parts)}); build them all with `pddnet build`")
-        if es.precision != es.model.precision:
-            raise PddnetError(f"--engine: {es.parts[next(iter(es.parts))].name} is a "
-                              f"{es.precision} engine of the {es.model.precision} graph "
-                              f"{es.model.path}")
-        es.id = f"trt-{es.precision}-{n}"
-        out.append(es)
-    return out
+    return parts, runtime_labels
+
+
+def _read_engine_record(f: Path) -> dict[str, Any]:
+    """The metadata record of engine ``f``, refused unless readable and matching its bytes."""
+    from pddnet.backends.trt import cache as ec
+
+    meta = ec.meta_path_for(f)
+    record = ec.read_record(meta)
+    if record is None:
+        raise PddnetError(f"--engine {f}: no readable metadata file {meta.name} beside it; an "
+                          "engine is never bundled without the record `pddnet build` writes")
+    if record.get("format") != ec.ENGINE_FORMAT:
+        raise PddnetError(f"--engine {f}: metadata format {record.get('format')!r}, expected "
+                          f"{ec.ENGINE_FORMAT}")
+    if sha256_file(f) != record.get("engine_sha256"):
+        raise PddnetError(f"--engine {f}: the file does not match the SHA-256 recorded when it "
+                          "was built (truncated or altered); rebuild it with `pddnet build`")
+    return record
+
+
+def _add_engine(sets: dict[tuple, EngineSet], f: Path, record: dict[str, Any],
+                parts: dict[str, tuple[SourceModel, str]]) -> None:
+    """Put engine ``f`` into its set in ``sets`` (keyed by graph, precision, GPU/TensorRT,
+    plugins, hardware compatibility), matched to its graph by model hash."""
+    from pddnet.backends.trt import cache as ec
+
+    key = record.get("key", {})
+    hit = parts.get(key.get("model_sha256", ""))
+    if hit is None:
+        raise PddnetError(f"--engine {f}: built from a model that is none of the bundled "
+                          f"graphs (or their features/head parts); give the .onnx it was "
+                          "built from")
+    model, label = hit
+    if record.get("label") != label:
+        raise PddnetError(f"--engine {f}: its metadata says part {record.get('label')!r}, but "
+                          f"its model hash is the {label!r} part of {model.path}")
+    env = record.get("env", {})
+    gk = (model.id, key.get("precision"), tuple(env.get(k) for k in ec.ENV_FIELDS),
+          key.get("plugins"), key.get("hardware_compat", "none"))
+    if gk not in sets:
+        sets[gk] = EngineSet("", model, str(key.get("precision")), dict(env),
+                             str(key.get("plugins")), str(key.get("hardware_compat", "none")))
+    es = sets[gk]
+    if label in es.parts:
+        raise PddnetError(f"--engine: two engines for the same part {label!r} of {model.path} "
+                          f"on the same GPU/TensorRT: {es.parts[label].name}, {f.name}")
+    es.parts[label] = f
+    es.records[label] = record
+
+
+def _check_engine_set(es: EngineSet, need: set[str]) -> None:
+    """Refuse a set lacking a part the runtime runs, or of another precision than its graph."""
+    missing = sorted(need - set(es.parts))
+    if missing:
+        raise PddnetError(f"--engine: the {es.precision} engines of {es.model.path} for "
+                          f"{es.env.get('gpu_name')} / TensorRT {es.env.get('trt_version')} "
+                          f"lack the part(s) {missing} the runtime runs (has "
+                          f"{sorted(es.parts)}); build them all with `pddnet build`")
+    if es.precision != es.model.precision:
+        raise PddnetError(f"--engine: {es.parts[next(iter(es.parts))].name} is a "
+                          f"{es.precision} engine of the {es.model.precision} graph "
+                          f"{es.model.path}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,6 +382,32 @@ def versions() -> dict[str, Any]:
             "platform": platform.platform()}
 
 
+@dataclass
+class _Targets:
+    """Where ``package`` writes: the bundle folder, the archive, the Triton repository."""
+
+    folder: Path | None
+    tar: Path | None
+    triton: Path | None
+
+    @property
+    def paths(self) -> list[Path]:
+        return [p for p in (self.folder, self.tar, self.triton) if p is not None]
+
+
+@dataclass
+class _Contents:
+    """What goes into the outputs, gathered and checked before anything is written."""
+
+    name: str
+    models: list[SourceModel]
+    engines: list[EngineSet]
+    contract: dict[str, Any]
+    report_path: Path                  # the folder holding report.json
+    manifest_base: dict[str, Any]      # manifest.json without "files"
+    notes: list[str]
+
+
 def package(onnx_model: str | os.PathLike, *, report_dir: str | os.PathLike,
             fp16: str | os.PathLike | None = None, int8: str | os.PathLike | None = None,
             engines: Sequence[str | os.PathLike] = (), out: str | os.PathLike | None = None,
@@ -358,26 +419,54 @@ def package(onnx_model: str | os.PathLike, *, report_dir: str | os.PathLike,
     ``out.tar.gz`` beside the folder) and/or the Triton repository ``triton``.
 
     Every output path is checked before any work; nothing partial is left on failure."""
-    from pddnet.deploy.triton import TritonOptions, write_repository
+    targets = _check_targets(out, tar, triton, overwrite)
+    models = _collect_models(onnx_model, fp16, int8)
+    contract = check_contract(models)
+    report = read_report(report_dir)
+    notes: list[str] = []
+    entries = [_model_entry(m, _validation(report, m, allow_unvalidated, notes))
+               for m in models]
+    esets = collect_engines(engines, models) if engines else []
+    entries += [_engine_entry(es, _engine_validation(report, es, allow_unvalidated, notes))
+                for es in esets]
+    bundle_name = name or _default_name(targets)
+    contents = _Contents(bundle_name, models, esets, contract, _report_folder(report_dir),
+                         _manifest_base(bundle_name, esets, contract, entries, report, notes),
+                         notes)
+    result = _write_outputs(targets, contents, triton_options=triton_options,
+                            overwrite=overwrite, echo=echo)
+    for n in notes:
+        echo(f"note: {n}")
+    return result
 
+
+def _check_targets(out: str | os.PathLike | None, tar: bool,
+                   triton: str | os.PathLike | None, overwrite: bool) -> _Targets:
+    """The output paths, refused when missing, clashing or already there (unless
+    ``overwrite``)."""
     if out is None and triton is None:
         raise PddnetError("nothing to write: give --out BUNDLE and/or --triton DIR")
     out_p = Path(out) if out is not None else None
     tar_only = out_p is not None and out_p.name.lower().endswith((".tar.gz", ".tgz"))
     folder = None if out_p is None or tar_only else out_p
     tar_p = out_p if tar_only else (Path(f"{out_p}.tar.gz") if out_p is not None and tar else None)
-    triton_p = Path(triton) if triton is not None else None
-    targets = [p for p in (folder, tar_p, triton_p) if p is not None]
-    if len({p.resolve() for p in targets}) != len(targets):
-        raise PddnetError(f"--out/--triton name the same path: {[str(p) for p in targets]}")
-    for p in targets:
+    targets = _Targets(folder, tar_p, Path(triton) if triton is not None else None)
+    paths = targets.paths
+    if len({p.resolve() for p in paths}) != len(paths):
+        raise PddnetError(f"--out/--triton name the same path: {[str(p) for p in paths]}")
+    for p in paths:
         if p.exists() and not overwrite:
             raise PddnetError(f"{p} already exists; choose another path or pass --overwrite")
         if p.exists() and p is not tar_p and not p.is_dir():
             raise PddnetError(f"{p} exists and is not a folder; choose another path")
         if p is tar_p and p.exists() and p.is_dir():
             raise PddnetError(f"{p} is a folder; choose another archive name")
+    return targets
 
+
+def _collect_models(onnx_model: str | os.PathLike, fp16: str | os.PathLike | None,
+                    int8: str | os.PathLike | None) -> list[SourceModel]:
+    """The FP32 graph and the optional FP16/INT8 ones, refusing the same graph twice."""
     models = [collect_model(onnx_model, "fp32")]
     for path, prec in ((fp16, "fp16"), (int8, "int8")):
         if path is not None:
@@ -386,45 +475,73 @@ def package(onnx_model: str | os.PathLike, *, report_dir: str | os.PathLike,
     if len(set(shas)) != len(shas):
         raise PddnetError("the same graph was given twice (--onnx/--fp16/--int8 have equal "
                           "SHA-256)")
-    contract = check_contract(models)
-    report = read_report(report_dir)
-    report_path = Path(report_dir)
-    report_path = report_path if report_path.is_dir() else report_path.parent
-    notes: list[str] = []
-    entries: list[dict[str, Any]] = []
-    for m in models:
-        val = validation_for(report, m.sha256, trt=False)
-        _require_validation(val, f"{m.path} ({m.precision})", allow_unvalidated, notes)
-        entries.append({
-            "id": m.id, "kind": "onnx", "precision": m.precision, "file": m.rel,
-            "stage2": f"models/{m.id}/{m.stage2}" if m.stage2 else None,
-            "sha256": m.sha256, "outputs": list(m.loaded.info.outputs),
-            "opset": next((o.version for o in m.loaded.proto.opset_import if o.domain in
-                           ("", "ai.onnx")), None),
-            "ir_version": m.loaded.proto.ir_version,
-            "source": m.loaded.info.source, "config": m.loaded.info.config,
-            "backends": ["onnxruntime", "tensorrt"], "validation": val})
-    esets = collect_engines(engines, models) if engines else []
-    for es in esets:
-        val = validation_for(report, es.model.sha256, trt=True, precision=es.precision)
-        _require_validation(val, f"the {es.precision} TensorRT engines of {es.model.path} for "
-                                 f"{es.env.get('gpu_name')}", allow_unvalidated, notes)
-        entries.append({
-            "id": es.id, "kind": "tensorrt", "precision": es.precision, "model": es.model.id,
-            "engines": {lab: f"engines/{p.name}" for lab, p in sorted(es.parts.items())
-                        if lab != "full"},
-            "full": f"engines/{es.parts['full'].name}" if "full" in es.parts and
-                    len(es.parts) > 1 else None,
-            "env": es.env, "plugins": es.plugins, "hardware_compat": es.hardware_compat,
-            "jit_ops": sorted({o for r in es.records.values()
-                               for o in (r.get("binding") or {}).get("jit_ops", [])}),
-            "validation": val})
-        if set(es.parts) == {"full"}:
-            entries[-1]["engines"] = {"full": f"engines/{es.parts['full'].name}"}
+    return models
 
-    bundle_name = name or (folder.name if folder is not None else
-                           (tar_p.name.split(".tar")[0].split(".tgz")[0] if tar_p else "pddnet"))
-    manifest_base = {
+
+def _report_folder(report_dir: str | os.PathLike) -> Path:
+    report_path = Path(report_dir)
+    return report_path if report_path.is_dir() else report_path.parent
+
+
+def _validation(report: dict[str, Any], m: SourceModel, allow: bool,
+                notes: list[str]) -> dict[str, Any] | None:
+    """The evidence for ONNX graph ``m`` (refused or noted when it did not pass)."""
+    val = validation_for(report, m.sha256, trt=False)
+    _require_validation(val, f"{m.path} ({m.precision})", allow, notes)
+    return val
+
+
+def _engine_validation(report: dict[str, Any], es: EngineSet, allow: bool,
+                       notes: list[str]) -> dict[str, Any] | None:
+    """The evidence for the engines ``es`` (refused or noted when they did not pass)."""
+    val = validation_for(report, es.model.sha256, trt=True, precision=es.precision)
+    _require_validation(val, f"the {es.precision} TensorRT engines of {es.model.path} for "
+                             f"{es.env.get('gpu_name')}", allow, notes)
+    return val
+
+
+def _model_entry(m: SourceModel, val: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest's ``models`` entry of an ONNX graph."""
+    return {
+        "id": m.id, "kind": "onnx", "precision": m.precision, "file": m.rel,
+        "stage2": f"models/{m.id}/{m.stage2}" if m.stage2 else None,
+        "sha256": m.sha256, "outputs": list(m.loaded.info.outputs),
+        "opset": next((o.version for o in m.loaded.proto.opset_import if o.domain in
+                       ("", "ai.onnx")), None),
+        "ir_version": m.loaded.proto.ir_version,
+        "source": m.loaded.info.source, "config": m.loaded.info.config,
+        "backends": ["onnxruntime", "tensorrt"], "validation": val}
+
+
+def _engine_entry(es: EngineSet, val: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest's ``models`` entry of a set of TensorRT engines."""
+    entry = {
+        "id": es.id, "kind": "tensorrt", "precision": es.precision, "model": es.model.id,
+        "engines": {lab: f"engines/{p.name}" for lab, p in sorted(es.parts.items())
+                    if lab != "full"},
+        "full": f"engines/{es.parts['full'].name}" if "full" in es.parts and
+                len(es.parts) > 1 else None,
+        "env": es.env, "plugins": es.plugins, "hardware_compat": es.hardware_compat,
+        "jit_ops": sorted({o for r in es.records.values()
+                           for o in (r.get("binding") or {}).get("jit_ops", [])}),
+        "validation": val}
+    if set(es.parts) == {"full"}:
+        entry["engines"] = {"full": f"engines/{es.parts['full'].name}"}
+    return entry
+
+
+def _default_name(targets: _Targets) -> str:
+    """The bundle's name when none is given: the folder's, else the archive's, else pddnet."""
+    if targets.folder is not None:
+        return targets.folder.name
+    return targets.tar.name.split(".tar")[0].split(".tgz")[0] if targets.tar else "pddnet"
+
+
+def _manifest_base(bundle_name: str, esets: Sequence[EngineSet], contract: dict[str, Any],
+                   entries: list[dict[str, Any]], report: dict[str, Any],
+                   notes: list[str]) -> dict[str, Any]:
+    """``manifest.json`` but its ``files`` (known only once the bundle is staged)."""
+    return {
         "schema": SCHEMA,
         "name": bundle_name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -438,75 +555,112 @@ def package(onnx_model: str | os.PathLike, *, report_dir: str | os.PathLike,
         "notes": notes,
     }
 
-    def write_into(stage: Path) -> dict[str, Any]:
-        for m in models:
-            _copy(m.path, stage / m.rel)
-            for comp in m.companions:
-                _copy(m.path.parent / comp, stage / f"models/{m.id}" / comp)
-        for es in esets:
-            for f in es.parts.values():
-                from pddnet.backends.trt.cache import meta_path_for
 
-                _copy(f, stage / "engines" / f.name)
-                _copy(meta_path_for(f), stage / "engines" / meta_path_for(f).name)
-        for fname in REPORT_FILES:
-            if (report_path / fname).is_file():
-                _copy(report_path / fname, stage / "validation" / fname)
-        figs = report_path / "figures"
-        if figs.is_dir() and (report_path / "report.md").is_file():
-            for f in sorted(figs.glob("*.png")):
-                _copy(f, stage / "validation" / "figures" / f.name)
-        write_json(stage / PREPROCESSING, contract)
-        files = {}
-        for p in sorted(stage.rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(stage).as_posix()
-                files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        manifest = {**manifest_base, "files": files}
-        write_json(stage / MANIFEST, manifest)
-        verify_folder(stage, where="staged bundle")  # the runtime's own checks, before renaming
-        return manifest
+def _write_into(stage: Path, contents: _Contents) -> dict[str, Any]:
+    """Write the bundle into the empty folder ``stage``, manifest last, and verify it."""
+    _copy_files(stage, contents)
+    write_json(stage / PREPROCESSING, contents.contract)
+    manifest = {**contents.manifest_base, "files": _file_index(stage)}
+    write_json(stage / MANIFEST, manifest)
+    verify_folder(stage, where="staged bundle")  # the runtime's own checks, before renaming
+    return manifest
 
-    result = PackageResult(None, None, None, {}, notes)
-    fresh = [p for p in targets if not p.exists()]  # removed again if a later output fails
+
+def _copy_files(stage: Path, contents: _Contents) -> None:
+    """Copy the models (with companions), engines (with metadata) and validation report."""
+    for m in contents.models:
+        _copy(m.path, stage / m.rel)
+        for comp in m.companions:
+            _copy(m.path.parent / comp, stage / f"models/{m.id}" / comp)
+    for es in contents.engines:
+        for f in es.parts.values():
+            from pddnet.backends.trt.cache import meta_path_for
+
+            _copy(f, stage / "engines" / f.name)
+            _copy(meta_path_for(f), stage / "engines" / meta_path_for(f).name)
+    report_path = contents.report_path
+    for fname in REPORT_FILES:
+        if (report_path / fname).is_file():
+            _copy(report_path / fname, stage / "validation" / fname)
+    figs = report_path / "figures"
+    if figs.is_dir() and (report_path / "report.md").is_file():
+        for f in sorted(figs.glob("*.png")):
+            _copy(f, stage / "validation" / "figures" / f.name)
+
+
+def _file_index(stage: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's ``files``: SHA-256 and size of every file under ``stage``."""
+    files = {}
+    for p in sorted(stage.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(stage).as_posix()
+            files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return files
+
+
+def _write_outputs(targets: _Targets, contents: _Contents, *, triton_options: Any,
+                   overwrite: bool, echo: Callable[[str], None]) -> PackageResult:
+    """Write the folder, archive and Triton repository; on any failure remove those of them
+    this call created."""
+    result = PackageResult(None, None, None, {}, contents.notes)
+    fresh = [p for p in targets.paths if not p.exists()]  # removed again if a later output fails
     try:
-        if folder is not None:
-            with atomic_directory(folder, overwrite=overwrite) as stage:
-                result.manifest = write_into(stage)
-            result.bundle = folder
-            echo(f"wrote bundle {folder} ({len(result.manifest['files'])} files, "
-                 f"{_size(folder) / 1e6:.1f} MB)")
-        if tar_p is not None:
-            if folder is not None:
-                write_tar(folder, tar_p, bundle_name)
-            else:
-                tar_p.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(prefix=f".{tar_p.name}.",
-                                                 dir=tar_p.parent) as td:
-                    stage = Path(td) / bundle_name
-                    stage.mkdir()
-                    result.manifest = write_into(stage)
-                    write_tar(stage, tar_p, bundle_name)
-            result.tar = tar_p
-            echo(f"wrote {tar_p} ({tar_p.stat().st_size / 1e6:.1f} MB)")
-        if triton_p is not None:
-            opts = triton_options or TritonOptions()
-            written = write_repository(triton_p, models, esets, contract, opts,
-                                       overwrite=overwrite, notes=notes)
-            result.triton = triton_p
-            echo(f"wrote Triton model repository {triton_p}: {', '.join(written)}")
+        if targets.folder is not None:
+            _write_folder(result, targets.folder, contents, overwrite, echo)
+        if targets.tar is not None:
+            _write_archive(result, targets.tar, targets.folder, contents, echo)
+        if targets.triton is not None:
+            _write_triton(result, targets.triton, contents, triton_options, overwrite, echo)
     except BaseException:
-        for p in fresh:  # all or nothing: outputs this call created before the failure
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.exists():
-                p.unlink()
+        _remove(fresh)  # all or nothing: outputs this call created before the failure
         raise
     if not result.manifest:
-        result.manifest = {**manifest_base, "files": {}}
-    for n in notes:
-        echo(f"note: {n}")
+        result.manifest = {**contents.manifest_base, "files": {}}
     return result
+
+
+def _write_folder(result: PackageResult, folder: Path, contents: _Contents, overwrite: bool,
+                  echo: Callable[[str], None]) -> None:
+    with atomic_directory(folder, overwrite=overwrite) as stage:
+        result.manifest = _write_into(stage, contents)
+    result.bundle = folder
+    echo(f"wrote bundle {folder} ({len(result.manifest['files'])} files, "
+         f"{_size(folder) / 1e6:.1f} MB)")
+
+
+def _write_archive(result: PackageResult, tar_p: Path, folder: Path | None,
+                   contents: _Contents, echo: Callable[[str], None]) -> None:
+    """The ``.tar.gz``: of the written ``folder``, else of a bundle staged just for it."""
+    if folder is not None:
+        write_tar(folder, tar_p, contents.name)
+    else:
+        tar_p.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{tar_p.name}.", dir=tar_p.parent) as td:
+            stage = Path(td) / contents.name
+            stage.mkdir()
+            result.manifest = _write_into(stage, contents)
+            write_tar(stage, tar_p, contents.name)
+    result.tar = tar_p
+    echo(f"wrote {tar_p} ({tar_p.stat().st_size / 1e6:.1f} MB)")
+
+
+def _write_triton(result: PackageResult, triton_p: Path, contents: _Contents,
+                  triton_options: Any, overwrite: bool, echo: Callable[[str], None]) -> None:
+    from pddnet.deploy.triton import TritonOptions, write_repository
+
+    opts = triton_options or TritonOptions()
+    written = write_repository(triton_p, contents.models, contents.engines, contents.contract,
+                               opts, overwrite=overwrite, notes=contents.notes)
+    result.triton = triton_p
+    echo(f"wrote Triton model repository {triton_p}: {', '.join(written)}")
+
+
+def _remove(paths: Sequence[Path]) -> None:
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink()
 
 
 def _require_validation(val: dict[str, Any] | None, what: str, allow: bool,
