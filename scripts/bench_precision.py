@@ -3,7 +3,7 @@
 
     python scripts/bench_precision.py --preset paper --data /work/train-data --out bench_prec.json \
         [--threads 2] [--repeats 3] [--variant default=conv1,conv2,conv3 --variant ...] \
-        [--model CKPT] [--calib-pairs 2]
+        [--checkpoint CKPT] [--calib-pairs 2]
 
 For each variant (a named list of blocks in INT8, ``pddnet.calibration.int8``; calibrated once on
 ``--calib-pairs`` training pairs of ``--data``, pre-processed onto the model grid as the runtime
@@ -16,7 +16,7 @@ does) and for FP32:
   warm-up and two profiled runs), i.e. what INT8 buys (or costs) in each block;
 * max |disp - disp_FP32| on the timed pair (voxels of the model grid).
 
-The network is the preset randomly initialised (seed 0) unless ``--model``: timing does not
+The network is the preset randomly initialised (seed 0) unless ``--checkpoint``: timing does not
 depend on the weights, and the calibration ranges only set the scales.
 """
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="paper", choices=["paper", "small", "tiny"])
     ap.add_argument("--shape", nargs=3, type=int)
-    ap.add_argument("--model", help="checkpoint (default: the preset, random, seed 0)")
+    ap.add_argument("--checkpoint", dest="model", help="checkpoint (default: the preset, random, seed 0)")
     ap.add_argument("--data", required=True, help="Learn2Reg dataset (calibration and timing)")
     ap.add_argument("--out", required=True, help="JSON result")
     ap.add_argument("--threads", type=int, default=2)

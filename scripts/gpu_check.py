@@ -250,7 +250,7 @@ def check_validate(args, graphs: dict[str, Path], work: Path) -> None:
                "--no-progress")
     if has_command("validate", "--backend"):
         for prec, path in graphs.items():
-            r = pddnet("validate", "--model", ckpt, "--onnx", path, "--data", data,
+            r = pddnet("validate", "--checkpoint", ckpt, "--onnx", path, "--data", data,
                        "--backend", "trt", "--out", work / f"report_{prec}", "--overwrite",
                        "--max-pairs", args.pairs, check=False)
             note("validate", "ok" if r.returncode == 0 else "FAIL",

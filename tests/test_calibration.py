@@ -444,7 +444,7 @@ def test_validate_reports_fp16_and_int8_beside_fp32(setup, int8, tmp_path):
     assert r.exit_code == 0, r.output
     assert "kept in FP32: correlation" in r.output
     out = tmp_path / "val"
-    r = _cli(["validate", "--model", str(setup["ckpt"]), "--onnx", str(setup["onnx"]),
+    r = _cli(["validate", "--checkpoint", str(setup["ckpt"]), "--onnx", str(setup["onnx"]),
               "--data", str(setup["data"]), "--out", str(out), "--threads", "1", "--warmup",
               "0", "--repeats", "1", "--in-process", "--figure-pairs", "0", "--no-progress",
               "--fp16", str(fp16), "--int8", str(int8["int8"])])
@@ -474,7 +474,7 @@ def test_validate_int8_gate_fails_when_it_should(setup, int8, tmp_path):
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1000, t.name))
     bad = tmp_path / "bad.int8.onnx"
     onnx.save(q, str(bad))
-    r = _cli(["validate", "--model", str(setup["ckpt"]), "--onnx", str(setup["onnx"]),
+    r = _cli(["validate", "--checkpoint", str(setup["ckpt"]), "--onnx", str(setup["onnx"]),
               "--data", str(setup["data"]), "--out", str(tmp_path / "v"), "--threads", "1",
               "--warmup", "0", "--repeats", "1", "--in-process", "--figure-pairs", "0",
               "--no-progress", "--int8", str(bad), "--gate-dice-int8", "0.01"])

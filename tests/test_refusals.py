@@ -290,10 +290,10 @@ def test_checkpoint_needing_unpickling(base, tmp_path, monkeypatch):
                 "payload": _Evil()}, evil)
     needle = "needs unpickling of arbitrary Python objects"
     for args, out in ((["export", evil, "--out", tmp_path / "x.onnx"], tmp_path / "x.onnx"),
-                      (["validate", "--model", evil, "--onnx", base["model"], "--data",
+                      (["validate", "--checkpoint", evil, "--onnx", base["model"], "--data",
                         tmp_path / "data", "--out", tmp_path / "rep", "--in-process"],
                        tmp_path / "rep"),
-                      (["demo", "--model", evil, "--out", tmp_path / "demo"], tmp_path / "demo")):
+                      (["demo", "--checkpoint", evil, "--out", tmp_path / "demo"], tmp_path / "demo")):
         r = _cli(*args)
         assert r.exit_code == 2 and needle in r.output, r.output
         assert not out.exists()
@@ -433,7 +433,7 @@ def test_existing_outputs_are_refused_unless_overwrite(base, tmp_path):
             (pk + ["--out", tmp_path / "b.tar.gz"], "already exists"),
             (pk + ["--out", tmp_path / "new", "--triton", taken], "already exists"),
             (["demo", "--out", taken], "is not empty"),
-            (["validate", "--model", base["model"], "--onnx", base["model"], "--data", tmp_path,
+            (["validate", "--checkpoint", base["model"], "--onnx", base["model"], "--data", tmp_path,
               "--out", tmp_path / "rep"], "report.json already exists")):
         r = _cli(*args)
         assert r.exit_code == 2 and needle in r.output and "--overwrite" in r.output, r.output

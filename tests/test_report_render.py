@@ -145,7 +145,7 @@ def test_validate_cli_writes_the_renderings(setup, tmp_path):
 
     out = tmp_path / "rep"
     r = CliRunner().invoke(main, [
-        "validate", "--model", str(setup["ckpt"]), "--onnx", str(setup["onnx"]), "--data",
+        "validate", "--checkpoint", str(setup["ckpt"]), "--onnx", str(setup["onnx"]), "--data",
         str(setup["data"]), "--out", str(out), "--threads", "1", "--warmup", "0", "--repeats",
         "1", "--in-process", "--no-progress", "--max-pairs", "1", "--figure-pairs", "1"])
     assert r.exit_code == 0, r.output

@@ -89,7 +89,7 @@ def _cli(args):
 
 
 def _validate_args(setup, out, *extra, onnx_model=None):
-    return ["validate", "--model", str(setup["ckpt"]), "--onnx", str(onnx_model or setup["onnx"]),
+    return ["validate", "--checkpoint", str(setup["ckpt"]), "--onnx", str(onnx_model or setup["onnx"]),
             "--data", str(setup["data"]), "--out", str(out), "--threads", "1", "--warmup", "0",
             "--repeats", "2", "--no-progress", *extra]
 

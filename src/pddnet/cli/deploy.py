@@ -104,7 +104,3 @@ def verify_cmd(bundle, backend, precision, providers, as_json) -> None:
 
 COMMANDS = (package_cmd, verify_cmd)
 
-
-def add_commands(group: click.Group) -> None:
-    for cmd in COMMANDS:
-        group.add_command(cmd)

@@ -107,7 +107,3 @@ def doctor_cmd(as_json) -> None:
 
 COMMANDS = (check_trt_cmd, build_cmd, doctor_cmd)
 
-
-def add_commands(group: click.Group) -> None:
-    for cmd in COMMANDS:
-        group.add_command(cmd)
