@@ -446,168 +446,293 @@ def _soft_ellipse(x, y, a, b):
     return 0.6 * (u + v) + 0.4 * np.sqrt(u * u + v * v)
 
 
-def _render(preset: SynthPreset, seed: int, index: int):
-    V = _VAR
-    rng = np.random.default_rng(np.random.SeedSequence([0x5D7A, seed, index, 0]))
-    nrng = np.random.default_rng(np.random.SeedSequence([0x5D7A, seed, index, 1]))
+#: Reference y (mm) of the vertebral bodies used to place structures (actual spine: _spine_y).
+_YS = -52.0
 
-    def n(sd=1.0, size=None, lim=2.5):
+
+# ---------------- subject-level parameters ----------------
+
+class _Draw:
+    """The subject's anatomy random stream plus the draw helpers used to place structures.
+
+    Everything below draws from one stream in a fixed order (subject parameters, then the
+    structures in :func:`_place_anatomy`'s order, arguments left to right): moving or adding a
+    draw changes every later structure, so it needs a new :data:`GENERATOR_VERSION`.
+    """
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+
+    def n(self, sd=1.0, size=None, lim=2.5):
         """Normal draw truncated (clipped) at +-lim standard deviations."""
-        return np.clip(rng.normal(0.0, sd, size), -lim * sd, lim * sd)
+        return _tn(self.rng, sd, size, lim)
 
-    def u(lo, hi, size=None):
-        return rng.uniform(lo, hi, size)
+    def u(self, lo, hi, size=None):
+        """Uniform draw in [lo, hi)."""
+        return self.rng.uniform(lo, hi, size)
 
-    # ---------------- subject-level parameters (drawn in a fixed order) ----------------
+    def organ(self, blob: _Blob, size_sd=_VAR.organ_scale_sd, size=1.0,
+              shift=_VAR.organ_shift_mm) -> _Blob:
+        """Per-organ shift (mm), anisotropic size change and rotation of ``blob``, in place."""
+        return blob.jitter(self.rng, shift, size_sd, _VAR.organ_rot_deg, size)
+
+    def waves(self, amp=_VAR.shape_amp, freq=(1.4, 3.2), k=6) -> _Waves:
+        """Radial perturbation of a blob's surface (in its local, radius-normalised units)."""
+        return _Waves(self.rng, k, freq, amp)
+
+    def tube_waves(self, amp_mm, freq=(0.03, 0.09), k=5) -> _Waves:
+        """Perturbation of a tube's surface (amplitude in mm, frequencies in rad/mm)."""
+        return _Waves(self.rng, k, freq, amp_mm)
+
+
+@dataclass
+class _Subject:
+    """Subject-level parameters; lengths in mm (template coordinates unless stated)."""
+
+    lin: np.ndarray          # 3x3 template -> world linear part (rotation @ diag(scale))
+    gshift: np.ndarray       # (3,) world shift: world = lin @ t + gshift
+    warp: list               # 3 _Field: smooth template displacement per axis
+    tex_field: _Noise        # smooth tissue texture (unit RMS, world coordinates)
+    bowel_field: _Noise      # bowel loops vs visceral fat
+    gas_field: _Noise        # gas in the bowel, colon, duodenum and stomach
+    A_c: float               # cavity half-width (LR)
+    B_ca: float              # cavity anterior half-depth
+    B_cp: float              # cavity posterior half-depth
+    wall: float              # abdominal wall (muscle) thickness
+    fat: float               # subcutaneous fat, laterally
+    fat_ant: float           # ... anteriorly
+    fat_post: float          # ... posteriorly
+    post_wall: float         # posterior wall (back muscles) thickness
+    breath: float            # diaphragm height offset
+    visc_fat: float          # amount of visceral fat vs bowel, in [0, 1)
+    contrast: float          # contrast phase: vessel / organ enhancement offset (HU)
+    noise_sd: float          # image noise (HU)
+    spine_phase: float       # z phase of the vertebrae, in [0, 34)
+    dome_r: float            # right diaphragm dome height (z)
+    dome_l: float            # left diaphragm dome height (z)
+
+    @property
+    def upper(self) -> np.ndarray:
+        """Shift of the upper abdominal organs, which follow the diaphragm."""
+        return np.array([0.0, 0.0, self.breath])
+
+    @property
+    def mid(self) -> np.ndarray:
+        """Shift of the mid abdominal organs (kidneys): 60% of the diaphragm's."""
+        return np.array([0.0, 0.0, 0.6 * self.breath])
+
+    def z_dia(self, tx, ty):
+        """Diaphragm height (mm) over (x, y): two domes, lower posteriorly and laterally."""
+        post = np.maximum(-ty - 40.0, 0.0) * 0.25
+        dr = self.dome_r - ((tx - 70.0) ** 2 / 240.0 + (ty + 5.0) ** 2 / 300.0)
+        dl = self.dome_l - ((tx + 70.0) ** 2 / 240.0 + (ty + 5.0) ** 2 / 300.0)
+        return np.maximum(dr, dl) - post
+
+
+def _draw_subject(d: _Draw) -> _Subject:
+    """Draw the subject-level parameters (the first draws of the stream, in a fixed order)."""
+    V, n, u = _VAR, d.n, d.u
     size = math.exp(n(V.size_sd, lim=2.0))
     scale = size * np.exp(n(V.axis_scale_sd, 3, lim=2.0))
     grot = _rotation(*np.deg2rad(n(1.0, 3) * np.asarray(V.rot_deg)))
     gshift = n(1.0, 3) * np.asarray(V.shift_mm)
     lin = grot @ np.diag(scale)
-    warp = [_Field(rng, 4, V.warp_wavelength, V.warp_mm / math.sqrt(3)) for _ in range(3)]
-    tex_field = _Noise(rng, 5.0)
-    bowel_field = _Noise(rng, 6.0)
-    gas_field = _Noise(rng, 8.0)
+    warp = [_Field(d.rng, 4, V.warp_wavelength, V.warp_mm / math.sqrt(3)) for _ in range(3)]
+    tex_field = _Noise(d.rng, 5.0)
+    bowel_field = _Noise(d.rng, 6.0)
+    gas_field = _Noise(d.rng, 8.0)
 
-    A_c = 116.0 * math.exp(n(0.05))      # cavity half-width (LR)
-    B_ca = 78.0 * math.exp(n(0.05))      # cavity anterior half-depth
-    B_cp = 92.0 * math.exp(n(0.04))      # cavity posterior half-depth
+    A_c = 116.0 * math.exp(n(0.05))
+    B_ca = 78.0 * math.exp(n(0.05))
+    B_cp = 92.0 * math.exp(n(0.04))
     wall = u(7.0, 13.0)
     fat = u(8.0, 32.0)
     fat_ant = fat * u(0.8, 1.4)
     fat_post = fat * u(0.4, 0.7)
     post_wall = u(40.0, 50.0)
     breath = n(V.breath_mm)
-    visc_fat = u(0.0, 1.0)                # amount of visceral fat vs bowel
-    contrast = n(12.0)                    # contrast phase: vessel / organ enhancement offset
+    visc_fat = u(0.0, 1.0)
+    contrast = n(12.0)
     noise_sd = u(15.0, 25.0)
     spine_phase = u(0.0, 34.0)
-
     dome_r = 148.0 + breath + n(6.0)
     dome_l = 138.0 + breath + n(6.0)
+    return _Subject(lin, gshift, warp, tex_field, bowel_field, gas_field, A_c, B_ca, B_cp,
+                    wall, fat, fat_ant, fat_post, post_wall, breath, visc_fat, contrast,
+                    noise_sd, spine_phase, dome_r, dome_l)
 
-    def z_dia(tx, ty):
-        """Diaphragm height (mm) over (x, y): two domes, lower posteriorly and laterally."""
-        post = np.maximum(-ty - 40.0, 0.0) * 0.25
-        dr = dome_r - ((tx - 70.0) ** 2 / 240.0 + (ty + 5.0) ** 2 / 300.0)
-        dl = dome_l - ((tx + 70.0) ** 2 / 240.0 + (ty + 5.0) ** 2 / 300.0)
-        return np.maximum(dr, dl) - post
 
-    def organ(blob: _Blob, size_sd=V.organ_scale_sd, size=1.0, shift=V.organ_shift_mm):
-        return blob.jitter(rng, shift, size_sd, V.organ_rot_deg, size)
+# ---------------- structures (template coordinates, mm; drawn in this order) ----------------
 
-    def waves(amp=V.shape_amp, freq=(1.4, 3.2), k=6):
-        return _Waves(rng, k, freq, amp)
+@dataclass
+class _Anatomy:
+    """Every structure of one subject, placed in template coordinates (mm)."""
 
-    def tube_waves(amp_mm, freq=(0.03, 0.09), k=5):
-        return _Waves(rng, k, freq, amp_mm)
+    liver_r: _Blob
+    liver_l: _Blob
+    hepatic_veins: list[_Tube]
+    spleen: _Blob
+    kidneys: list            # (label, kidney _Blob, renal sinus _Blob, side: +1 right, -1 left)
+    gall: _Blob
+    stomach: _Tube
+    gas_level: float         # stomach gas level above the median y of its curve (mm)
+    eso: _Tube
+    pancreas: _Tube
+    splenic_v: _Tube
+    portal_v: _Tube
+    aorta: _Tube
+    ivc: _Tube
+    iliacs: list             # ("a" artery | "v" vein, _Tube)
+    renal_veins: list[_Tube]
+    adrenals: list           # (label, [limb _Tube, limb _Tube])
+    duo: _Tube
+    colon: _Tube
+    bladder: _Blob
+    heart: _Blob
+    psoas: list[_Tube]
+    paraspinal: list[_Blob]
+    crest_z: float           # height of the iliac crests
 
-    ys = -52.0  # reference spine y used to place structures (actual spine: _spine_y)
-    upper = np.array([0.0, 0.0, breath])  # upper abdominal organs follow the diaphragm
-    mid = np.array([0.0, 0.0, 0.6 * breath])
 
-    # ---- liver: right lobe + left lobe (smooth union), cut by the diaphragm
-    liver_shift = n(V.organ_shift_mm, 3) + upper
+def _place_liver(d: _Draw, s: _Subject):
+    """Liver: right + left lobe (smooth union when painted), cut by the diaphragm, and three
+    hepatic veins. Returns ``(liver_r, liver_l, hepatic_veins, liver_shift)``; the shift (mm)
+    also moves the gallbladder."""
+    V, n = _VAR, d.n
+    liver_shift = n(V.organ_shift_mm, 3) + s.upper
     liver_size = 1.04 * math.exp(n(0.05, lim=2.0))
-    liver_r = _Blob([72.0, -2.0, dome_r - breath - 74.0], [71.0, 80.0, 79.0],
+    liver_r = _Blob([72.0, -2.0, s.dome_r - s.breath - 74.0], [71.0, 80.0, 79.0],
                     _rotation(0.0, np.deg2rad(-12.0), 0.0), bend=(0.0, -0.15), taper=0.12,
-                    waves=waves())
-    liver_r.jitter(rng, 0.0, 0.05, V.organ_rot_deg, liver_size)
-    liver_l = _Blob([-4.0, 44.0, dome_l - breath - 48.0], [48.0, 28.0, 36.0],
+                    waves=d.waves())
+    liver_r.jitter(d.rng, 0.0, 0.05, V.organ_rot_deg, liver_size)
+    liver_l = _Blob([-4.0, 44.0, s.dome_l - s.breath - 48.0], [48.0, 28.0, 36.0],
                     _frame((-1.0, 0.2, -0.15), (0.0, 0.0, 1.0)), taper=-0.35,
-                    waves=waves())
-    liver_l.jitter(rng, 8.0, 0.12, V.organ_rot_deg, liver_size)
+                    waves=d.waves())
+    liver_l.jitter(d.rng, 8.0, 0.12, V.organ_rot_deg, liver_size)
     for b in (liver_r, liver_l):
         b.centre = b.centre + liver_shift
     hepatic_veins = []
     for end in ([105.0, 5.0, -45.0], [45.0, 50.0, -38.0], [-25.0, 40.0, -40.0]):
-        ivc_top = np.array([22.0, ys + 36.0, dome_r - 12.0])
-        e = np.array(end) + [0.0, 0.0, dome_r] + n(8.0, 3)
+        ivc_top = np.array([22.0, _YS + 36.0, s.dome_r - 12.0])
+        e = np.array(end) + [0.0, 0.0, s.dome_r] + n(8.0, 3)
         hepatic_veins.append(_Tube([ivc_top, 0.5 * (ivc_top + e) + n(6.0, 3), e],
                                    [6.5, 4.5, 2.5]))
     for t in hepatic_veins:
         t.points = t.points + liver_shift
+    return liver_r, liver_l, hepatic_veins, liver_shift
 
-    # ---- spleen: crescent, posterolateral left, long axis along the ribs
-    spleen = organ(_Blob([-88.0, ys + 24.0, dome_l - 68.0], [58.0, 35.0, 20.0],
-                         _frame((-0.1, 0.55, -0.83), (-1.0, -0.7, 0.0)),
-                         bend=(0.0, 0.35), waves=waves()),
-                   size=math.exp(n(0.13, lim=2.0)))
-    spleen.centre += upper
 
-    # ---- kidneys: beans with a medial hilum, upper pole medial and posterior
+def _place_spleen(d: _Draw, s: _Subject) -> _Blob:
+    """Spleen: crescent, posterolateral left, long axis along the ribs."""
+    spleen = d.organ(_Blob([-88.0, _YS + 24.0, s.dome_l - 68.0], [58.0, 35.0, 20.0],
+                           _frame((-0.1, 0.55, -0.83), (-1.0, -0.7, 0.0)),
+                           bend=(0.0, 0.35), waves=d.waves()),
+                     size=math.exp(d.n(0.13, lim=2.0)))
+    spleen.centre += s.upper
+    return spleen
+
+
+def _place_kidneys(d: _Draw, s: _Subject) -> list:
+    """Kidneys: beans with a medial hilum, upper pole medial and posterior.
+
+    Returns ``[(label, kidney, sinus, side)]``, right (label 2, side +1) then left (3, -1);
+    the renal sinus blob is the hilum's fat, cut out of the kidney when painted.
+    """
     kidneys = []
     for side, label, zc in ((1.0, 2, 2.0), (-1.0, 3, 16.0)):
-        kb = _Blob([side * 68.0, ys + 2.0, zc], [58.0, 28.0, 22.5],
+        kb = _Blob([side * 68.0, _YS + 2.0, zc], [58.0, 28.0, 22.5],
                    _frame((-side * 0.25, -0.25, 1.0), (0.5, side, 0.0)),
-                   bend=(-0.22, 0.0), waves=waves(0.05))
-        organ(kb, size=math.exp(n(0.05, lim=2.0)))
-        kb.centre += mid
+                   bend=(-0.22, 0.0), waves=d.waves(0.05))
+        d.organ(kb, size=math.exp(d.n(0.05, lim=2.0)))
+        kb.centre += s.mid
         sinus = _Blob(kb.centre, kb.radii * [0.45, 0.55, 0.45], kb.rot)
         sinus.centre = kb.centre + kb.rot @ np.array([0.0, -0.72 * kb.radii[1], 0.0])
         kidneys.append((label, kb, sinus, side))
+    return kidneys
 
-    # ---- gallbladder: pear under the liver, fundus anterior-inferior
-    gall = organ(_Blob([46.0, 36.0, dome_r - breath - 112.0], [36.0, 15.0, 14.0],
-                       _frame((0.2, 0.6, -0.75), (1.0, 0.0, 0.0)),
-                       taper=0.35, waves=waves(0.06)),
-                 size=math.exp(n(0.12, lim=2.0)))
+
+def _place_gallbladder(d: _Draw, s: _Subject, liver_shift: np.ndarray) -> _Blob:
+    """Gallbladder: pear under the liver, fundus anterior-inferior; moves with the liver."""
+    gall = d.organ(_Blob([46.0, 36.0, s.dome_r - s.breath - 112.0], [36.0, 15.0, 14.0],
+                         _frame((0.2, 0.6, -0.75), (1.0, 0.0, 0.0)),
+                         taper=0.35, waves=d.waves(0.06)),
+                   size=math.exp(d.n(0.12, lim=2.0)))
     gall.centre += liver_shift
+    return gall
 
-    # ---- stomach: J-shaped tube from the fundus under the left dome to the pylorus
-    fill = math.exp(n(0.14))
-    zl = dome_l - breath
+
+def _place_stomach(d: _Draw, s: _Subject):
+    """Stomach: J-shaped tube from the fundus under the left dome to the pylorus; then the
+    esophagus down the mediastinum, anterior-left of the aorta, into the fundus.
+    Returns ``(stomach, gas_level, eso)``."""
+    fill = math.exp(d.n(0.14))
+    zl = s.dome_l - s.breath
     stomach = _Tube([[-42.0, 4.0, zl - 32.0], [-56.0, 28.0, zl - 68.0],
                      [-38.0, 50.0, zl - 100.0], [-8.0, 54.0, zl - 110.0],
                      [18.0, 40.0, zl - 104.0]],
-                    np.array([30.0, 27.0, 23.0, 17.0, 10.0]) * fill, tube_waves(3.5))
-    stomach.jitter(rng, V.organ_shift_mm, 5.0)
-    stomach.points = stomach.points + upper
-    gas_level = u(5.0, 35.0)
+                    np.array([30.0, 27.0, 23.0, 17.0, 10.0]) * fill, d.tube_waves(3.5))
+    stomach.jitter(d.rng, _VAR.organ_shift_mm, 5.0)
+    stomach.points = stomach.points + s.upper
+    gas_level = d.u(5.0, 35.0)
 
-    # ---- esophagus: down the mediastinum, anterior-left of the aorta, into the fundus
-    eso = _Tube([[-4.0, ys + 30.0, 270.0], [-8.0, ys + 32.0, dome_l + 40.0],
-                 [-22.0, ys + 40.0, dome_l - 2.0], stomach.points[0] + [14.0, 2.0, 18.0]],
-                [8.5, 8.5, 8.0, 9.0], tube_waves(1.5))
-    eso.jitter(rng, 3.0, 3.0)
+    eso = _Tube([[-4.0, _YS + 30.0, 270.0], [-8.0, _YS + 32.0, s.dome_l + 40.0],
+                 [-22.0, _YS + 40.0, s.dome_l - 2.0], stomach.points[0] + [14.0, 2.0, 18.0]],
+                [8.5, 8.5, 8.0, 9.0], d.tube_waves(1.5))
+    eso.jitter(d.rng, 3.0, 3.0)
+    return stomach, gas_level, eso
 
-    # ---- pancreas and the portal / splenic veins
-    pz = zl - 100.0 + n(8.0)
-    pan_ctrl = np.array([[32.0, ys + 58.0, pz - 22.0], [6.0, ys + 66.0, pz - 6.0],
-                         [-30.0, ys + 58.0, pz + 4.0], [-68.0, ys + 40.0, pz + 16.0],
-                         [-86.0, ys + 26.0, pz + 24.0]])
-    pan_ctrl += n(V.organ_shift_mm, 3) + 0.6 * upper
+
+def _place_pancreas(d: _Draw, s: _Subject, spleen: _Blob, liver_r: _Blob):
+    """Pancreas (head right, tail towards the spleen) and the splenic and portal veins, which
+    meet at the confluence behind its neck. Returns ``(pan_ctrl, pancreas, splenic_v,
+    portal_v)``; ``pan_ctrl`` (5 x 3, mm) are the pancreas's control points, head first."""
+    n = d.n
+    pz = s.dome_l - s.breath - 100.0 + n(8.0)
+    pan_ctrl = np.array([[32.0, _YS + 58.0, pz - 22.0], [6.0, _YS + 66.0, pz - 6.0],
+                         [-30.0, _YS + 58.0, pz + 4.0], [-68.0, _YS + 40.0, pz + 16.0],
+                         [-86.0, _YS + 26.0, pz + 24.0]])
+    pan_ctrl += n(_VAR.organ_shift_mm, 3) + 0.6 * s.upper
     pancreas = _Tube(pan_ctrl, np.array([15.0, 11.0, 11.0, 10.0, 8.0]) * math.exp(n(0.1)),
-                     tube_waves(2.5, (0.05, 0.15)))
-    pancreas.jitter(rng, 0.0, 4.0)
+                     d.tube_waves(2.5, (0.05, 0.15)))
+    pancreas.jitter(d.rng, 0.0, 4.0)
     conf = pan_ctrl[1] + [2.0, -14.0, 2.0]
     splenic_v = _Tube([conf, pan_ctrl[2] + [0.0, -13.0, 2.0], pan_ctrl[3] + [0.0, -12.0, 4.0],
                        spleen.centre + [22.0, 10.0, -8.0]], [5.5, 5.0, 5.0, 4.5],
-                      tube_waves(1.0))
-    splenic_v.jitter(rng, 2.0, 2.5)
+                      d.tube_waves(1.0))
+    splenic_v.jitter(d.rng, 2.0, 2.5)
     portal_end = liver_r.centre + [-22.0, 14.0, -6.0]
     portal_v = _Tube([conf, 0.5 * (conf + portal_end) + [0.0, 4.0, 0.0], portal_end,
-                      portal_end + [30.0, -5.0, 8.0]], [6.5, 7.0, 6.0, 4.0], tube_waves(1.0))
-    portal_v.jitter(rng, 2.0, 3.0)
+                      portal_end + [30.0, -5.0, 8.0]], [6.5, 7.0, 6.0, 4.0], d.tube_waves(1.0))
+    portal_v.jitter(d.rng, 2.0, 3.0)
+    return pan_ctrl, pancreas, splenic_v, portal_v
 
-    # ---- big vessels
+
+def _place_big_vessels(d: _Draw, s: _Subject, kidneys: list):
+    """Aorta and inferior vena cava down to their bifurcation, the iliac arteries and veins,
+    and the renal veins (the left one in front of the aorta).
+    Returns ``(aorta, ivc, iliacs, renal_veins)``."""
+    n = d.n
     bif_z = -108.0 + n(12.0)
-    aorta = _Tube([[-22.0, ys + 16.0, 270.0], [-14.0, ys + 26.0, 150.0],
-                   [-9.0, ys + 30.0, 50.0], [-5.0, ys + 31.0, -40.0], [-3.0, ys + 31.0, bif_z]],
-                  np.array([12.5, 12.0, 11.0, 10.0, 9.0]) * math.exp(n(0.08)), tube_waves(1.0))
-    aorta.jitter(rng, 3.0, 3.0)
-    ivc = _Tube([[22.0, ys + 38.0, dome_r + 25.0], [25.0, ys + 38.0, dome_r - 40.0],
-                 [23.0, ys + 32.0, 0.0], [17.0, ys + 29.0, bif_z + 12.0]],
-                np.array([13.0, 12.0, 11.0, 10.0]) * math.exp(n(0.1)), tube_waves(1.2))
-    ivc.jitter(rng, 3.0, 3.0)
+    aorta = _Tube([[-22.0, _YS + 16.0, 270.0], [-14.0, _YS + 26.0, 150.0],
+                   [-9.0, _YS + 30.0, 50.0], [-5.0, _YS + 31.0, -40.0],
+                   [-3.0, _YS + 31.0, bif_z]],
+                  np.array([12.5, 12.0, 11.0, 10.0, 9.0]) * math.exp(n(0.08)),
+                  d.tube_waves(1.0))
+    aorta.jitter(d.rng, 3.0, 3.0)
+    ivc = _Tube([[22.0, _YS + 38.0, s.dome_r + 25.0], [25.0, _YS + 38.0, s.dome_r - 40.0],
+                 [23.0, _YS + 32.0, 0.0], [17.0, _YS + 29.0, bif_z + 12.0]],
+                np.array([13.0, 12.0, 11.0, 10.0]) * math.exp(n(0.1)), d.tube_waves(1.2))
+    ivc.jitter(d.rng, 3.0, 3.0)
     iliacs = []
     for side in (1.0, -1.0):
-        iliacs.append(("a", _Tube([aorta.points[-1], [side * 38.0, ys + 38.0, bif_z - 60.0],
-                                   [side * 60.0, ys + 50.0, bif_z - 135.0]], [7.0, 6.5, 6.0])))
-        iliacs.append(("v", _Tube([ivc.points[-1], [side * 32.0, ys + 25.0, bif_z - 60.0],
-                                   [side * 55.0, ys + 38.0, bif_z - 135.0]], [8.0, 7.5, 7.0])))
+        iliacs.append(("a", _Tube([aorta.points[-1], [side * 38.0, _YS + 38.0, bif_z - 60.0],
+                                   [side * 60.0, _YS + 50.0, bif_z - 135.0]],
+                                  [7.0, 6.5, 6.0])))
+        iliacs.append(("v", _Tube([ivc.points[-1], [side * 32.0, _YS + 25.0, bif_z - 60.0],
+                                   [side * 55.0, _YS + 38.0, bif_z - 135.0]],
+                                  [8.0, 7.5, 7.0])))
     renal_veins = []
-    for label, kb, _, side in kidneys:
+    for _label, kb, _sinus, side in kidneys:
         hil = kb.centre + kb.rot @ np.array([0.0, -0.9 * kb.radii[1], 0.0])
         ivc_pt = ivc.points[np.argmin(np.abs(ivc.points[:, 2] - hil[2]))]
         mid_pt = 0.5 * (hil + ivc_pt) + [0.0, 6.0 if side < 0 else 0.0, 0.0]
@@ -615,10 +740,15 @@ def _render(preset: SynthPreset, seed: int, index: int):
             ap = aorta.points[np.argmin(np.abs(aorta.points[:, 2] - hil[2]))]
             mid_pt = np.array([ap[0], ap[1] + 16.0, hil[2]])
         renal_veins.append(_Tube([hil, mid_pt, ivc_pt], [5.0, 5.0, 6.0]))
+    return aorta, ivc, iliacs, renal_veins
 
-    # ---- adrenal glands: thin inverted Y above/medial to each kidney's upper pole
+
+def _place_adrenals(d: _Draw, kidneys: list) -> list:
+    """Adrenal glands: thin inverted Y above/medial to each kidney's upper pole.
+    Returns ``[(label, [limb, limb])]``: 13 right, 12 left."""
+    n = d.n
     adrenals = []
-    for label, kb, _, side in kidneys:
+    for _label, kb, _sinus, side in kidneys:
         top = kb.centre + kb.rot @ np.array([0.95 * kb.radii[0], -0.35 * kb.radii[1], 0.0])
         apex = top + [-side * 8.0, 16.0, 18.0] + n(3.0, 3)
         limbs = [apex + [side * 10.0, -20.0, -24.0] + n(3.0, 3),
@@ -627,61 +757,123 @@ def _render(preset: SynthPreset, seed: int, index: int):
         adrenals.append((12 if side < 0 else 13,
                          [_Tube([apex, 0.5 * (apex + lb) + n(2.0, 3), lb], [r, r * 0.9, r * 0.7])
                           for lb in limbs]))
+    return adrenals
 
-    # ---- duodenum (C-loop around the pancreatic head), colon, bladder, heart
+
+def _place_gut_bladder_heart(d: _Draw, s: _Subject, stomach: _Tube, pan_ctrl: np.ndarray):
+    """Duodenum (C-loop around the pancreatic head), colon (frame from the caecum to the
+    rectum), bladder and heart. Returns ``(duo, colon, bladder, heart)``."""
+    n = d.n
     pyl = stomach.points[-1]
     duo = _Tube([pyl, pan_ctrl[0] + [26.0, 0.0, 18.0], pan_ctrl[0] + [30.0, -8.0, -22.0],
                  pan_ctrl[0] + [0.0, -6.0, -44.0], pan_ctrl[0] + [-45.0, 0.0, -40.0]],
-                [12.0, 13.0, 13.0, 12.0, 12.0], tube_waves(2.0))
+                [12.0, 13.0, 13.0, 12.0, 12.0], d.tube_waves(2.0))
     cz = n(15.0)
-    colon = _Tube([[92.0, ys + 52.0, -150.0 + cz], [100.0, ys + 50.0, -60.0 + cz],
-                   [96.0, ys + 60.0, 5.0 + cz], [70.0, ys + 95.0, 30.0 + cz],
-                   [0.0, ys + 118.0, n(25.0) - 5.0], [-72.0, ys + 95.0, 48.0 + cz],
-                   [-98.0, ys + 50.0, 30.0 + cz], [-100.0, ys + 48.0, -60.0 + cz],
-                   [-88.0, ys + 55.0, -140.0 + cz], [-35.0, ys + 75.0, -175.0],
-                   [-5.0, ys + 50.0, -200.0], [0.0, ys + 22.0, -260.0]],
+    colon = _Tube([[92.0, _YS + 52.0, -150.0 + cz], [100.0, _YS + 50.0, -60.0 + cz],
+                   [96.0, _YS + 60.0, 5.0 + cz], [70.0, _YS + 95.0, 30.0 + cz],
+                   [0.0, _YS + 118.0, n(25.0) - 5.0], [-72.0, _YS + 95.0, 48.0 + cz],
+                   [-98.0, _YS + 50.0, 30.0 + cz], [-100.0, _YS + 48.0, -60.0 + cz],
+                   [-88.0, _YS + 55.0, -140.0 + cz], [-35.0, _YS + 75.0, -175.0],
+                   [-5.0, _YS + 50.0, -200.0], [0.0, _YS + 22.0, -260.0]],
                   np.array([24, 22, 22, 21, 20, 20, 19, 18, 17, 15, 15, 17.0]) * math.exp(n(0.1)),
-                  tube_waves(3.5))
-    colon.jitter(rng, 6.0, 6.0)
-    bladder = _Blob([0.0, ys + 85.0, -222.0], [45.0, 34.0, 35.0], waves=waves(0.06))
-    organ(bladder, size=math.exp(n(0.2)))
-    heart = _Blob([-18.0, 38.0, dome_l + 62.0], [68.0, 50.0, 58.0],
-                  _rotation(0.0, np.deg2rad(20.0), np.deg2rad(30.0)), waves=waves(0.05))
-    organ(heart)
-    psoas = [_Tube([[s * 28.0, ys + 2.0, 40.0], [s * 42.0, ys + 6.0, -50.0],
-                    [s * 58.0, ys + 16.0, -140.0], [s * 72.0, ys + 34.0, -240.0]],
-                   [6.0, 17.0, 22.0, 20.0], tube_waves(2.0)) for s in (1.0, -1.0)]
+                  d.tube_waves(3.5))
+    colon.jitter(d.rng, 6.0, 6.0)
+    bladder = _Blob([0.0, _YS + 85.0, -222.0], [45.0, 34.0, 35.0], waves=d.waves(0.06))
+    d.organ(bladder, size=math.exp(n(0.2)))
+    heart = _Blob([-18.0, 38.0, s.dome_l + 62.0], [68.0, 50.0, 58.0],
+                  _rotation(0.0, np.deg2rad(20.0), np.deg2rad(30.0)), waves=d.waves(0.05))
+    d.organ(heart)
+    return duo, colon, bladder, heart
+
+
+def _place_back(d: _Draw):
+    """Psoas muscles (tubes), paraspinal muscles (long blobs) and the iliac crest height.
+    Returns ``(psoas, paraspinal, crest_z)``."""
+    psoas = [_Tube([[s * 28.0, _YS + 2.0, 40.0], [s * 42.0, _YS + 6.0, -50.0],
+                    [s * 58.0, _YS + 16.0, -140.0], [s * 72.0, _YS + 34.0, -240.0]],
+                   [6.0, 17.0, 22.0, 20.0], d.tube_waves(2.0)) for s in (1.0, -1.0)]
     for p in psoas:
-        p.jitter(rng, 3.0, 3.0, math.exp(n(0.1)))
-    paraspinal = [_Blob([s * 34.0, ys - 42.0, 0.0], [30.0, 26.0, 300.0], waves=waves(0.04))
-                  for s in (1.0, -1.0)]
-    crest_z = -118.0 + n(10.0)
+        p.jitter(d.rng, 3.0, 3.0, math.exp(d.n(0.1)))
+    paraspinal = [_Blob([s * 34.0, _YS - 42.0, 0.0], [30.0, 26.0, 300.0],
+                        waves=d.waves(0.04)) for s in (1.0, -1.0)]
+    crest_z = -118.0 + d.n(10.0)
+    return psoas, paraspinal, crest_z
 
-    # ---------------- rendering ----------------
-    cv = _Canvas(preset, lin, gshift, warp)
+
+def _place_anatomy(d: _Draw, s: _Subject) -> _Anatomy:
+    """Place every structure, in the fixed order of the random draws."""
+    liver_r, liver_l, hepatic_veins, liver_shift = _place_liver(d, s)
+    spleen = _place_spleen(d, s)
+    kidneys = _place_kidneys(d, s)
+    gall = _place_gallbladder(d, s, liver_shift)
+    stomach, gas_level, eso = _place_stomach(d, s)
+    pan_ctrl, pancreas, splenic_v, portal_v = _place_pancreas(d, s, spleen, liver_r)
+    aorta, ivc, iliacs, renal_veins = _place_big_vessels(d, s, kidneys)
+    adrenals = _place_adrenals(d, kidneys)
+    duo, colon, bladder, heart = _place_gut_bladder_heart(d, s, stomach, pan_ctrl)
+    psoas, paraspinal, crest_z = _place_back(d)
+    return _Anatomy(liver_r, liver_l, hepatic_veins, spleen, kidneys, gall, stomach, gas_level,
+                    eso, pancreas, splenic_v, portal_v, aorta, ivc, iliacs, renal_veins,
+                    adrenals, duo, colon, bladder, heart, psoas, paraspinal, crest_z)
+
+
+# ---------------- rendering: painting on the canvas ----------------
+
+@dataclass
+class _Scene:
+    """What every painting step shares: the canvas, the subject and the texture.
+
+    Masks are bool arrays of the grid's shape (x, y, z); ``tex`` is float32 on the grid.
+    """
+
+    cv: _Canvas
+    subj: _Subject
+    tex: np.ndarray  # smooth texture (unit RMS) on the grid, from subj.tex_field
+
+    def _paint_sdf(self, sl, f, value, label, where, texture):
+        if sl is None:
+            return None, None
+        m = f < 0
+        if where is not None:
+            m &= where[sl]
+        val = value if not texture else value + texture * self.tex[sl]
+        self.cv.paint(sl, m, val, label)
+        return sl, f
+
+    def paint_blob(self, blob: _Blob, value, label=None, where=None, texture=0.0):
+        """Paint the inside of ``blob`` (within ``where``) with ``value + texture * tex`` HU."""
+        return self._paint_sdf(*self.cv.blob_sdf(blob), value, label, where, texture)
+
+    def paint_tube(self, tube: _Tube, value, label=None, where=None, texture=0.0):
+        """Paint the inside of ``tube`` (within ``where``) with ``value + texture * tex`` HU."""
+        return self._paint_sdf(*self.cv.tube_sdf(tube), value, label, where, texture)
+
+
+def _paint_body(sc: _Scene):
+    """Body (fat), wall (muscle), skin, cavity, diaphragm and lungs, on the full volume.
+    Returns the masks ``(muscle, cavity, allowed)``; ``allowed`` (abdominal cavity 2 mm below
+    the diaphragm) is where abdominal organs may be painted."""
+    cv, s, tex = sc.cv, sc.subj, sc.tex
     tx, ty, tz = cv.t
-    tex = tex_field(*cv.axes)  # smooth texture, RMS ~1
-
-    # body, wall, cavity (full volume)
     yb = np.where(ty > 0, np.float32(1.0), np.float32(0.0))
-    cav_b = yb * np.float32(B_ca) + (1 - yb) * np.float32(B_cp)
-    body_b = yb * np.float32(B_ca + wall + fat_ant) + (1 - yb) * np.float32(
-        B_cp + post_wall + fat_post)
-    mus_b = yb * np.float32(B_ca + wall) + (1 - yb) * np.float32(B_cp + post_wall)
+    cav_b = yb * np.float32(s.B_ca) + (1 - yb) * np.float32(s.B_cp)
+    body_b = yb * np.float32(s.B_ca + s.wall + s.fat_ant) + (1 - yb) * np.float32(
+        s.B_cp + s.post_wall + s.fat_post)
+    mus_b = yb * np.float32(s.B_ca + s.wall) + (1 - yb) * np.float32(s.B_cp + s.post_wall)
     del yb
     widen = np.float32(1.0) + np.float32(0.07) * np.clip((-120.0 - tz) / 80.0, 0.0, 1.0)
-    body_e = _soft_ellipse(tx, ty, (A_c + wall + fat) * widen, body_b)
+    body_e = _soft_ellipse(tx, ty, (s.A_c + s.wall + s.fat) * widen, body_b)
     body = body_e < 1.0
     cv.img[body] = -105.0 + 12.0 * tex[body]
-    muscle = _soft_ellipse(tx, ty, (A_c + wall) * widen, mus_b) < 1.0
+    muscle = _soft_ellipse(tx, ty, (s.A_c + s.wall) * widen, mus_b) < 1.0
     cv.img[muscle] = 48.0 + 6.0 * tex[muscle]
-    cavity = _soft_ellipse(tx, ty, A_c * widen, cav_b) < 1.0
+    cavity = _soft_ellipse(tx, ty, s.A_c * widen, cav_b) < 1.0
     del body_b, mus_b, cav_b, widen
     # skin
     skin = body & (body_e > 0.96)
     cv.img[skin] = 35.0
     del skin, body_e
-    zd = z_dia(tx, ty)
+    zd = s.z_dia(tx, ty)
     thorax = cavity & (tz > zd)
     abdomen = cavity & ~thorax
     cv.img[abdomen] = -95.0 + 10.0 * tex[abdomen]
@@ -689,46 +881,33 @@ def _render(preset: SynthPreset, seed: int, index: int):
     lungs = cavity & (tz > zd + 5.0)
     cv.img[lungs] = -855.0 + 25.0 * tex[lungs]
     del thorax, lungs
-    allowed = abdomen & (tz < zd - 2.0)  # where abdominal organs may be painted
-    del abdomen, zd
+    allowed = abdomen & (tz < zd - 2.0)
+    return muscle, cavity, allowed
 
-    def paint_blob(blob, value, label=None, where=None, texture=0.0):
-        sl, f = cv.blob_sdf(blob)
-        if sl is None:
-            return None, None
-        m = f < 0
-        if where is not None:
-            m &= where[sl]
-        val = value if not texture else value + texture * tex[sl]
-        cv.paint(sl, m, val, label)
-        return sl, f
 
-    def paint_tube(tube, value, label=None, where=None, texture=0.0):
-        sl, f = cv.tube_sdf(tube)
-        if sl is None:
-            return None, None
-        m = f < 0
-        if where is not None:
-            m &= where[sl]
-        val = value if not texture else value + texture * tex[sl]
-        cv.paint(sl, m, val, label)
-        return sl, f
-
-    # thorax: mediastinum, heart
-    sl = cv.box([-40.0, ys - 10.0, 100.0], [40.0, 90.0, 300.0])
+def _paint_thorax(sc: _Scene, cavity: np.ndarray, heart: _Blob) -> None:
+    """Mediastinal fat above the diaphragm, then the heart: pericardial fat, myocardium and
+    the (contrast-enhanced) blood pool."""
+    cv, s, tex = sc.cv, sc.subj, sc.tex
+    sl = cv.box([-40.0, _YS - 10.0, 100.0], [40.0, 90.0, 300.0])
     if sl is not None:
         x, y, z = cv.coords(sl)
-        med = (np.abs(x) < 26.0) & (y > _spine_y(z) + 5.0) & cavity[sl] & (z > z_dia(x, y))
+        med = (np.abs(x) < 26.0) & (y > _spine_y(z) + 5.0) & cavity[sl] & (z > s.z_dia(x, y))
         cv.paint(sl, med, -70.0 + 15.0 * tex[sl])
     sl, f = cv.blob_sdf(heart)
     if sl is not None:
         x, y, z = cv.coords(sl)
-        above = (z > z_dia(x, y) + 3.0) & cavity[sl]
+        above = (z > s.z_dia(x, y) + 3.0) & cavity[sl]
         cv.paint(sl, (f < 4.0) & above, -90.0)              # pericardial fat
         cv.paint(sl, (f < 0.0) & above, 55.0 + 8.0 * tex[sl])  # myocardium
-        cv.paint(sl, (f < -9.0) & above, 165.0 + contrast + 10.0 * tex[sl])  # blood pool
+        cv.paint(sl, (f < -9.0) & above, 165.0 + s.contrast + 10.0 * tex[sl])  # blood pool
 
-    # muscles of the back and the psoas; they and the bones are out of bounds for organs
+
+def _paint_back_muscles(sc: _Scene, muscle: np.ndarray, cavity: np.ndarray,
+                        paraspinal: list[_Blob], psoas: list[_Tube]) -> np.ndarray:
+    """Muscles of the back (inside the wall, behind the spine) and the psoas (inside the
+    cavity, below z = 45 mm). Returns their mask, the start of the organs' no-go ``frame``."""
+    cv, tex = sc.cv, sc.tex
     frame = np.zeros(cv.shape, bool)
     for b in paraspinal:
         sl, f = cv.blob_sdf(b)
@@ -742,100 +921,119 @@ def _render(preset: SynthPreset, seed: int, index: int):
             m = (f < 0) & cavity[sl] & (cv.coords(sl)[2] < 45.0)
             cv.paint(sl, m, 52.0 + 6.0 * tex[sl])
             frame[sl] |= m
-    del muscle
+    return frame
 
-    # bowel, colon, duodenum, bladder (unlabelled, under the organs)
-    sl = cv.box([-150.0, ys + 10.0, -270.0], [150.0, 140.0, 60.0])
+
+def _paint_bowel(sc: _Scene, allowed: np.ndarray, frame: np.ndarray, an: _Anatomy) -> None:
+    """Unlabelled gut under the organs: small-bowel loops vs visceral fat (a thresholded smooth
+    field, with gas), the duodenum and colon (wall, content, gas) and the bladder."""
+    cv, s, tex = sc.cv, sc.subj, sc.tex
+    sl = cv.box([-150.0, _YS + 10.0, -270.0], [150.0, 140.0, 60.0])
     if sl is not None:
         x, y, z = cv.coords(sl)
         region = (allowed[sl] & ~frame[sl] & (z < 38.0 - 0.002 * x * x)
                   & (y > _spine_y(z) + 22.0 - 0.25 * np.abs(x)))
         w = cv.world(sl)
-        v = bowel_field(*w)
-        gas = gas_field(*w)
-        theta = np.float32(-0.5 + 0.9 * visc_fat)
+        v = s.bowel_field(*w)
+        gas = s.gas_field(*w)
+        theta = np.float32(-0.5 + 0.9 * s.visc_fat)
         loops = region & (v > theta - 0.3)
         lumen = region & (v > theta)
         cv.paint(sl, loops, 45.0 + 6.0 * tex[sl])
         cv.paint(sl, lumen, 18.0 + 12.0 * gas)
         cv.paint(sl, lumen & (gas > 1.3), -930.0)
-    for tube, wall_val in ((duo, 45.0), (colon, 40.0)):
+    for tube, wall_val in ((an.duo, 45.0), (an.colon, 40.0)):
         sl, f = cv.tube_sdf(tube)
         if sl is None:
             continue
         ok = allowed[sl] & ~frame[sl]
         cv.paint(sl, (f < 0) & ok, wall_val)
         inner = (f < -3.0) & ok
-        g = gas_field(*cv.world(sl))
-        if tube is colon:
+        g = s.gas_field(*cv.world(sl))
+        if tube is an.colon:
             cv.paint(sl, inner, -120.0 + 140.0 * g)
             cv.paint(sl, inner & (g > -0.2), -940.0)
         else:
             cv.paint(sl, inner, 15.0 + 10.0 * g)
             cv.paint(sl, inner & (g > 1.0), -920.0)
-    sl, f = cv.blob_sdf(bladder)
+    sl, f = cv.blob_sdf(an.bladder)
     if sl is not None:
         ok = allowed[sl] & ~frame[sl]
         cv.paint(sl, (f < 0) & ok, 40.0)
         cv.paint(sl, (f < -3.0) & ok, 8.0 + 3.0 * tex[sl])
 
-    # bones: spine, ribs, pelvis (computed now, so organs stay out of them)
-    bone = np.zeros(cv.shape, bool)
-    sl = cv.box([-75.0, ys - 95.0, -270.0], [75.0, ys + 30.0, 270.0])
-    if sl is not None:
-        x, y, z = cv.coords(sl)
-        yc = _spine_y(z)
-        lumbar = np.clip((100.0 - z) / 60.0, 0.0, 1.0)
-        sac = np.clip((-175.0 - z) / 40.0, 0.0, 1.0)
-        rx = 17.0 + 5.0 * lumbar + 28.0 * sac
-        ry = 14.0 + 3.0 * lumbar + 3.0 * sac
-        phase = np.mod(z - spine_phase, 34.0)
-        ev = (x / rx) ** 2 + ((y - yc) / ry) ** 2
-        in_body = ev < 1.0
-        disc = in_body & (phase > 27.0) & (sac < 0.5)
-        vb = in_body & ~disc
-        cy = yc - ry - 12.0  # spinal canal
-        rc2 = x * x + (y - cy) ** 2
-        arch_z = (phase > 3.0) & (phase < 24.0)
-        arch = arch_z & (rc2 < 16.0 ** 2) & (rc2 > 9.5 ** 2) & (y < cy + 6.0)
-        spinous = arch_z & (np.abs(x) < 4.5) & (y < cy) & (y > cy - 42.0) & (phase < 20.0)
-        ax_ = np.abs(x)
-        transverse = ((phase > 9.0) & (phase < 17.0)
-                      & (np.abs(y - cy - 4.0 + 0.15 * (ax_ - 10.0)) < 3.5)
-                      & (ax_ > 8.0) & (ax_ < 24.0 + 18.0 * lumbar))
-        canal = (rc2 < 9.5 ** 2) & (sac < 0.5)
-        post = (arch | spinous | transverse) & ~in_body
-        cortex = in_body & (ev > 0.72)
-        val = np.where(cortex, 700.0, 420.0 + 60.0 * tex[sl]).astype(np.float32)
-        cv.paint(sl, vb, val)
-        cv.paint(sl, disc, 85.0)
-        cv.paint(sl, canal & ~in_body, 15.0)
-        cv.paint(sl, post, 560.0 + 80.0 * tex[sl])
-        bone[sl] |= vb | disc | post
-    # ribs: a helical cage in the wall, shorter towards the bottom, cartilage at the front
+
+def _paint_spine(sc: _Scene, bone: np.ndarray) -> None:
+    """Vertebrae (bodies with a cortex, discs every 34 mm, arches, spinous and transverse
+    processes), the spinal canal and the sacrum; adds the bone to ``bone``."""
+    cv, s, tex = sc.cv, sc.subj, sc.tex
+    sl = cv.box([-75.0, _YS - 95.0, -270.0], [75.0, _YS + 30.0, 270.0])
+    if sl is None:
+        return
+    x, y, z = cv.coords(sl)
+    yc = _spine_y(z)
+    lumbar = np.clip((100.0 - z) / 60.0, 0.0, 1.0)
+    sac = np.clip((-175.0 - z) / 40.0, 0.0, 1.0)
+    rx = 17.0 + 5.0 * lumbar + 28.0 * sac
+    ry = 14.0 + 3.0 * lumbar + 3.0 * sac
+    phase = np.mod(z - s.spine_phase, 34.0)
+    ev = (x / rx) ** 2 + ((y - yc) / ry) ** 2
+    in_body = ev < 1.0
+    disc = in_body & (phase > 27.0) & (sac < 0.5)
+    vb = in_body & ~disc
+    cy = yc - ry - 12.0  # spinal canal
+    rc2 = x * x + (y - cy) ** 2
+    arch_z = (phase > 3.0) & (phase < 24.0)
+    arch = arch_z & (rc2 < 16.0 ** 2) & (rc2 > 9.5 ** 2) & (y < cy + 6.0)
+    spinous = arch_z & (np.abs(x) < 4.5) & (y < cy) & (y > cy - 42.0) & (phase < 20.0)
+    ax_ = np.abs(x)
+    transverse = ((phase > 9.0) & (phase < 17.0)
+                  & (np.abs(y - cy - 4.0 + 0.15 * (ax_ - 10.0)) < 3.5)
+                  & (ax_ > 8.0) & (ax_ < 24.0 + 18.0 * lumbar))
+    canal = (rc2 < 9.5 ** 2) & (sac < 0.5)
+    post = (arch | spinous | transverse) & ~in_body
+    cortex = in_body & (ev > 0.72)
+    val = np.where(cortex, 700.0, 420.0 + 60.0 * tex[sl]).astype(np.float32)
+    cv.paint(sl, vb, val)
+    cv.paint(sl, disc, 85.0)
+    cv.paint(sl, canal & ~in_body, 15.0)
+    cv.paint(sl, post, 560.0 + 80.0 * tex[sl])
+    bone[sl] |= vb | disc | post
+
+
+def _paint_ribs(sc: _Scene, bone: np.ndarray) -> None:
+    """Ribs: a helical cage in the wall, shorter towards the bottom, cartilage at the front;
+    adds them to ``bone``."""
+    cv, s = sc.cv, sc.subj
     sl = cv.box([-200.0, -160.0, -40.0], [200.0, 150.0, 270.0])
-    if sl is not None:
-        x, y, z = cv.coords(sl)
-        yb = np.where(y > 0, np.float32(B_ca + wall * 0.5), np.float32(B_cp + wall * 0.5))
-        a_r = np.float32(A_c + wall * 0.5)
-        e = np.sqrt((x / a_r) ** 2 + (y / yb) ** 2)
-        rad = (e - 1.0) * np.sqrt(x * x + y * y) / np.maximum(e, 1e-3)
-        near = np.abs(rad) < 7.0
-        phi = np.arctan2(np.abs(x) / a_r, -y / yb) / np.pi  # 0 at the back, 1 at the front
-        q = (z + 75.0 * phi ** 1.2 - (12.0 + breath * 0.5 + spine_phase * 0.3)) / 34.0
-        k = np.floor(q)
-        fr = (q - k - 0.5) * 34.0
-        rib = near & (k >= 0) & (phi > 0.12) & (phi < np.minimum(0.35 + 0.1 * k, 0.93))
-        cs = (rad / 4.5) ** 2 + (fr / 6.0) ** 2
-        rib &= cs < 1.0
-        cart = rib & (phi > 0.72)
-        cv.paint(sl, rib, np.where(cs > 0.5, 620.0, 260.0).astype(np.float32))
-        cv.paint(sl, cart, 130.0)
-        bone[sl] |= rib
-    # pelvis: iliac wings as curved plates flaring upwards, joined to the sacrum
+    if sl is None:
+        return
+    x, y, z = cv.coords(sl)
+    yb = np.where(y > 0, np.float32(s.B_ca + s.wall * 0.5), np.float32(s.B_cp + s.wall * 0.5))
+    a_r = np.float32(s.A_c + s.wall * 0.5)
+    e = np.sqrt((x / a_r) ** 2 + (y / yb) ** 2)
+    rad = (e - 1.0) * np.sqrt(x * x + y * y) / np.maximum(e, 1e-3)
+    near = np.abs(rad) < 7.0
+    phi = np.arctan2(np.abs(x) / a_r, -y / yb) / np.pi  # 0 at the back, 1 at the front
+    q = (z + 75.0 * phi ** 1.2 - (12.0 + s.breath * 0.5 + s.spine_phase * 0.3)) / 34.0
+    k = np.floor(q)
+    fr = (q - k - 0.5) * 34.0
+    rib = near & (k >= 0) & (phi > 0.12) & (phi < np.minimum(0.35 + 0.1 * k, 0.93))
+    cs = (rad / 4.5) ** 2 + (fr / 6.0) ** 2
+    rib &= cs < 1.0
+    cart = rib & (phi > 0.72)
+    cv.paint(sl, rib, np.where(cs > 0.5, 620.0, 260.0).astype(np.float32))
+    cv.paint(sl, cart, 130.0)
+    bone[sl] |= rib
+
+
+def _paint_pelvis(sc: _Scene, cavity: np.ndarray, crest_z: float, bone: np.ndarray) -> None:
+    """Pelvis: iliac wings as curved plates flaring upwards up to ``crest_z``, joined to the
+    sacrum; adds them to ``bone``."""
+    cv = sc.cv
     for side in (1.0, -1.0):
-        sl = cv.box([side * 20.0 - 110.0, ys - 60.0, -270.0],
-                    [side * 20.0 + 110.0, ys + 90.0, crest_z + 10.0])
+        sl = cv.box([side * 20.0 - 110.0, _YS - 60.0, -270.0],
+                    [side * 20.0 + 110.0, _YS + 90.0, crest_z + 10.0])
         if sl is None:
             continue
         x, y, z = cv.coords(sl)
@@ -850,38 +1048,55 @@ def _render(preset: SynthPreset, seed: int, index: int):
                  & (z < crest_z - 8.0 * np.cos(ang)) & cavity[sl])
         cv.paint(sl, plate, np.where(np.abs(d) > 2.5, 600.0, 250.0).astype(np.float32))
         bone[sl] |= plate
-    frame |= bone
-    ok_all = allowed & ~frame
-    del allowed, frame
 
-    # ---------------- labelled organs (later wins) ----------------
+
+def _paint_bones(sc: _Scene, cavity: np.ndarray, crest_z: float) -> np.ndarray:
+    """Spine, ribs and pelvis (painted before the organs, so organs stay out of them).
+    Returns the bone mask."""
+    bone = np.zeros(sc.cv.shape, bool)
+    _paint_spine(sc, bone)
+    _paint_ribs(sc, bone)
+    _paint_pelvis(sc, cavity, crest_z, bone)
+    return bone
+
+
+def _paint_stomach(sc: _Scene, stomach: _Tube, gas_level: float, ok: np.ndarray) -> None:
+    """Stomach (label 7): wall, content, and gas above ``gas_level`` mm over the median y of
+    its curve."""
+    cv, tex = sc.cv, sc.tex
     sl, f = cv.tube_sdf(stomach)
-    if sl is not None:
-        ok = ok_all[sl]
-        y = cv.coords(sl)[1]
-        g = gas_field(*cv.world(sl))
-        cv.paint(sl, (f < 0) & ok, 45.0 + 6.0 * tex[sl], 7)
-        inner = (f < -4.0) & ok
-        cv.paint(sl, inner, 18.0 + 15.0 * g)
-        level = float(np.median(stomach.points[:, 1])) + gas_level
-        cv.paint(sl, inner & (y > level), -950.0)
+    if sl is None:
+        return
+    ok = ok[sl]
+    y = cv.coords(sl)[1]
+    g = sc.subj.gas_field(*cv.world(sl))
+    cv.paint(sl, (f < 0) & ok, 45.0 + 6.0 * tex[sl], 7)
+    inner = (f < -4.0) & ok
+    cv.paint(sl, inner, 18.0 + 15.0 * g)
+    level = float(np.median(stomach.points[:, 1])) + gas_level
+    cv.paint(sl, inner & (y > level), -950.0)
 
-    # liver with hepatic veins
-    sl = cv.box(*_union_box(liver_r.box(), liver_l.box()))
-    liver_mask = None
+
+def _paint_liver(sc: _Scene, an: _Anatomy, ok_all: np.ndarray) -> None:
+    """Liver (label 6): smooth union of the two lobes, then the contrast-filled hepatic veins
+    inside it (their voxels keep the liver label)."""
+    cv, contrast = sc.cv, sc.subj.contrast
+    sl = cv.box(*_union_box(an.liver_r.box(), an.liver_l.box()))
     if sl is not None:
         t = cv.coords(sl)
-        f = _smin(liver_r.sdf(t), liver_l.sdf(t), 18.0)
-        liver_mask = (f < 0) & ok_all[sl]
-        cv.paint(sl, liver_mask, 60.0 + 0.4 * contrast + 8.0 * tex[sl], 6)
-    for hv in hepatic_veins:  # contrast-filled veins inside the liver (label stays liver)
+        f = _smin(an.liver_r.sdf(t), an.liver_l.sdf(t), 18.0)
+        cv.paint(sl, (f < 0) & ok_all[sl], 60.0 + 0.4 * contrast + 8.0 * sc.tex[sl], 6)
+    for hv in an.hepatic_veins:
         hs, hf = cv.tube_sdf(hv)
         if hs is not None:
             cv.paint(hs, (hf < 0) & (cv.lab[hs] == 6), 150.0 + contrast)
 
-    paint_blob(spleen, 50.0 + 0.5 * contrast, 1, ok_all, texture=6.0)
 
-    for label, kb, sinus, side in kidneys:
+def _paint_kidneys(sc: _Scene, kidneys: list, ok_all: np.ndarray) -> None:
+    """Kidneys (labels 2, 3): perirenal fat, enhancing cortex around a patterned medulla, and
+    the hilum (sinus fat, renal pelvis) cut out of the label."""
+    cv, contrast = sc.cv, sc.subj.contrast
+    for label, kb, sinus, _side in kidneys:
         sl, f = cv.blob_sdf(kb)
         if sl is None:
             continue
@@ -892,51 +1107,94 @@ def _render(preset: SynthPreset, seed: int, index: int):
         kid = (f < 0) & (fs > 0) & ok
         med = 135.0 + contrast + 30.0 * np.cos(0.25 * t[0] + 0.2 * t[2]) * np.cos(0.3 * t[1])
         val = np.where(f > -6.0, 175.0 + contrast, med).astype(np.float32)
-        cv.paint(sl, kid, val + 6.0 * tex[sl], label)
+        cv.paint(sl, kid, val + 6.0 * sc.tex[sl], label)
         hil = (fs < 0) & (f < 0) & ok
         cv.paint(sl, hil, -80.0)
         cv.paint(sl, hil & (fs < -6.0), 10.0)  # renal pelvis
 
-    sl, f = cv.blob_sdf(gall)
-    if sl is not None:
-        ok = ok_all[sl]
-        cv.paint(sl, (f < 0) & ok, 10.0 + 3.0 * tex[sl], 4)
 
-    paint_tube(pancreas, 75.0 + 0.5 * contrast, 11, ok_all, texture=14.0)
-    for tube in (splenic_v, portal_v):
-        paint_tube(tube, 165.0 + contrast, 10, ok_all, texture=6.0)
-    # esophagus (thorax and abdomen: painted wherever in the cavity, outside bone)
-    eso_ok = cavity & ~bone
-    sl, f = cv.tube_sdf(eso)
-    if sl is not None:
-        ok = eso_ok[sl]
-        cv.paint(sl, (f < 0) & ok, 42.0 + 5.0 * tex[sl], 5)
-    for rv in renal_veins:
+def _paint_vessels(sc: _Scene, an: _Anatomy, ok_all: np.ndarray, eso_ok: np.ndarray) -> None:
+    """Renal veins and iliac vessels (unlabelled, only where no label is yet), then the IVC
+    (label 9) and the aorta (label 8), which may also run above the diaphragm (``eso_ok``)."""
+    cv, contrast = sc.cv, sc.subj.contrast
+    for rv in an.renal_veins:
         sl, f = cv.tube_sdf(rv)
         if sl is not None:
             cv.paint(sl, (f < 0) & ok_all[sl] & (cv.lab[sl] == 0), 150.0 + contrast)
-    for kind, tube in iliacs:
+    for kind, tube in an.iliacs:
         sl, f = cv.tube_sdf(tube)
         if sl is not None:
             cv.paint(sl, (f < 0) & ok_all[sl] & (cv.lab[sl] == 0),
                      (185.0 if kind == "a" else 140.0) + contrast)
-    paint_tube(ivc, 150.0 + contrast, 9, eso_ok, texture=5.0)
-    paint_tube(aorta, 185.0 + contrast, 8, eso_ok, texture=5.0)
-    for label, limbs in adrenals:
+    sc.paint_tube(an.ivc, 150.0 + contrast, 9, eso_ok, texture=5.0)
+    sc.paint_tube(an.aorta, 185.0 + contrast, 8, eso_ok, texture=5.0)
+
+
+def _paint_organs(sc: _Scene, an: _Anatomy, cavity: np.ndarray, bone: np.ndarray,
+                  ok_all: np.ndarray) -> None:
+    """The labelled structures, later ones winning, inside ``ok_all`` (abdominal cavity below
+    the diaphragm, outside bone and muscles); the esophagus, IVC and aorta anywhere in the
+    cavity outside bone."""
+    contrast = sc.subj.contrast
+    _paint_stomach(sc, an.stomach, an.gas_level, ok_all)
+    _paint_liver(sc, an, ok_all)
+    sc.paint_blob(an.spleen, 50.0 + 0.5 * contrast, 1, ok_all, texture=6.0)
+    _paint_kidneys(sc, an.kidneys, ok_all)
+    sc.paint_blob(an.gall, 10.0, 4, ok_all, texture=3.0)
+    sc.paint_tube(an.pancreas, 75.0 + 0.5 * contrast, 11, ok_all, texture=14.0)
+    for tube in (an.splenic_v, an.portal_v):
+        sc.paint_tube(tube, 165.0 + contrast, 10, ok_all, texture=6.0)
+    eso_ok = cavity & ~bone
+    sc.paint_tube(an.eso, 42.0, 5, eso_ok, texture=5.0)
+    _paint_vessels(sc, an, ok_all, eso_ok)
+    for label, limbs in an.adrenals:
         for limb in limbs:
-            paint_tube(limb, 35.0, label, ok_all, texture=4.0)
+            sc.paint_tube(limb, 35.0, label, ok_all, texture=4.0)
 
-    # labels never outside the cavity, in bone, or above the diaphragm (except the tubes)
-    cv.lab[~cavity] = 0
-    cv.lab[bone] = 0
-    del cavity, bone, ok_all, eso_ok, cv.t, tx, ty, tz
 
-    # ---------------- imaging: blur (scanner resolution), noise, quantisation ----------------
-    img = ndimage.gaussian_filter(cv.img, sigma=0.6 * 2.0 / preset.spacing + 0.25,
+def _acquire(img: np.ndarray, preset: SynthPreset, nrng: np.random.Generator,
+             noise_sd: float) -> np.ndarray:
+    """Imaging: blur (scanner resolution, ~0.6 * 2 mm), white noise of ``noise_sd`` HU drawn
+    from ``nrng``, rounding to integers and clipping to [HU_MIN, HU_MAX]; float32."""
+    img = ndimage.gaussian_filter(img, sigma=0.6 * 2.0 / preset.spacing + 0.25,
                                   mode="nearest", truncate=3.0)
     img += nrng.standard_normal(img.shape, dtype=np.float32) * np.float32(noise_sd)
     np.rint(img, out=img)
     np.clip(img, HU_MIN, HU_MAX, out=img)
+    return img
+
+
+def _render(preset: SynthPreset, seed: int, index: int):
+    """Render subject ``(seed, index)`` on ``preset``'s grid: ``(image, labels, affine)`` as
+    returned by :func:`synthesize_subject`.
+
+    Two random streams: one for the anatomy (subject parameters, then every structure, in a
+    fixed order) and one for the image noise, so the anatomy is the same at every preset.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([0x5D7A, seed, index, 0]))
+    nrng = np.random.default_rng(np.random.SeedSequence([0x5D7A, seed, index, 1]))
+    d = _Draw(rng)
+    subj = _draw_subject(d)
+    an = _place_anatomy(d, subj)
+
+    cv = _Canvas(preset, subj.lin, subj.gshift, subj.warp)
+    sc = _Scene(cv, subj, subj.tex_field(*cv.axes))
+    muscle, cavity, allowed = _paint_body(sc)
+    _paint_thorax(sc, cavity, an.heart)
+    frame = _paint_back_muscles(sc, muscle, cavity, an.paraspinal, an.psoas)
+    del muscle
+    _paint_bowel(sc, allowed, frame, an)
+    bone = _paint_bones(sc, cavity, an.crest_z)
+    frame |= bone
+    ok_all = allowed & ~frame  # where the labelled abdominal organs may be painted
+    del allowed, frame
+    _paint_organs(sc, an, cavity, bone, ok_all)
+
+    # labels never outside the cavity, in bone, or above the diaphragm (except the tubes)
+    cv.lab[~cavity] = 0
+    cv.lab[bone] = 0
+    del cavity, bone, ok_all, cv.t
+    img = _acquire(cv.img, preset, nrng, subj.noise_sd)
     return img, cv.lab, preset_affine(preset)
 
 
@@ -1110,7 +1368,6 @@ def write_dataset(out_dir: str | Path, *, subjects: int, seed: int, preset: str 
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
 
-    affine = preset_affine(p)
     keep = set(split["val"]) | set(split["test"])
     kept: dict[str, np.ndarray] = {}
     report = SynthReport(out, out / f"{DATASET_NAME}_dataset.json", p.name, int(seed), names,
