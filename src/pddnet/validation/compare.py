@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -41,6 +41,9 @@ from pddnet._files import sha256_file
 from pddnet.errors import PddnetError
 from pddnet.spec import contract as C
 from pddnet.spec.metadata import read_metadata
+
+if TYPE_CHECKING:
+    from pddnet.runtime.session import Registrar
 
 SCHEMA = "pddnet.validation.report/1"
 
@@ -221,35 +224,11 @@ def compare(reference: Candidate, candidates: Sequence[Candidate], data_dir, *,
     if given, is called after every successful registration of the accuracy phase (the
     reference first on each pair); the report's figures are collected this way
     (:class:`pddnet.validation.render.FigureCollector`)."""
-    from tqdm import tqdm
-
-    from pddnet.data.learn2reg import Learn2RegDataset
-    from pddnet.runtime.session import Registrar
     from pddnet.validation import machine
 
     say = echo or (lambda s: None)
-    names = [reference.name] + [c.name for c in candidates]
-    if len(set(names)) != len(names):
-        raise PddnetError(f"candidate names must be unique, got {names}")
-    if warmup < 0 or repeats < 1:
-        raise PddnetError(f"warmup must be >= 0 and repeats >= 1, got {warmup} and {repeats}")
-    everyone = [reference, *candidates]
-    for i, c in enumerate(everyone):
-        if not Path(c.model).is_file():
-            raise PddnetError(f"candidate {c.name}: model file {c.model} does not exist")
-        if c.compare_with is not None and c.compare_with not in names[:i]:
-            raise PddnetError(f"candidate {c.name}: compare_with={c.compare_with!r} must name "
-                              f"the reference or an earlier candidate ({names[:i]})")
-    dataset = Learn2RegDataset(data_dir)
-    pairs = dataset.pairs(split)
-    if max_pairs:
-        pairs = pairs[:max_pairs]
-    if not pairs:
-        raise PddnetError(f"{data_dir} has no {split} pairs to validate on")
-    for p in pairs:
-        if p.fixed.label is None or p.moving.label is None:
-            raise PddnetError(f"pair {p} has no label maps; validation compares Dice and needs "
-                              "labels for both scans (labelsTr/)")
+    everyone = _resolve_candidates(reference, candidates, warmup, repeats)
+    dataset, pairs = _read_pairs(data_dir, split, max_pairs)
 
     started = datetime.now(timezone.utc)
     mach = machine.machine_info(threads)
@@ -257,95 +236,20 @@ def compare(reference: Candidate, candidates: Sequence[Candidate], data_dir, *,
 
     # -- phase 1: accuracy, pair by pair ------------------------------------------------------
     say(f"accuracy: {len(pairs)} {split} pair(s) x {len(everyone)} backend(s)")
-    regs: dict[str, Registrar] = {}
-    records: dict[str, list[dict[str, Any]]] = {c.name: [] for c in everyone}
-    describe: dict[str, dict[str, Any]] = {}
-    initial: list[dict[str, Any]] = []
-    try:
-        for c in everyone:
-            regs[c.name] = c.open(threads)
-            describe[c.name] = regs[c.name].describe_backend()
-        for pair in tqdm(pairs, desc="validate", unit="pair", disable=not progress):
-            fixed, moving, fl, ml = dataset.load_pair(pair)
-            label = str(pair)
-            try:
-                ref = regs[reference.name].register(fixed, moving, ml, fl)
-            except PddnetError as exc:
-                raise PddnetError(f"the reference ({reference.name}) failed on pair {label}: "
-                                  f"{exc}") from exc
-            records[reference.name].append(_pair_record(label, pair, ref, None))
-            if observe is not None:
-                observe(reference.name, len(initial), pair, ref, (fixed, moving, fl, ml))
-            initial.append({"pair": label, "fixed": pair.fixed.name, "moving": pair.moving.name,
-                            "dice_mean_before": ref.metrics.get("dice_mean_before")})
-            results = {reference.name: ref}
-            for c in candidates:
-                try:
-                    res = regs[c.name].register(fixed, moving, ml, fl)
-                except PddnetError as exc:
-                    records[c.name].append({"pair": label, "fixed": pair.fixed.name,
-                                            "moving": pair.moving.name, "error": str(exc)})
-                    continue
-                results[c.name] = res
-                if observe is not None:
-                    observe(c.name, len(initial) - 1, pair, res, (fixed, moving, fl, ml))
-                base = results.get(c.compare_with or reference.name)
-                if base is None:  # what it is compared with failed on this pair
-                    records[c.name].append({"pair": label, "fixed": pair.fixed.name,
-                                            "moving": pair.moving.name,
-                                            "error": f"{c.compare_with} failed on this pair"})
-                    continue
-                records[c.name].append(_pair_record(label, pair, res, base))
-            del ref, results
-    finally:
-        for r in regs.values():
-            r.close()
-        regs.clear()
+    records, describe, initial = _run_accuracy(reference, candidates, dataset, pairs,
+                                               threads=threads, progress=progress,
+                                               observe=observe)
 
     # -- phase 2: latency and memory, one process per candidate ------------------------------
-    perf: dict[str, dict[str, Any]] = {}
     inputs = [(str(p.fixed.image), str(p.moving.image)) for p in pairs[:MAX_TIMING_INPUTS]]
-    for c in everyone:
-        say(f"latency: {c.name} ({warmup} warm-up + {repeats} timed runs"
-            f"{', own process' if isolate else ''})")
-        args = (c.spec(), inputs, threads, warmup, repeats, isolate)
-        try:
-            perf[c.name] = (machine.run_isolated(measure_candidate, *args) if isolate
-                            else measure_candidate(*args))
-        except PddnetError:
-            raise
-        except Exception as exc:  # a crashed child (e.g. killed for memory)
-            raise PddnetError(f"measuring {c.name} failed: {type(exc).__name__}: {exc}") from exc
+    perf = _run_performance(everyone, inputs, threads=threads, warmup=warmup,
+                            repeats=repeats, isolate=isolate, say=say)
 
     # -- the report -----------------------------------------------------------------------------
-    ref_p50 = perf[reference.name]["latency"]["p50_ms"]
-    out_candidates: dict[str, Any] = {}
-    for c in everyone:
-        is_ref = c is reference
-        recs = records[c.name]
-        gates = [g.evaluate(recs) for g in c.gates]
-        lat = perf[c.name]["latency"]
-        out_candidates[c.name] = {
-            "name": c.name, "backend": c.backend, "model": str(c.model),
-            "model_sha256": _sha256(c.model), "precision": c.precision,
-            "options": {k: str(v) if isinstance(v, Path) else v for k, v in c.options.items()},
-            "registrar": dict(c.registrar),
-            "mode": c.mode,
-            "compared_with": None if is_ref else (c.compare_with or reference.name),
-            "reference": is_ref,
-            "describe": describe.get(c.name, {}),
-            "summary": _summarise(recs),
-            "latency": lat,
-            "speedup_vs_reference": (ref_p50 / lat["p50_ms"]) if lat["p50_ms"] > 0 else None,
-            "memory": perf[c.name]["memory"],
-            "load_ms": perf[c.name]["load_ms"],
-            "gates": gates,
-            "passed": all(g["passed"] for g in gates),
-            "pairs": recs,
-        }
-    failed = [{"candidate": n, **{k: g[k] for k in ("metric", "description", "threshold",
-                                                    "measured", "unit", "worst_pair", "reason")}}
-              for n, cand in out_candidates.items() for g in cand["gates"] if not g["passed"]]
+    out_candidates: dict[str, Any] = {
+        c.name: _candidate_report(c, reference, records[c.name], describe, perf)
+        for c in everyone}
+    failed = _failed_gates(out_candidates)
     mach["load_average_end"] = machine.load_average()
     return {
         "schema": SCHEMA,
@@ -364,6 +268,185 @@ def compare(reference: Candidate, candidates: Sequence[Candidate], data_dir, *,
         "candidates": out_candidates,
         "notes": notes,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# the comparison's steps
+# --------------------------------------------------------------------------------------------
+def _resolve_candidates(reference: Candidate, candidates: Sequence[Candidate], warmup: int,
+                        repeats: int) -> list[Candidate]:
+    """The reference and the candidates, in order, after checking the settings: unique names,
+    existing model files, ``compare_with`` naming an earlier one."""
+    names = [reference.name] + [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise PddnetError(f"candidate names must be unique, got {names}")
+    if warmup < 0 or repeats < 1:
+        raise PddnetError(f"warmup must be >= 0 and repeats >= 1, got {warmup} and {repeats}")
+    everyone = [reference, *candidates]
+    for i, c in enumerate(everyone):
+        if not Path(c.model).is_file():
+            raise PddnetError(f"candidate {c.name}: model file {c.model} does not exist")
+        if c.compare_with is not None and c.compare_with not in names[:i]:
+            raise PddnetError(f"candidate {c.name}: compare_with={c.compare_with!r} must name "
+                              f"the reference or an earlier candidate ({names[:i]})")
+    return everyone
+
+
+def _read_pairs(data_dir, split: str, max_pairs: int | None):
+    """The dataset of ``data_dir`` and its (first ``max_pairs``) ``split`` pairs, each with
+    label maps for both scans."""
+    from pddnet.data.learn2reg import Learn2RegDataset
+
+    dataset = Learn2RegDataset(data_dir)
+    pairs = dataset.pairs(split)
+    if max_pairs:
+        pairs = pairs[:max_pairs]
+    if not pairs:
+        raise PddnetError(f"{data_dir} has no {split} pairs to validate on")
+    for p in pairs:
+        if p.fixed.label is None or p.moving.label is None:
+            raise PddnetError(f"pair {p} has no label maps; validation compares Dice and needs "
+                              "labels for both scans (labelsTr/)")
+    return dataset, pairs
+
+
+def _run_accuracy(reference: Candidate, candidates: Sequence[Candidate], dataset, pairs, *,
+                  threads: int | None, progress: bool,
+                  observe: Callable[..., None] | None):
+    """Phase 1: open every candidate, register every pair with each (the reference first).
+    Returns the per-candidate pair records, the backend descriptions and the report's pair
+    list."""
+    from tqdm import tqdm
+
+    everyone = [reference, *candidates]
+    regs: dict[str, Registrar] = {}
+    records: dict[str, list[dict[str, Any]]] = {c.name: [] for c in everyone}
+    describe: dict[str, dict[str, Any]] = {}
+    initial: list[dict[str, Any]] = []
+    try:
+        for c in everyone:
+            regs[c.name] = c.open(threads)
+            describe[c.name] = regs[c.name].describe_backend()
+        for pair in tqdm(pairs, desc="validate", unit="pair", disable=not progress):
+            fixed, moving, fl, ml = dataset.load_pair(pair)
+            images = (fixed, moving, fl, ml)
+            label = str(pair)
+            index = len(initial)
+            ref = _run_reference(regs[reference.name], reference, label, pair, images, index,
+                                 records, observe)
+            initial.append({"pair": label, "fixed": pair.fixed.name, "moving": pair.moving.name,
+                            "dice_mean_before": ref.metrics.get("dice_mean_before")})
+            _run_candidates(regs, reference, candidates, label, pair, images, index, ref,
+                            records, observe)
+            del ref
+    finally:
+        for r in regs.values():
+            r.close()
+        regs.clear()
+    return records, describe, initial
+
+
+def _run_reference(reg: Registrar, reference: Candidate, label: str, pair, images, index: int,
+                   records: dict[str, list[dict[str, Any]]],
+                   observe: Callable[..., None] | None):
+    """Register one pair with the reference and record it; a failure ends the validation."""
+    fixed, moving, fl, ml = images
+    try:
+        ref = reg.register(fixed, moving, ml, fl)
+    except PddnetError as exc:
+        raise PddnetError(f"the reference ({reference.name}) failed on pair {label}: "
+                          f"{exc}") from exc
+    records[reference.name].append(_pair_record(label, pair, ref, None))
+    if observe is not None:
+        observe(reference.name, index, pair, ref, (fixed, moving, fl, ml))
+    return ref
+
+
+def _run_candidates(regs: dict[str, Registrar], reference: Candidate,
+                    candidates: Sequence[Candidate], label: str, pair, images, index: int, ref,
+                    records: dict[str, list[dict[str, Any]]],
+                    observe: Callable[..., None] | None) -> None:
+    """Register one pair with every candidate and record each against the candidate it is
+    compared with; a failure is recorded (and fails the candidate's gates)."""
+    fixed, moving, fl, ml = images
+    results = {reference.name: ref}
+    for c in candidates:
+        try:
+            res = regs[c.name].register(fixed, moving, ml, fl)
+        except PddnetError as exc:
+            records[c.name].append(_error_record(label, pair, str(exc)))
+            continue
+        results[c.name] = res
+        if observe is not None:
+            observe(c.name, index, pair, res, (fixed, moving, fl, ml))
+        base = results.get(c.compare_with or reference.name)
+        if base is None:  # what it is compared with failed on this pair
+            records[c.name].append(_error_record(label, pair,
+                                                 f"{c.compare_with} failed on this pair"))
+            continue
+        records[c.name].append(_pair_record(label, pair, res, base))
+
+
+def _error_record(label: str, pair, error: str) -> dict[str, Any]:
+    """The record of a pair a candidate has no result for."""
+    return {"pair": label, "fixed": pair.fixed.name, "moving": pair.moving.name, "error": error}
+
+
+def _run_performance(everyone: Sequence[Candidate], inputs: Sequence[tuple[str, str]], *,
+                     threads: int | None, warmup: int, repeats: int, isolate: bool,
+                     say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Phase 2: :func:`measure_candidate` for every candidate (in its own process when
+    ``isolate``)."""
+    from pddnet.validation import machine
+
+    perf: dict[str, dict[str, Any]] = {}
+    for c in everyone:
+        say(f"latency: {c.name} ({warmup} warm-up + {repeats} timed runs"
+            f"{', own process' if isolate else ''})")
+        args = (c.spec(), inputs, threads, warmup, repeats, isolate)
+        try:
+            perf[c.name] = (machine.run_isolated(measure_candidate, *args) if isolate
+                            else measure_candidate(*args))
+        except PddnetError:
+            raise
+        except Exception as exc:  # a crashed child (e.g. killed for memory)
+            raise PddnetError(f"measuring {c.name} failed: {type(exc).__name__}: {exc}") from exc
+    return perf
+
+
+def _candidate_report(c: Candidate, reference: Candidate, recs: list[dict[str, Any]],
+                      describe: dict[str, dict[str, Any]],
+                      perf: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A candidate's entry of the report: provenance, summary, performance and gates."""
+    is_ref = c is reference
+    gates = [g.evaluate(recs) for g in c.gates]
+    ref_p50 = perf[reference.name]["latency"]["p50_ms"]
+    lat = perf[c.name]["latency"]
+    return {
+        "name": c.name, "backend": c.backend, "model": str(c.model),
+        "model_sha256": _sha256(c.model), "precision": c.precision,
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in c.options.items()},
+        "registrar": dict(c.registrar),
+        "mode": c.mode,
+        "compared_with": None if is_ref else (c.compare_with or reference.name),
+        "reference": is_ref,
+        "describe": describe.get(c.name, {}),
+        "summary": _summarise(recs),
+        "latency": lat,
+        "speedup_vs_reference": (ref_p50 / lat["p50_ms"]) if lat["p50_ms"] > 0 else None,
+        "memory": perf[c.name]["memory"],
+        "load_ms": perf[c.name]["load_ms"],
+        "gates": gates,
+        "passed": all(g["passed"] for g in gates),
+        "pairs": recs,
+    }
+
+
+def _failed_gates(out_candidates: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every failed gate of every candidate, for the report's ``failed_gates``."""
+    return [{"candidate": n, **{k: g[k] for k in ("metric", "description", "threshold",
+                                                  "measured", "unit", "worst_pair", "reason")}}
+            for n, cand in out_candidates.items() for g in cand["gates"] if not g["passed"]]
 
 
 #: per-registration stage timings recorded per pair (``Registrar`` timings; ``refine`` and
