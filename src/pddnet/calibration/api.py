@@ -20,6 +20,7 @@ import os
 import shutil
 import statistics
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -233,6 +234,21 @@ def audit_fp16(model, *, optimization: str = "all") -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # the sensitivity search
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class _Search:
+    """What the steps of :func:`run_search` share."""
+
+    say: Echo
+    out: Path                                 #: the output folder
+    work: Path                                #: ``out/search``: the trial graphs, removed at the end
+    export: Callable[..., onnx.ModelProto]    #: precision plan (or None) -> checked ONNX graph
+    fp32_path: Path
+    fp32: onnx.ModelProto
+    ev: Evaluator                             #: measures a graph against the FP32 reference
+    costs: dict[str, Any]                     #: FP32 kernel time per block (profile_blocks)
+    doc: dict[str, Any]                       #: the sensitivity.json document being filled
+
+
 def run_search(checkpoint, data_dir, out_dir, *, precisions: Sequence[str] = ("fp16", "int8"),
                split: str = "val", max_pairs: int | None = None, calib_split: str = "train",
                calib_pairs: int | None = None, method: str = "minmax",
@@ -246,31 +262,60 @@ def run_search(checkpoint, data_dir, out_dir, *, precisions: Sequence[str] = ("f
     ``model.fp16.onnx`` / ``model.int8.onnx`` (the chosen assignments, decision in
     ``pddnet.precision``), ``ranges.json`` and ``calibration.*`` (INT8), ``sensitivity.json``
     and ``sensitivity.md``. Returns the ``sensitivity.json`` document."""
-    import torch  # noqa: F401  (the exporter needs the network)
+    from pddnet._optional import require
 
-    from pddnet.calibration.data import PairReader
-    from pddnet.calibration.int8 import (branch_pairs, calibrate_tensors, check_qdq,
-                                         float_tensors, int8_metadata, node_tensors, prepare,
-                                         quantise, write_tables)
-    from pddnet._files import sha256_file
-    from pddnet.model.checkpoint import load_model as load_ckpt
-    from pddnet.graph.model import load_model
-
+    require("torch", "pddnet sensitivity (it exports the checkpoint)")
     say = _say(echo)
     gates = {**DEFAULT_GATES, **(gates or {})}
+    precisions = _check_precisions(precisions)
+    cand_blocks = blocks_of(blocks if blocks is not None else C.BLOCKS)
+    out, work = _search_folders(out_dir, overwrite)
+    started = timestamp()
+    load_start = load_average()
+    export, shape, source = _checkpoint_exporter(checkpoint, outputs)
+    fp32_path, fp32, ev = _fp32_reference(export, out, data_dir, split=split,
+                                          max_pairs=max_pairs, threads=threads, say=say)
+    info, costs = _profile_fp32(fp32, fp32_path, ev, threads=threads, say=say)
+    doc = _new_doc(checkpoint, data_dir, split=split, started=started, source=source,
+                   shape=shape, ev=ev, threads=threads, gates=gates, precisions=precisions,
+                   cand_blocks=cand_blocks, costs=costs, load_start=load_start)
+    s = _Search(say, out, work, export, fp32_path, fp32, ev, costs, doc)
+    if "fp16" in precisions:
+        _search_fp16(s, cand_blocks, gate=gates["fp16"])
+    if "int8" in precisions:
+        reader = _int8_reader(s, data_dir, info, split=calib_split, pairs=calib_pairs,
+                              method=method, progress=progress)
+        _search_int8(s, cand_blocks, reader, method=method, gate=gates["int8"],
+                     repeats=repeats)
+    return _finish(s)
+
+
+def _check_precisions(precisions: Sequence[str]) -> list[str]:
     precisions = [p for p in precisions]
     bad = sorted(set(precisions) - {"fp16", "int8"})
     if bad or not precisions:
         raise PddnetError(f"precisions must be fp16 and/or int8, got {precisions}")
-    cand_blocks = blocks_of(blocks if blocks is not None else C.BLOCKS)
+    return precisions
+
+
+def _search_folders(out_dir, overwrite: bool) -> tuple[Path, Path]:
+    """The output folder (refused when it holds a ``sensitivity.json``, unless ``overwrite``)
+    and its ``search`` subfolder for the trial graphs, both created."""
     out = Path(out_dir)
     if (out / "sensitivity.json").exists() and not overwrite:
         raise PddnetError(f"{out / 'sensitivity.json'} already exists; pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     work = out / "search"
     work.mkdir(exist_ok=True)
-    started = timestamp()
-    load_start = load_average()
+    return out, work
+
+
+def _checkpoint_exporter(checkpoint, outputs) -> tuple[Callable[..., onnx.ModelProto],
+                                                       tuple, dict[str, str]]:
+    """``(export, image shape, source)``: ``export(precision=None)`` writes the checkpoint's
+    network as a checked ONNX graph with the given precision plan."""
+    from pddnet._files import sha256_file
+    from pddnet.model.checkpoint import load_model as load_ckpt
 
     net, ckpt = load_ckpt(checkpoint)
     shape = tuple(ckpt.get("image_shape") or ())
@@ -285,22 +330,45 @@ def run_search(checkpoint, data_dir, out_dir, *, precisions: Sequence[str] = ("f
         return check_model(export_model(net, shape, spacing_mm=spacing, outputs=outputs,
                                         source=source, precision=precision))
 
+    return export, shape, source
+
+
+def _fp32_reference(export, out: Path, data_dir, *, split: str, max_pairs: int | None,
+                    threads: int | None, say: Echo) -> tuple[Path, onnx.ModelProto, Evaluator]:
+    """Write ``model.onnx`` (FP32) and register the ``split`` pairs with it: the reference."""
+    from pddnet.graph.model import load_model
+
     fp32_path = _save(export(), out / "model.onnx")
     fp32 = load_model(fp32_path).proto
     say(f"FP32 graph {fp32_path}; registering the {split} pairs with it (the reference)")
     ev = Evaluator(fp32_path, data_dir, split=split, max_pairs=max_pairs, threads=threads,
                    echo=say)
     say(f"reference: {len(ev.pairs)} pair(s), mean Dice {100 * ev.reference_dice():.2f} %")
-    fixed, moving, _, _ = ev.loaded[0]
+    return fp32_path, fp32, ev
+
+
+def _profile_fp32(fp32: onnx.ModelProto, fp32_path: Path, ev: Evaluator, *,
+                  threads: int | None, say: Echo) -> tuple[Any, dict[str, Any]]:
+    """``(model info, costs)``: the FP32 kernel time per block on the first reference pair."""
+    from pddnet.graph.model import load_model
     from pddnet.runtime.preprocess import prepare_fixed, prepare_moving
 
+    fixed, moving, _, _ = ev.loaded[0]
     info = load_model(fp32_path).info
     pf = prepare_fixed(fixed, info)
-    feeds = {"fixed": pf.array, "moving": prepare_moving(moving, pf, info).array}
+    feeds = {C.INPUT_FIXED: pf.array, C.INPUT_MOVING: prepare_moving(moving, pf, info).array}
     costs = profile_blocks(fp32, feeds, threads=threads, runs=2)
     say("FP32 kernel time per block (ms): " + ", ".join(
         f"{b} {v:.0f}" for b, v in costs["blocks"].items()))
-    doc: dict[str, Any] = {
+    return info, costs
+
+
+def _new_doc(checkpoint, data_dir, *, split: str, started: str, source: dict[str, str],
+             shape: tuple, ev: Evaluator, threads: int | None, gates: dict[str, float],
+             precisions: list[str], cand_blocks: list[str], costs: dict[str, Any],
+             load_start) -> dict[str, Any]:
+    """The ``sensitivity.json`` document before any precision is searched."""
+    return {
         "schema": "pddnet.sensitivity/1", "created": started, "checkpoint": str(checkpoint),
         "checkpoint_sha256": source["checkpoint_sha256"], "image_shape": list(shape),
         "data": str(data_dir), "split": split, "pairs": [str(p) for p in ev.pairs],
@@ -310,158 +378,220 @@ def run_search(checkpoint, data_dir, out_dir, *, precisions: Sequence[str] = ("f
         "machine": {"load_average_start": load_start}, "notes": [],
     }
 
-    def measured(path) -> Measure:
-        m = ev.measure(path)
-        return m
 
-    # -- FP16 -----------------------------------------------------------------------------------
-    if "fp16" in precisions:
-        say("FP16: each block alone (float16 storage emulated in float32 arithmetic)")
-        alone: dict[str, Measure] = {}
-        cache: dict[tuple, Measure] = {}
+def _say_alone(say: Echo, block: str, m: Measure) -> None:
+    say(f"  {block:<12} |dDice| max {m.delta_dice_max:.3f} pt, max |du| {m.disp_max:.3f} vox"
+        + (f" ({m.error})" if m.error else ""))
 
-        def fp16_measure(chosen: list[str], name: str) -> Measure:
-            key = tuple(sorted(chosen))
-            if key not in cache:
-                plan = {b: "fp16" for b in chosen}
-                path = _save(G.emulate_fp16_storage(export(plan)), work / f"fp16_{name}.onnx")
-                cache[key] = measured(path)
-            return cache[key]
 
-        for b in cand_blocks:
-            alone[b] = fp16_measure([b], b)
-            m = alone[b]
-            say(f"  {b:<12} |dDice| max {m.delta_dice_max:.3f} pt, max |du| {m.disp_max:.3f} vox"
-                + (f" ({m.error})" if m.error else ""))
-        saving = {b: costs["blocks"].get(b, 0.0) for b in cand_blocks}
-        dec = choose(cand_blocks, alone, saving,
-                     lambda chosen: fp16_measure(chosen, "+".join(chosen)),
-                     gate=gates["fp16"], precision="fp16", min_saving=0.0)
-        doc["results"]["fp16"] = {b: {**alone[b].as_dict(), "weight_fp32_ms": saving[b]}
-                                  for b in cand_blocks}
-        doc["decisions"]["fp16"] = dec.as_dict()
-        if dec.chosen:
-            plan = {b: "fp16" for b in dec.chosen}
-            model16 = export(plan)
-            path16 = _save(model16, out / "model.fp16.onnx")
-            cpu = measured(path16)
-            meta = read_metadata(model16)[C.META_PRECISION]
-            meta["decision"] = _decision_meta(dec, ev, cpu_measure=cpu,
-                                              emulated="fp16 storage, float32 arithmetic")
-            set_metadata(model16, C.META_PRECISION, meta)
-            _save(model16, path16)
-            doc["decisions"]["fp16"]["cpu_graph_measure"] = cpu.as_dict()
-            doc["decisions"]["fp16"]["audit"] = audit_fp16(model16)
-            doc["files"]["fp16"] = str(path16)
-            say(f"FP16: {dec.chosen} -> {path16} (emulated |dDice| max "
-                f"{dec.measure.delta_dice_max:.3f} pt; CPU graph {cpu.delta_dice_max:.3f} pt)")
-        else:
-            say("FP16: no block passes the gate; no FP16 graph written")
-
-    # -- INT8 -----------------------------------------------------------------------------------
-    if "int8" in precisions:
-        say(f"INT8: calibrating ({method}) on the {calib_split} split")
-        reader = PairReader(data_dir, info, split=calib_split, pairs=calib_pairs,
-                            progress=progress)
-        for n in reader.notes:
-            doc["notes"].append(f"calibration: {n}")
-        work_all, names_all = prepare(fp32, cand_blocks)
-        tensors = node_tensors(work_all, names_all) | float_tensors(fp32)
-        ranges = calibrate_tensors(work_all, reader, tensors, method=method)
-        pairs = branch_pairs(work_all)
-
-        def build(chosen: list[str]):
-            w, names = prepare(fp32, chosen)
-            q = quantise(w, names, ranges, method=method)
-            check_qdq(q)
-            inl = sorted({n.name for n in fp32.graph.node} - {n.name for n in w.graph.node})
-            desc = reader.describe()
-            set_metadata(q, C.META_PRECISION, int8_metadata(
-                chosen, names, method=method, inlined=inl,
-                calibration={k: desc.get(k) for k in ("split", "pairs", "pair_names", "seed")}))
-            return q
-
-        alone8: dict[str, Measure] = {}
-        paths8: dict[str, Path] = {}
-        cache8: dict[tuple, Measure] = {}
-        say("INT8: each block alone")
-        for b in cand_blocks:
-            try:
-                q = build([b])
-            except PddnetError as exc:
-                alone8[b] = Measure(float("inf"), float("nan"), float("inf"), float("nan"),
-                                    error=str(exc))
-                continue
-            paths8[b] = _save(q, work / f"int8_{b}.onnx")
-            alone8[b] = cache8.setdefault((b,), measured(paths8[b]))
-            m = alone8[b]
-            say(f"  {b:<12} |dDice| max {m.delta_dice_max:.3f} pt, max |du| {m.disp_max:.3f} vox"
-                + (f" ({m.error})" if m.error else ""))
-        say(f"INT8: timing FP32 and each single-block INT8 graph ({repeats} interleaved runs)")
-        timing = ev.time({"fp32": fp32_path, **{b: p for b, p in paths8.items()}},
-                         repeats=repeats)
-        base = timing["fp32"]["median_ms"]
-        measured8, noise8 = {}, {}
-        for b in paths8:  # paired by round: the runs of one round saw the same load
-            diffs = [f - x for f, x in zip(timing["fp32"]["samples_ms"],
-                                           timing[b]["samples_ms"])]
-            measured8[b] = statistics.median(diffs)
-            noise8[b] = statistics.median(abs(d - measured8[b]) for d in diffs)
-        # a block cannot save more than it costs in FP32 (its kernel time): more is noise
-        saving8 = {b: min(v, costs["blocks"].get(b, 0.0)) for b, v in measured8.items()}
-        min_saving = 0.01 * base
-        # a saving within its own round-to-round scatter (median absolute deviation) is noise
-        saving8 = {b: (v if v > noise8[b] else 0.0) for b, v in saving8.items()}
-
-        def evaluate8(chosen: list[str]) -> Measure:
-            key = tuple(sorted(chosen))
-            if key not in cache8:
-                path = _save(build(chosen), work / f"int8_{'+'.join(chosen)}.onnx")
-                cache8[key] = measured(path)
-            return cache8[key]
-
-        dec8 = choose(cand_blocks, alone8, saving8, evaluate8, gate=gates["int8"],
-                      precision="int8", min_saving=min_saving)
-        doc["results"]["int8"] = {
-            b: {**alone8[b].as_dict(), "median_ms": timing.get(b, {}).get("median_ms"),
-                "measured_saving_ms": measured8.get(b), "saving_noise_ms": noise8.get(b),
-                "saving_ms": saving8.get(b),
-                "samples_ms": timing.get(b, {}).get("samples_ms")}
-            for b in cand_blocks}
-        doc["results"]["int8_fp32_timing"] = timing["fp32"]
-        doc["decisions"]["int8"] = dec8.as_dict()
-        doc["decisions"]["int8"]["min_saving_ms"] = min_saving
-        doc["calibration"] = {"method": method, **reader.describe()}
-        write_tables(ranges, out, method=method, merged_pairs=pairs,
-                     quantised=node_tensors(work_all, names_all))
-        doc["files"]["ranges"] = str(out / "ranges.json")
-        if dec8.chosen:
-            q = build(dec8.chosen)
-            meta = read_metadata(q)[C.META_PRECISION]
-            meta["decision"] = _decision_meta(dec8, ev)
-            set_metadata(q, C.META_PRECISION, meta)
-            path8 = _save(q, out / "model.int8.onnx")
-            final = ev.time({"fp32": fp32_path, "int8": path8}, repeats=repeats)
-            meta["decision"]["speedup_vs_fp32"] = \
-                final["fp32"]["median_ms"] / final["int8"]["median_ms"]
-            set_metadata(q, C.META_PRECISION, meta)
-            _save(q, path8)
-            doc["decisions"]["int8"]["timing"] = final
-            doc["files"]["int8"] = str(path8)
-            say(f"INT8: {dec8.chosen} -> {path8} (|dDice| max "
-                f"{dec8.measure.delta_dice_max:.3f} pt, "
-                f"{meta['decision']['speedup_vs_fp32']:.2f}x vs FP32 here)")
-        else:
-            say("INT8: no block is both faster here and within the gate; no INT8 graph written")
-
-    doc["machine"]["load_average_end"] = load_average()
-    doc["finished"] = timestamp()
-    doc["evaluations"] = ev.runs
+def _finish(s: _Search) -> dict[str, Any]:
+    """Close the document, write ``sensitivity.json`` / ``.md``, remove the trial graphs."""
     from pddnet.calibration.report import write_sensitivity
 
-    write_sensitivity(doc, out)
-    shutil.rmtree(work, ignore_errors=True)
-    return doc
+    s.doc["machine"]["load_average_end"] = load_average()
+    s.doc["finished"] = timestamp()
+    s.doc["evaluations"] = s.ev.runs
+    write_sensitivity(s.doc, s.out)
+    shutil.rmtree(s.work, ignore_errors=True)
+    return s.doc
+
+
+# -- FP16 ---------------------------------------------------------------------------------------
+def _fp16_measurer(s: _Search) -> Callable[[list[str], str], Measure]:
+    """``measure(chosen, name)``: the emulated-FP16 graph with ``chosen`` blocks in float16,
+    saved as ``search/fp16_<name>.onnx`` and measured (once per set of blocks)."""
+    cache: dict[tuple, Measure] = {}
+
+    def fp16_measure(chosen: list[str], name: str) -> Measure:
+        key = tuple(sorted(chosen))
+        if key not in cache:
+            plan = {b: "fp16" for b in chosen}
+            path = _save(G.emulate_fp16_storage(s.export(plan)), s.work / f"fp16_{name}.onnx")
+            cache[key] = s.ev.measure(path)
+        return cache[key]
+
+    return fp16_measure
+
+
+def _search_fp16(s: _Search, cand_blocks: list[str], *, gate: float) -> None:
+    """Every block alone in (emulated) FP16, the choice within ``gate``, ``model.fp16.onnx``."""
+    s.say("FP16: each block alone (float16 storage emulated in float32 arithmetic)")
+    fp16_measure = _fp16_measurer(s)
+    alone: dict[str, Measure] = {}
+    for b in cand_blocks:
+        alone[b] = fp16_measure([b], b)
+        _say_alone(s.say, b, alone[b])
+    saving = {b: s.costs["blocks"].get(b, 0.0) for b in cand_blocks}
+    dec = choose(cand_blocks, alone, saving,
+                 lambda chosen: fp16_measure(chosen, "+".join(chosen)),
+                 gate=gate, precision="fp16", min_saving=0.0)
+    s.doc["results"]["fp16"] = {b: {**alone[b].as_dict(), "weight_fp32_ms": saving[b]}
+                                for b in cand_blocks}
+    s.doc["decisions"]["fp16"] = dec.as_dict()
+    if dec.chosen:
+        _write_fp16(s, dec)
+    else:
+        s.say("FP16: no block passes the gate; no FP16 graph written")
+
+
+def _write_fp16(s: _Search, dec: Decision) -> None:
+    """Export the chosen FP16 graph, measure it as ONNX Runtime runs it, record the decision
+    in its metadata and the document."""
+    plan = {b: "fp16" for b in dec.chosen}
+    model16 = s.export(plan)
+    path16 = _save(model16, s.out / "model.fp16.onnx")
+    cpu = s.ev.measure(path16)
+    meta = read_metadata(model16)[C.META_PRECISION]
+    meta["decision"] = _decision_meta(dec, s.ev, cpu_measure=cpu,
+                                      emulated="fp16 storage, float32 arithmetic")
+    set_metadata(model16, C.META_PRECISION, meta)
+    _save(model16, path16)
+    s.doc["decisions"]["fp16"]["cpu_graph_measure"] = cpu.as_dict()
+    s.doc["decisions"]["fp16"]["audit"] = audit_fp16(model16)
+    s.doc["files"]["fp16"] = str(path16)
+    s.say(f"FP16: {dec.chosen} -> {path16} (emulated |dDice| max "
+          f"{dec.measure.delta_dice_max:.3f} pt; CPU graph {cpu.delta_dice_max:.3f} pt)")
+
+
+# -- INT8 ---------------------------------------------------------------------------------------
+def _int8_reader(s: _Search, data_dir, info, *, split: str, pairs: int | None, method: str,
+                 progress: bool):
+    """The calibration pairs (their notes go into the document)."""
+    from pddnet.calibration.data import PairReader
+
+    s.say(f"INT8: calibrating ({method}) on the {split} split")
+    reader = PairReader(data_dir, info, split=split, pairs=pairs, progress=progress)
+    for n in reader.notes:
+        s.doc["notes"].append(f"calibration: {n}")
+    return reader
+
+
+def _int8_builder(fp32: onnx.ModelProto, reader, ranges, *,
+                  method: str) -> Callable[[list[str]], onnx.ModelProto]:
+    """``build(chosen)``: the checked Q/DQ graph with the ``chosen`` blocks in INT8."""
+    from pddnet.calibration.int8 import check_qdq, int8_metadata, prepare, quantise
+
+    def build(chosen: list[str]) -> onnx.ModelProto:
+        w, names = prepare(fp32, chosen)
+        q = quantise(w, names, ranges, method=method)
+        check_qdq(q)
+        inl = sorted({n.name for n in fp32.graph.node} - {n.name for n in w.graph.node})
+        desc = reader.describe()
+        set_metadata(q, C.META_PRECISION, int8_metadata(
+            chosen, names, method=method, inlined=inl,
+            calibration={k: desc.get(k) for k in ("split", "pairs", "pair_names", "seed")}))
+        return q
+
+    return build
+
+
+def _int8_alone(s: _Search, build, cand_blocks: list[str],
+                cache8: dict[tuple, Measure]) -> tuple[dict[str, Measure], dict[str, Path]]:
+    """Every block alone in INT8: ``(measures, graph paths)``; a block that does not
+    quantise gets an infinite measure carrying the error and no path."""
+    alone8: dict[str, Measure] = {}
+    paths8: dict[str, Path] = {}
+    s.say("INT8: each block alone")
+    for b in cand_blocks:
+        try:
+            q = build([b])
+        except PddnetError as exc:
+            alone8[b] = Measure(float("inf"), float("nan"), float("inf"), float("nan"),
+                                error=str(exc))
+            continue
+        paths8[b] = _save(q, s.work / f"int8_{b}.onnx")
+        alone8[b] = cache8.setdefault((b,), s.ev.measure(paths8[b]))
+        _say_alone(s.say, b, alone8[b])
+    return alone8, paths8
+
+
+def _int8_savings(s: _Search, paths8: dict[str, Path], *, repeats: int):
+    """Time FP32 and each single-block INT8 graph, interleaved: ``(timing, measured saving,
+    its noise, the saving the choice uses, the minimum saving)`` (ms)."""
+    s.say(f"INT8: timing FP32 and each single-block INT8 graph ({repeats} interleaved runs)")
+    timing = s.ev.time({"fp32": s.fp32_path, **{b: p for b, p in paths8.items()}},
+                       repeats=repeats)
+    base = timing["fp32"]["median_ms"]
+    measured8, noise8 = {}, {}
+    for b in paths8:  # paired by round: the runs of one round saw the same load
+        diffs = [f - x for f, x in zip(timing["fp32"]["samples_ms"],
+                                       timing[b]["samples_ms"])]
+        measured8[b] = statistics.median(diffs)
+        noise8[b] = statistics.median(abs(d - measured8[b]) for d in diffs)
+    # a block cannot save more than it costs in FP32 (its kernel time): more is noise
+    saving8 = {b: min(v, s.costs["blocks"].get(b, 0.0)) for b, v in measured8.items()}
+    min_saving = 0.01 * base
+    # a saving within its own round-to-round scatter (median absolute deviation) is noise
+    saving8 = {b: (v if v > noise8[b] else 0.0) for b, v in saving8.items()}
+    return timing, measured8, noise8, saving8, min_saving
+
+
+def _int8_evaluator(s: _Search, build, cache8: dict[tuple, Measure]):
+    """``evaluate(chosen)`` for :func:`choose`: build, save and measure (once per set)."""
+    def evaluate8(chosen: list[str]) -> Measure:
+        key = tuple(sorted(chosen))
+        if key not in cache8:
+            path = _save(build(chosen), s.work / f"int8_{'+'.join(chosen)}.onnx")
+            cache8[key] = s.ev.measure(path)
+        return cache8[key]
+
+    return evaluate8
+
+
+def _search_int8(s: _Search, cand_blocks: list[str], reader, *, method: str, gate: float,
+                 repeats: int) -> None:
+    """Calibrate, measure and time every block alone in INT8, choose within ``gate`` among
+    the blocks that save time here, write the ranges and ``model.int8.onnx``."""
+    from pddnet.calibration.int8 import (branch_pairs, calibrate_tensors, float_tensors,
+                                         node_tensors, prepare, write_tables)
+
+    work_all, names_all = prepare(s.fp32, cand_blocks)
+    tensors = node_tensors(work_all, names_all) | float_tensors(s.fp32)
+    ranges = calibrate_tensors(work_all, reader, tensors, method=method)
+    pairs = branch_pairs(work_all)
+    build = _int8_builder(s.fp32, reader, ranges, method=method)
+    cache8: dict[tuple, Measure] = {}
+    alone8, paths8 = _int8_alone(s, build, cand_blocks, cache8)
+    timing, measured8, noise8, saving8, min_saving = _int8_savings(s, paths8, repeats=repeats)
+    dec8 = choose(cand_blocks, alone8, saving8, _int8_evaluator(s, build, cache8), gate=gate,
+                  precision="int8", min_saving=min_saving)
+    s.doc["results"]["int8"] = {
+        b: {**alone8[b].as_dict(), "median_ms": timing.get(b, {}).get("median_ms"),
+            "measured_saving_ms": measured8.get(b), "saving_noise_ms": noise8.get(b),
+            "saving_ms": saving8.get(b),
+            "samples_ms": timing.get(b, {}).get("samples_ms")}
+        for b in cand_blocks}
+    s.doc["results"]["int8_fp32_timing"] = timing["fp32"]
+    s.doc["decisions"]["int8"] = dec8.as_dict()
+    s.doc["decisions"]["int8"]["min_saving_ms"] = min_saving
+    s.doc["calibration"] = {"method": method, **reader.describe()}
+    write_tables(ranges, s.out, method=method, merged_pairs=pairs,
+                 quantised=node_tensors(work_all, names_all))
+    s.doc["files"]["ranges"] = str(s.out / "ranges.json")
+    if dec8.chosen:
+        _write_int8(s, dec8, build, repeats=repeats)
+    else:
+        s.say("INT8: no block is both faster here and within the gate; no INT8 graph written")
+
+
+def _write_int8(s: _Search, dec8: Decision, build, *, repeats: int) -> None:
+    """Build and save the chosen INT8 graph, time it against FP32, record the decision and
+    the speed-up in its metadata and the document."""
+    q = build(dec8.chosen)
+    meta = read_metadata(q)[C.META_PRECISION]
+    meta["decision"] = _decision_meta(dec8, s.ev)
+    set_metadata(q, C.META_PRECISION, meta)
+    path8 = _save(q, s.out / "model.int8.onnx")
+    final = s.ev.time({"fp32": s.fp32_path, "int8": path8}, repeats=repeats)
+    meta["decision"]["speedup_vs_fp32"] = \
+        final["fp32"]["median_ms"] / final["int8"]["median_ms"]
+    set_metadata(q, C.META_PRECISION, meta)
+    _save(q, path8)
+    s.doc["decisions"]["int8"]["timing"] = final
+    s.doc["files"]["int8"] = str(path8)
+    s.say(f"INT8: {dec8.chosen} -> {path8} (|dDice| max "
+          f"{dec8.measure.delta_dice_max:.3f} pt, "
+          f"{meta['decision']['speedup_vs_fp32']:.2f}x vs FP32 here)")
 
 
 def _decision_meta(dec: Decision, ev: Evaluator, *, cpu_measure: Measure | None = None,
