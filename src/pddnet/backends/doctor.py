@@ -255,7 +255,7 @@ def _plugin_paths(f: _Found, trt_why: list[str]) -> list[Item]:
         Item("jit (Python plugins at run time, incl. MeanFieldStep)", not jit_why,
              "all four plugins" if not jit_why else "; ".join(jit_why)),
         Item("interpreter (kernels on the CPU, TRITON_INTERPRET=1; tests)", cpu_ok,
-             "tests/test_kernels.py" if cpu_ok else
+             "tests/backends/test_kernels.py" if cpu_ok else
              "needs triton and torch: pip install 'pddnet[train,dev]'"),
     ]
 

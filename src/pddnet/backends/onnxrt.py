@@ -74,19 +74,16 @@ class OnnxRuntimeBackend(Backend):
         optimization: graph optimisation level, one of ``disable|basic|extended|all``.
         mem_arena: keep ONNX Runtime's CPU memory arena. Off by default: the arena grows in
             powers of two and keeps its peak for the session's life, which for the cost volume
-            (G^3 x L^3 floats, ~440 MB at the paper's size) can double the resident memory.
-            Measured with the ``small`` preset at 96x80x128 on 2 CPU cores: peak RSS 745 MB
-            with the arena vs 427 MB without, for ~15% faster features/head.
+            (G^3 x L^3 floats, ~440 MB at the paper's size) can double the resident memory,
+            for somewhat faster features and head (docs/benchmarks.md).
         mem_pattern: ONNX Runtime's memory-pattern planning (``enable_mem_pattern``): from
             the second run on, one block laid out for all intermediate tensors is allocated per
-            run. Its effect depends on the arena. With the arena *on* it is harmful: at the
-            paper's size (192x160x256, 2 threads) peak RSS 9.3 GB against 5.0 GB without it,
-            and one run in four took twice as long. With the arena *off* (our default) it
-            lowers the peak -- 4.6 vs 5.0 GB at the paper's size, 0.32-0.34 vs 0.41-0.44 GB at
-            the ``small`` size -- and the paper-size median was faster (13.2 s vs 20.2 s and
-            16.0 s vs 19.3 s in two runs), the small-size one ~15% slower. On by default (the
-            better at the paper's size); ``pddnet bench`` measures both
-            (``docs/benchmarks.md``; all figures on a loaded 2-core machine).
+            run. Its effect depends on the arena. With the arena *on* it is harmful (it nearly
+            doubled the peak at the paper's size, with erratic run times). With the arena
+            *off* (our default) it lowers the peak at every size measured and was faster at the
+            paper's size, slower at the ``small`` size. On by default (the better at the
+            paper's size); ``pddnet bench`` measures both; the figures are in
+            ``docs/benchmarks.md``.
         profile: a file-name prefix: turn on ONNX Runtime's profiler; :meth:`end_profiling`
             returns the JSON trace (node kernel times in microseconds).
         provider_options: per-provider dicts, e.g. ``{"cuda": {"device_id": 1}}``; CUDA

@@ -6,7 +6,7 @@
 * :func:`export_fp16` -- checkpoint -> FP16 ``.onnx`` with a keep-FP32 list (the exporter
   writes the graph in float16 directly; needs torch like ``pddnet export``).
 * :func:`run_search` -- the sensitivity search of :mod:`pddnet.calibration.search`: every
-  block alone in FP16 (storage emulated, see :func:`pddnet.calibration.graphs.
+  block alone in FP16 (storage emulated, see :func:`pddnet.graph.passes.fp16_storage.
   emulate_fp16_storage`) and in INT8, the choice within the gates, the chosen graphs with
   the decision in their metadata, ``sensitivity.json`` and ``sensitivity.md``.
 * :func:`demo_graphs` -- what ``pddnet demo`` calls.
@@ -32,6 +32,7 @@ from pddnet.calibration.blocks import (DEFAULT_INT8_BLOCKS, fp16_plan, profile_b
 from pddnet.calibration.search import (DEFAULT_GATES, Decision, Evaluator, Measure, blocks_of,
                                        choose, load_average, timestamp)
 from pddnet.errors import PddnetError
+from pddnet.graph.passes.fp16_storage import emulate_fp16_storage
 from pddnet.spec.metadata import read_metadata, set_metadata
 from pddnet.spec import contract as C
 
@@ -406,7 +407,7 @@ def _fp16_measurer(s: _Search) -> Callable[[list[str], str], Measure]:
         key = tuple(sorted(chosen))
         if key not in cache:
             plan = {b: "fp16" for b in chosen}
-            path = _save(G.emulate_fp16_storage(s.export(plan)), s.work / f"fp16_{name}.onnx")
+            path = _save(emulate_fp16_storage(s.export(plan)), s.work / f"fp16_{name}.onnx")
             cache[key] = s.ev.measure(path)
         return cache[key]
 

@@ -49,6 +49,7 @@ from onnx import numpy_helper
 
 from pddnet.calibration import graphs as G
 from pddnet.errors import PddnetError
+from pddnet.graph.passes.constants import ConstantsToInitializers
 from pddnet.spec.metadata import set_metadata
 from pddnet.spec import contract as C
 
@@ -85,22 +86,6 @@ def check_fp32_input(model: onnx.ModelProto, where: str = "model") -> None:
 # ---------------------------------------------------------------------------------------------
 # 1. the graph to quantise
 # ---------------------------------------------------------------------------------------------
-def _constants_to_initializers(model: onnx.ModelProto) -> None:
-    """Main-graph ``Constant`` nodes (from inlined bodies) -> initializers, so that the
-    quantiser treats the bodies' constant matrices as weights."""
-    keep = []
-    for n in model.graph.node:
-        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
-            t = onnx.TensorProto()
-            t.CopyFrom(n.attribute[0].t)
-            t.name = n.output[0]
-            model.graph.initializer.append(t)
-        else:
-            keep.append(n)
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-
-
 def prepare(model: onnx.ModelProto, blocks: Sequence[str]) -> tuple[onnx.ModelProto, list[str]]:
     """``(model to quantise, names of the nodes to quantise)`` for ``blocks`` in INT8.
 
@@ -118,7 +103,7 @@ def prepare(model: onnx.ModelProto, blocks: Sequence[str]) -> tuple[onnx.ModelPr
         from pddnet.graph.passes.inline import inline_named
 
         work, _ = inline_named(model, only=calls)
-        _constants_to_initializers(work)
+        work, _ = ConstantsToInitializers().call(work)
     names = []
     for n in work.graph.node:
         if n.op_type not in QUANT_OP_TYPES:

@@ -4,7 +4,7 @@
 
 * ``onnxruntime-fp16``: the FP16 graph as ONNX Runtime runs it here;
 * ``onnxruntime-fp16-emulated``: the same graph with float16 *storage* emulated in float32
-  arithmetic (:func:`pddnet.calibration.graphs.emulate_fp16_storage`), because the CPU provider
+  arithmetic (:func:`pddnet.graph.passes.fp16_storage.emulate_fp16_storage`), because the CPU provider
   computes an FP16 graph almost entirely in float32 and drops most of its float16 rounding --
   the emulated candidate is the closer estimate of a GPU's FP16 result;
 * ``onnxruntime-int8``: the Q/DQ graph (ONNX Runtime runs its int8 kernels on the CPU).
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pddnet.errors import PddnetError
+from pddnet.graph.passes.fp16_storage import emulate_fp16_storage
 
 FP16_NOTE = ("FP16 on ONNX Runtime's CPU provider: most ops have no float16 kernel, so ONNX "
              "Runtime inserts casts, computes them in float32 and drops the float16 rounding "
@@ -53,7 +54,7 @@ def precision_candidates(*, fp16=None, int8=None, gate_fp16: float = 0.5,
             cands.append(Candidate("onnxruntime-fp16", "onnxruntime", Path(fp16), "fp16", {},
                                    gate))
             emu = Path(tmp) / (Path(fp16).stem + ".emulated.onnx")
-            onnx.save_model(G.emulate_fp16_storage(proto), str(emu))
+            onnx.save_model(emulate_fp16_storage(proto), str(emu))
             cands.append(Candidate("onnxruntime-fp16-emulated", "onnxruntime", emu, "fp16", {},
                                    gate))
         if int8:

@@ -217,8 +217,9 @@ def split_after_first_step(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, onn
     run one after the other: everything up to that step, and the rest.
 
     Why: ONNX Runtime (1.32, CPU) keeps the cost-volume-sized tensors of the second half of the
-    head resident until the end of a run -- 4.0 GB at the paper's size where the graph's live
-    set is 1.3 GB -- while each half on its own peaks at 1.1 and 2.3 GB (docs/benchmarks.md).
+    head resident until the end of a run, about three times the graph's live set at the paper's
+    size, while each half run on its own peaks near its live set (figures in
+    docs/benchmarks.md).
     The tensors the second half reads from the first (the cost volume and the first step's
     output) become its inputs. Returns ``None`` when the model has no such step, nothing after
     it, or a carried tensor whose type is unknown.

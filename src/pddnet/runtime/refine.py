@@ -41,11 +41,10 @@ dozen small array operations on ``K = G_i G_j G_k`` points (eight gathers of cor
 probabilities, the smoothing and its transpose, the diffusion gradient, Adam), so the cost is
 per-operation overhead and gather latency, not arithmetic. ``scripts/bench_refine.py`` writes
 the same step as an ONNX graph (180 standard nodes, equal to this code to 1e-14) and runs it
-with ONNX Runtime, probabilities bound once: on a loaded 2-core EPYC numpy took 1.5 ms per step
-at a 16^3 grid (L = 11) against 4.8 ms, and 9 ms against 35 ms at the paper's (32^3, L = 15);
-on a quiet Xeon the graph was 1.15-1.25x faster instead, 17-110 ms per pair, under 3 % of a
-registration. numpy stays for one code path on every geometry; an unrolled 50-step graph would
-also carry 9000 nodes for every backend to load (``docs/benchmarks.md``). The gradient is
+with ONNX Runtime, probabilities bound once: which of the two is faster depends on the machine,
+and either is a few percent of a registration (figures in ``docs/benchmarks.md``). numpy stays
+for one code path on every geometry; an unrolled 50-step graph would also carry 9000 nodes for
+every backend to load. The gradient is
 ``dE/dtheta = S^T dE/du`` with ``dE/du = -(1/K)(1/h) dP/dt + (2 lam / N_a) D_a^T D_a u``
 summed over the axes; tests compare it with finite differences and with autograd.
 

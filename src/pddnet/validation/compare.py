@@ -187,7 +187,7 @@ def mode_candidates(checkpoint, onnx_model, modes, *, refine_steps: int = 50,
     refinement is not smooth in its inputs (a control point crossing a lattice plane one Adam
     step apart; the networks' outputs already differ by ~1e-6), so the fields of two backends
     differ by tenths of a voxel in places -- the runtime's parity with the reference on the
-    same inputs is a unit test (``tests/test_refine.py``). ``onnx_model`` must be exported with
+    same inputs is a unit test (``tests/model/test_refine.py``). ``onnx_model`` must be exported with
     ``--probs`` (refined modes) and ``--stage2`` (two-stage modes).
     """
     from pddnet.spec.refine import MODES, parse_modes

@@ -78,7 +78,11 @@ class PeakRss:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.peak_mb = peak_rss_mb()
+        # Linux folds per-thread RSS counters into VmHWM lazily (in batches of pages), so the
+        # high-water mark can read a little below an RSS sampled earlier: never report less
+        # than the baseline or the RSS now.
+        self.peak_mb = max(v for v in (peak_rss_mb(), self.baseline_mb, current_rss_mb())
+                           if v is not None)
 
     def as_dict(self, *, isolated: bool) -> dict[str, Any]:
         added = (None if self.peak_mb is None or self.baseline_mb is None

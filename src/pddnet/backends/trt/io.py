@@ -7,7 +7,7 @@ The backend asks the engine for its I/O tensors (``ICudaEngine.num_io_tensors``,
 GPU: the numpy dtype of each TensorRT data type, that every shape is static (pddnet exports
 fixed shapes; a dynamic engine is refused with the fix), the byte size of every buffer, the
 :class:`~pddnet.backends.base.TensorSpec` list the base class checks feeds against, and
-how feeds are copied into the pinned host buffers. ``tests/test_trt_backend.py`` runs it with
+how feeds are copied into the pinned host buffers. ``tests/backends/test_trt_backend.py`` runs it with
 fake engines.
 """
 

@@ -4,7 +4,7 @@ The kernels are the bodies of the ``pddnet::<OpType>`` TensorRT plugins
 (:mod:`pddnet.backends.trt.plugins`): compiled to PTX for an engine that runs with no Python
 (:func:`compile_aot`), or launched from Python on TensorRT's stream (the launchers below).
 With ``TRITON_INTERPRET=1`` set *before* this module is imported they run on the CPU on torch
-CPU tensors, which is how ``tests/test_kernels.py`` checks them against
+CPU tensors, which is how ``tests/backends/test_kernels.py`` checks them against
 :mod:`pddnet.model.ops`.
 
 Launchers (torch tensors in, torch tensor out; float32 or float16; the result has the

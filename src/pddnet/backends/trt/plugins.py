@@ -52,7 +52,7 @@ What has been run, and what not (nothing TensorRT-side can run where this was wr
 no TensorRT):
 
 - run: every kernel under the Triton interpreter against :mod:`pddnet.model.ops` in float64
-  (``tests/test_kernels.py``); compilation of the three AOT kernels to PTX for sm_90 with the
+  (``tests/backends/test_kernels.py``); compilation of the three AOT kernels to PTX for sm_90 with the
   ``ptxas`` of the triton wheel, and the PTX entry having exactly TensorRT's parameter list;
   importing this module without tensorrt; :func:`register_plugins` failing with the pip extra.
 - not run: anything that imports ``tensorrt`` (the decorators, shape functions, ``aot_impl`` /

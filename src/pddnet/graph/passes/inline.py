@@ -53,10 +53,11 @@ def inline_named(model: onnx.ModelProto, only=None
             return bind[x] if x in bind else (f"{prefix}/{x}" if x else "")
 
         out: list[onnx.NodeProto] = []
-        for n in f.node:
+        for i, n in enumerate(f.node):
             m = onnx.NodeProto()
             m.CopyFrom(n)
-            m.name = f"{prefix}/{n.name or n.op_type}"
+            # an unnamed body node is named by its op type and position (names must be unique)
+            m.name = f"{prefix}/{n.name or f'{n.op_type}_{i}'}"
             m.input[:] = [rn(x) for x in n.input]
             m.output[:] = [rn(x) for x in n.output]
             attrs = []

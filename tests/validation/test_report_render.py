@@ -4,7 +4,7 @@ numbers in both equal report.json's, failed gates show as FAIL, and a failure wh
 leaves nothing behind.
 
 Data: 4 synthetic subjects (2 test pairs); model: the `tiny` preset randomly initialised with a
-sharp softmax, exported at 48x40x64 with the entropy output (as test_validate.py).
+sharp softmax, exported at 48x40x64 with the entropy output (as tests/validation/test_validate.py).
 
 Not tested here: how the figures look (a person reads them; docs/validation.md shows one).
 """

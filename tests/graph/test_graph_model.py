@@ -1,8 +1,8 @@
 """Model loading (file checks, external data, pddnet metadata) and graph splitting.
 
 Not tested here: models written by the real exporter (`pddnet export`; these tests build
-contract-conforming fakes with onnx.helper, see fake_models.py), pre/post-processing and the
-session (test_runtime_session.py).
+contract-conforming fakes with onnx.helper, see tests/helpers/fake_models.py), pre/post-processing and the
+session (tests/runtime/test_runtime_session.py).
 """
 
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from fake_models import make_model, save_model
+from helpers.fake_models import make_model, save_model
 from pddnet.errors import PddnetError
 from pddnet.spec import contract as C
 from pddnet.backends import create_backend

@@ -4,8 +4,8 @@ Independent references: numpy brute-force formulas (min-convolution, lower envel
 parabolas, trilinear interpolation written out by hand), PyTorch's own pooling and
 ``grid_sample`` used per displacement, and gradcheck in float64.
 
-Not tested here: the ONNX bodies and Triton kernels of these ops (tests/test_export_ops.py,
-tests/test_kernels.py) and the network end to end (tests/test_model.py).
+Not tested here: the ONNX bodies and Triton kernels of these ops (tests/graph/test_op_functions.py,
+tests/backends/test_kernels.py) and the network end to end (tests/model/test_model.py).
 """
 
 from __future__ import annotations

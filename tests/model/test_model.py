@@ -3,7 +3,7 @@
 Known-answer registration with identity-like features; the published size of the paper
 preset; checkpoint round trip and refusal of pickled objects; training determinism and
 resume. Not tested here: registration quality of trained weights (a benchmark:
-``pddnet evaluate``), the ops one by one (tests/test_ops.py).
+``pddnet evaluate``), the ops one by one (tests/model/test_ops.py).
 """
 
 from __future__ import annotations

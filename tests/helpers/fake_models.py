@@ -119,7 +119,7 @@ def make_model(image_shape=(24, 21, 30), *, spacing_mm=(4.0, 4.0, 4.0), channels
         outputs, initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", C.OPSET),
                                                     helper.make_opsetid(C.DOMAIN, C.DOMAIN_VERSION)],
-                              functions=_functions(), producer_name="tests.fake_models")
+                              functions=_functions(), producer_name="tests.helpers.fake_models")
     model.ir_version = 10
     if metadata:
         inp = {"names": [C.INPUT_FIXED, C.INPUT_MOVING], "dtype": "float32",

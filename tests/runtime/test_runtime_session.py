@@ -3,7 +3,7 @@ fixed-feature reuse, outputs (atomic, refusal of existing files) and the summary
 
 Not tested here: real exported PDD-Net weights (registration quality; the validation issue
 covers Dice), GPU backends, very large volumes (timings at 192x160x256 are measured by hand
-and quoted in the session module's report, not asserted), the CLI (test_runtime_cli.py).
+and quoted in the session module's report, not asserted), the CLI (tests/runtime/test_runtime_cli.py).
 """
 
 import json
@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fake_models import (blob, centre_of_mass, ct_like, field_back, grid_affine, make_model,
+from helpers.fake_models import (blob, centre_of_mass, ct_like, field_back, grid_affine, make_model,
                          reorient, save_model, save_volume, volume_back)
 from pddnet.data.io import Volume
 from pddnet.errors import PddnetError

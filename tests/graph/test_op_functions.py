@@ -3,7 +3,7 @@
 Each op is wrapped alone in a model (one custom node plus its local function, nothing
 registered) and compared with ``pddnet.model.ops`` in float64 on fresh random inputs of
 several shapes, including odd sizes and points sampled beyond the volume border.
-Not tested here: the whole exported network (tests/test_export.py), TensorRT plugins.
+Not tested here: the whole exported network (tests/export/test_export.py), TensorRT plugins.
 """
 
 from __future__ import annotations

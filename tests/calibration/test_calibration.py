@@ -173,7 +173,7 @@ def test_keep_fp32_resolves_blocks_nodes_and_op_types(setup):
 # FP16 storage emulation and the ONNX Runtime audit
 # --------------------------------------------------------------------------------------------
 def test_round16_emulation_is_exact():
-    from pddnet.calibration.graphs import emulate_fp16_storage, round16_numpy
+    from pddnet.graph.passes.fp16_storage import emulate_fp16_storage, round16_numpy
 
     g = helper.make_graph(
         [helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
@@ -199,7 +199,7 @@ def test_round16_emulation_is_exact():
 
 def test_emulated_graph_rounds_the_declared_fp16_tensors(setup):
     from pddnet.calibration.api import audit_fp16
-    from pddnet.calibration.graphs import emulate_fp16_storage
+    from pddnet.graph.passes.fp16_storage import emulate_fp16_storage
     from pddnet.export.onnx_export import export_model
 
     m16 = export_model(setup["net"], SHAPE, precision={"conv2": "fp16"})

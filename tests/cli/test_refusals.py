@@ -28,13 +28,13 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from deploy_helpers import (SHAPE, build_bundle, candidate, environment, precision_model,
+from helpers.deploy_helpers import (SHAPE, build_bundle, candidate, environment, precision_model,
                             write_report)
-from fake_models import ct_like, grid_affine, save_volume
+from helpers.fake_models import ct_like, grid_affine, save_volume
 
 AFF = grid_affine(4.0)
-SRC = Path(__file__).resolve().parents[1] / "src"
-TESTS = Path(__file__).resolve().parent
+SRC = Path(__file__).resolve().parents[2] / "src"
+TESTS = Path(__file__).resolve().parents[1]
 MODEL_REL = "models/fp32/model.fp32.onnx"
 
 

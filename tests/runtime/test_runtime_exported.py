@@ -10,7 +10,7 @@ registration quality is meaningless), export options beyond the optional outputs
 import numpy as np
 import pytest
 
-from fake_models import ct_like, grid_affine
+from helpers.fake_models import ct_like, grid_affine
 
 torch = pytest.importorskip("torch")
 

@@ -1,7 +1,7 @@
 """Shared helpers of the deployment tests: fake precision graphs, hand-made validation reports,
 fake TensorRT engines in the real engine-cache layout, and a bundle built from them.
 
-The models are :mod:`fake_models` graphs (contract-conforming, milliseconds to run); an "fp16"
+The models are :mod:`helpers.fake_models` graphs (contract-conforming, milliseconds to run); an "fp16"
 or "int8" graph here is the same float32 graph with ``pddnet.precision`` metadata saying so --
 enough for packaging and selection logic, which read the metadata. Engines are random bytes
 with a metadata record made by :func:`pddnet.backends.trt.cache.make_record` for a given GPU
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fake_models import make_model, save_model
+from helpers.fake_models import make_model, save_model
 
 SHAPE = (24, 21, 30)
 

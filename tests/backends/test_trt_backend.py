@@ -300,7 +300,7 @@ def test_foreign_or_unlabelled_engine_refused(fakes, tmp_path):
 
 
 def test_build_never_with_empty_cache_refuses(fakes, tmp_path):
-    from test_trt_binding import tiny_model
+    from helpers.trt_models import tiny_model
 
     b = create_backend("trt", tiny_model(), label="head", engine_cache=tmp_path / "c",
                        build="never", plugins="native")

@@ -3,7 +3,7 @@ plain model's result, folder and .tar.gz, torch-free), the manifest, selection o
 precision with its reasons, engines matched to their graph, and packaging refusals.
 
 The refusals of the issue's reliability list (tampered/truncated files, paths outside the
-bundle, foreign engines, bad inputs, existing outputs, Ctrl-C) are in test_refusals.py.
+bundle, foreign engines, bad inputs, existing outputs, Ctrl-C) are in tests/cli/test_refusals.py.
 
 Not tested here: real TensorRT engines (no GPU here: engines are random bytes with real
 metadata records, and TensorRT's own identity check is exercised with an injected GPU
@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from deploy_helpers import (SHAPE, build_bundle, candidate, environment, fake_engines,
+from helpers.deploy_helpers import (SHAPE, build_bundle, candidate, environment, fake_engines,
                             precision_model, sha256, write_report)
-from fake_models import ct_like, grid_affine, save_volume
+from helpers.fake_models import ct_like, grid_affine, save_volume
 from pddnet.errors import PddnetError
 from pddnet.runtime.bundle import open_bundle
 from pddnet.runtime.session import Registrar
@@ -119,7 +119,7 @@ def test_bundle_runs_without_torch(tmp_path, scans):
         assert not leaked, leaked
         print("TORCH-FREE BUNDLE OK")
     """)
-    src = Path(__file__).resolve().parents[1] / "src"
+    src = Path(__file__).resolve().parents[2] / "src"
     proc = subprocess.run([sys.executable, "-c", script, str(res.tar), str(scans["fixed"]),
                            str(scans["moving"]), str(tmp_path / "out")], capture_output=True,
                           text=True, timeout=120, env={"PYTHONPATH": str(src), "PATH": ""})

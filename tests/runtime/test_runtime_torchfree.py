@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fake_models import ct_like, grid_affine, make_model, save_model, save_volume
+from helpers.fake_models import ct_like, grid_affine, make_model, save_model, save_volume
 
 SCRIPT = textwrap.dedent(r"""
     import sys
@@ -51,7 +51,7 @@ def test_runtime_runs_without_torch(tmp_path):
     model = save_model(make_model(shape, translation=(1.0, 2.0, 0.0), gain=0.1), tmp_path / "m.onnx")
     fixed = save_volume(tmp_path / "f.nii.gz", ct_like(rng, shape), aff)
     moving = save_volume(tmp_path / "m.nii.gz", ct_like(rng, shape), aff)
-    src = Path(__file__).resolve().parents[1] / "src"
+    src = Path(__file__).resolve().parents[2] / "src"
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(model), str(fixed), str(moving), str(tmp_path)],
         capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(src), "PATH": ""})

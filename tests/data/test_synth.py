@@ -6,7 +6,7 @@ json, the folder-safety rules and the `pddnet data synth` command.
 
 Not tested here: the `l2r` preset's speed (measured by hand, see the commit message) and its
 content beyond one smoke test of shape/affine, visual realism, byte-identical output across
-machines or BLAS builds (only within one process), and the Learn2Reg reader (test_learn2reg.py).
+machines or BLAS builds (only within one process), and the Learn2Reg reader (tests/data/test_learn2reg.py).
 """
 
 from __future__ import annotations

@@ -42,15 +42,27 @@ def test_help_without_heavy_packages():
         import sys
         for m in ("torch", "tensorrt", "triton", "tritonclient", "matplotlib"):
             sys.modules[m] = None
+        import click
         from click.testing import CliRunner
         from pddnet.cli import main
-        for args in (["--help"], ["package", "--help"], ["verify", "--help"],
-                     ["demo", "--help"], ["validate", "--help"], ["register", "--help"]):
-            r = CliRunner().invoke(main, args)
-            assert r.exit_code == 0, (args, r.output)
-        print("HELP OK")
+
+        def commands(group, prefix=()):
+            for name, cmd in sorted(group.commands.items()):
+                yield (*prefix, name)
+                if isinstance(cmd, click.Group):
+                    yield from commands(cmd, (*prefix, name))
+
+        paths = [()] + list(commands(main))
+        assert len(paths) > 15, paths
+        for path in paths:
+            r = CliRunner().invoke(main, [*path, "--help"])
+            assert r.exit_code == 0, (path, r.output)
+        leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "tensorrt", "triton")
+                        and sys.modules[m] is not None)
+        assert not leaked, leaked
+        print("HELP OK", len(paths))
     """)
-    src = Path(__file__).resolve().parents[1] / "src"
+    src = Path(__file__).resolve().parents[2] / "src"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, env={"PYTHONPATH": str(src), "PATH": ""})
     assert proc.returncode == 0 and "HELP OK" in proc.stdout, proc.stdout + proc.stderr

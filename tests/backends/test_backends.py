@@ -2,14 +2,14 @@
 
 Not tested here: GPU execution providers (CUDA/TensorRT EPs need onnxruntime-gpu and a GPU; only
 the clear refusal when they are missing is checked), the TensorRT backend (not written yet),
-model loading and splitting (test_runtime_model.py).
+model loading and splitting (tests/graph/test_graph_model.py).
 """
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from fake_models import make_model
+from helpers.fake_models import make_model
 from pddnet.errors import PddnetError
 from pddnet.backends import BACKENDS, Backend, TensorSpec, create_backend
 from pddnet.backends.onnxrt import OnnxRuntimeBackend, resolve_providers

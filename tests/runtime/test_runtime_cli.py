@@ -1,7 +1,7 @@
 """`pddnet register`: several moving scans with fixed-feature reuse, the printed table, and bad
 inputs that must exit with status 2, a one-line message and no output files.
 
-Not tested here: the numerical results (test_runtime_session.py), GPU providers.
+Not tested here: the numerical results (tests/runtime/test_runtime_session.py), GPU providers.
 """
 
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fake_models import ct_like, grid_affine, make_model, save_model, save_volume
+from helpers.fake_models import ct_like, grid_affine, make_model, save_model, save_volume
 from pddnet.cli import main
 
 SHAPE = (24, 21, 30)

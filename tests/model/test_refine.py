@@ -393,7 +393,7 @@ def sharp_tiny(tmp_path_factory):
 
 def _pair(seed=13):
     """Smooth random CT-like texture and a copy shifted by (2, -1, 1) voxels."""
-    from fake_models import ct_like, grid_affine
+    from helpers.fake_models import ct_like, grid_affine
 
     from pddnet.data.io import Volume
 
@@ -536,7 +536,7 @@ def test_refine_needs_probs_and_stages_need_a_stage2_model(sharp_tiny, tmp_path)
 
 def test_cli_export_stage2_and_register_modes(sharp_tiny, tmp_path):
     from click.testing import CliRunner
-    from fake_models import save_volume
+    from helpers.fake_models import save_volume
 
     from pddnet.cli import main
 
@@ -617,13 +617,13 @@ def test_refinement_and_two_stages_run_without_torch(sharp_tiny, tmp_path):
     import sys
     from pathlib import Path
 
-    from fake_models import save_volume
+    from helpers.fake_models import save_volume
 
     _, _, model = sharp_tiny
     fixed, moving = _pair(17)
     fp = save_volume(tmp_path / "f.nii.gz", fixed.array, fixed.affine)
     mp = save_volume(tmp_path / "m.nii.gz", moving.array, moving.affine)
-    src = Path(__file__).resolve().parents[1] / "src"
+    src = Path(__file__).resolve().parents[2] / "src"
     proc = subprocess.run([sys.executable, "-c", TORCH_FREE, str(model), str(fp), str(mp),
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
                           env={"PYTHONPATH": str(src), "PATH": ""})

@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from fake_models import ct_like, grid_affine, make_model, save_model, save_volume
+from helpers.fake_models import ct_like, grid_affine, make_model, save_model, save_volume
 from pddnet.cli import main
 from pddnet.backends.doctor import Probe, as_json, collect, format_report
 
