@@ -53,17 +53,17 @@ def main(argv=None) -> int:
 
     import onnx
 
+    from pddnet.backends import create_backend
     from pddnet.calibration import int8 as Q
     from pddnet.calibration.blocks import profile_blocks
     from pddnet.calibration.data import PairReader
     from pddnet.calibration.search import load_average, timestamp
     from pddnet.export.onnx_export import check_model, export_model
-    from pddnet.spec.config import PRESET_IMAGE_SHAPES, preset
-    from pddnet.model.network import PDDNet
-    from pddnet.backends import create_backend
     from pddnet.graph.model import load_model
-    from pddnet.runtime.session import Registrar
     from pddnet.graph.split import split_model
+    from pddnet.model.network import PDDNet
+    from pddnet.runtime.session import Registrar
+    from pddnet.spec.config import PRESET_IMAGE_SHAPES, preset
     from pddnet.spec.contract import FEATURES_INPUT
 
     variants = {}

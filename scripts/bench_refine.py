@@ -28,8 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pddnet.spec.config import preset
 from pddnet.runtime import refine as R
+from pddnet.spec.config import preset
 from pddnet.spec.refine import RefineOptions
 
 F64 = TensorProto.DOUBLE

@@ -140,8 +140,8 @@ def check_reference(shape, repeats: int) -> None:
 
     if not torch.cuda.is_available():
         return note("reference", "skipped", "torch has no CUDA device")
-    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
+    from pddnet.spec.config import preset
 
     try:
         dev = torch.device("cuda")

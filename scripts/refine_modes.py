@@ -33,9 +33,9 @@ STAGES = ("features", "head", "refine", "stage2")
 
 def main() -> None:
     from pddnet.data.learn2reg import Learn2RegDataset
+    from pddnet.runtime.session import Registrar
     from pddnet.spec.refine import MODES as SPEC
     from pddnet.spec.refine import RefineOptions
-    from pddnet.runtime.session import Registrar
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)

@@ -1,13 +1,19 @@
 """pddnet: PDD-Net deformable registration from PyTorch training to deployed engines.
 
-Subpackages, in the order data flows through them:
+Packages, bottom to top (each imports only the layers below it; docs/architecture.md):
 
-- ``pddnet.data``        volumes, labels, NIfTI I/O, the synthetic abdomen, Learn2Reg datasets
+- ``pddnet.spec``        the model contract: tensor names, metadata keys, config, settings
+- ``pddnet.graph``       ONNX ModelProto tools, custom-op bodies, rewrite passes
+- ``pddnet.metrics``     Learn2Reg metrics (numpy)
+- ``pddnet.data``        volumes, NIfTI I/O, the synthetic abdomen, Learn2Reg datasets
 - ``pddnet.model``       the PyTorch reference (network, custom-op references, losses, training)
-- ``pddnet.export``      PyTorch -> ONNX with custom ops, graph checks, TensorRT engines and plugins
+- ``pddnet.export``      PyTorch -> ONNX with the custom ops
+- ``pddnet.backends``    ONNX Runtime, TensorRT and the torch reference behind one interface
+- ``pddnet.runtime``     torch-free registration
+- ``pddnet.validation``  backend comparison, reports, benchmarks
 - ``pddnet.calibration`` representative data, activation ranges, FP16/INT8 graphs
-- ``pddnet.runtime``     torch-free registration on ONNX Runtime / TensorRT
-- ``pddnet.validation``  metrics, backend comparison, reports, benchmarks
+- ``pddnet.deploy``      bundles, Triton repositories, the demo
+- ``pddnet.cli``         the ``pddnet`` command
 
 Conventions used everywhere (see ``docs/conventions.md``):
 

@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 
 from helpers.fake_models import make_model
-from pddnet.errors import PddnetError
 from pddnet.backends import BACKENDS, Backend, TensorSpec, create_backend
 from pddnet.backends.onnxrt import OnnxRuntimeBackend, resolve_providers
+from pddnet.errors import PddnetError
 
 SHAPE = (24, 21, 30)
 

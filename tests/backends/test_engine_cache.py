@@ -21,11 +21,18 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pddnet.errors import PddnetError
-from pddnet.backends.trt.cache import (EngineCache, EngineKey, Environment, check_engine_file,
-                                        compare, default_cache_dir, meta_path_for)
-from pddnet.backends.trt.build import model_precision, parse_size, plugins_label
 from pddnet.backends.trt.binding import BindingPlan
+from pddnet.backends.trt.build import model_precision, parse_size, plugins_label
+from pddnet.backends.trt.cache import (
+    EngineCache,
+    EngineKey,
+    Environment,
+    check_engine_file,
+    compare,
+    default_cache_dir,
+    meta_path_for,
+)
+from pddnet.errors import PddnetError
 
 H100 = Environment("NVIDIA H100 80GB HBM3", "9.0", 132, "10.9.0.34")
 A100 = Environment("NVIDIA A100-SXM4-80GB", "8.0", 108, "10.9.0.34")

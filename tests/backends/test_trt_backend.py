@@ -23,10 +23,10 @@ import types
 import numpy as np
 import pytest
 
-from pddnet.errors import PddnetError
-from pddnet.backends.trt.cache import EngineCache, EngineKey, Environment
 from pddnet.backends import BACKENDS, create_backend
+from pddnet.backends.trt.cache import EngineCache, EngineKey, Environment
 from pddnet.backends.trt.io import IOPlan, TensorDesc, numpy_dtype
+from pddnet.errors import PddnetError
 
 ENV = Environment("Fake GPU", "9.0", 4, "10.9.0.34")
 
@@ -331,10 +331,10 @@ def test_registry_and_missing_tensorrt(monkeypatch):
 @pytest.mark.parametrize("plugins", ["native", "auto"])
 def test_real_engine_matches_onnxruntime(tmp_path, plugins):
     torch = pytest.importorskip("torch")
-    from pddnet.spec import contract as C
     from pddnet.export.onnx_export import export_model
-    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
+    from pddnet.spec import contract as C
+    from pddnet.spec.config import preset
 
     net = PDDNet(preset("tiny"), seed=3).eval()
     with torch.no_grad():

@@ -22,13 +22,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pddnet.errors import PddnetError
-from pddnet.spec import contract as C
-from pddnet.backends.trt.binding import custom_ops_in, plan_binding
-from pddnet.graph.passes.bind_plugins import DUMMY_PENALTY, BindPlugins
-from pddnet.backends.trt.support import check_trt_readiness
-
 from helpers.trt_models import OPSETS, tiny_model
+from pddnet.backends.trt.binding import custom_ops_in, plan_binding
+from pddnet.backends.trt.support import check_trt_readiness
+from pddnet.errors import PddnetError
+from pddnet.graph.passes.bind_plugins import DUMMY_PENALTY, BindPlugins
+from pddnet.spec import contract as C
 
 F = TensorProto.FLOAT
 
@@ -134,8 +133,8 @@ def test_native_rewrite_runs_identically_in_onnxruntime():
 def test_real_export_binding_and_readiness():
     torch = pytest.importorskip("torch")
     from pddnet.export.onnx_export import export_model
-    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
+    from pddnet.spec.config import preset
 
     net = PDDNet(preset("tiny"), seed=1).eval()
     with torch.no_grad():

@@ -23,8 +23,8 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 from helpers.fake_models import ct_like, grid_affine, make_model, save_model, save_volume
-from pddnet.cli import main
 from pddnet.backends.doctor import Probe, as_json, collect, format_report
+from pddnet.cli import main
 
 
 def _run(*args):

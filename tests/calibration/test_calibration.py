@@ -21,35 +21,19 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+from helpers.tiny_pipeline import SHAPE
+
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-SHAPE = (48, 40, 64)
 logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs to the root logger
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from pddnet.data.synth import write_dataset
-    from pddnet._files import sha256_file
-    from pddnet.export.onnx_export import export_model
-    from pddnet.model.checkpoint import save_checkpoint
-    from pddnet.spec.config import preset
-    from pddnet.model.network import PDDNet
+    from helpers.tiny_pipeline import tiny_pipeline
 
-    tmp = tmp_path_factory.mktemp("calibration")
-    data = tmp / "data"
-    write_dataset(data, subjects=6, seed=0, preset="small", progress=False)
-    net = PDDNet(preset("tiny"), seed=0).eval()
-    with torch.no_grad():
-        net.alpha[5] = 3000.0
-    ckpt = save_checkpoint(tmp / "tiny.pt", net, image_shape=SHAPE,
-                           metadata={"spacing_mm": [8.0, 8.0, 8.0]})
-    model = export_model(net, SHAPE, spacing_mm=(8.0, 8.0, 8.0),
-                         source={"checkpoint_sha256": sha256_file(ckpt)})
-    path = tmp / "tiny.onnx"
-    onnx.save(model, str(path))
-    return {"tmp": tmp, "data": data, "net": net, "ckpt": ckpt, "onnx": path, "model": model}
+    return tiny_pipeline(tmp_path_factory.mktemp("calibration"), subjects=6)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +77,8 @@ def test_fp32_export_is_unchanged_by_the_precision_machinery(setup):
 
 def test_fp16_graph_types(setup):
     from pddnet.calibration.blocks import fp16_plan
-    from pddnet.spec import contract as C
     from pddnet.export.onnx_export import check_model, export_model
+    from pddnet.spec import contract as C
 
     plan = fp16_plan(["correlation", "meanfield2"])
     m = check_model(export_model(setup["net"], SHAPE, outputs=("probs", "entropy"),
@@ -142,8 +126,8 @@ def test_fp16_graph_types(setup):
 
 
 def test_fp16_graph_is_trt_ready_and_splits(setup):
-    from pddnet.export.onnx_export import export_model
     from pddnet.backends.trt.support import check_trt_readiness
+    from pddnet.export.onnx_export import export_model
     from pddnet.graph.split import split_model
 
     m = export_model(setup["net"], SHAPE, precision="fp16")
@@ -199,8 +183,8 @@ def test_round16_emulation_is_exact():
 
 def test_emulated_graph_rounds_the_declared_fp16_tensors(setup):
     from pddnet.calibration.api import audit_fp16
-    from pddnet.graph.passes.fp16_storage import emulate_fp16_storage
     from pddnet.export.onnx_export import export_model
+    from pddnet.graph.passes.fp16_storage import emulate_fp16_storage
 
     m16 = export_model(setup["net"], SHAPE, precision={"conv2": "fp16"})
     emu = emulate_fp16_storage(m16)
@@ -271,8 +255,14 @@ def test_branch_ranges_are_merged():
 
 def test_feature_network_calibration_equals_the_merged_full_model_ranges(setup):
     from pddnet.calibration.data import ArrayReader
-    from pddnet.calibration.int8 import (branch_pairs, collect_feature_ranges, collect_ranges,
-                                         merge_branches, node_tensors, prepare)
+    from pddnet.calibration.int8 import (
+        branch_pairs,
+        collect_feature_ranges,
+        collect_ranges,
+        merge_branches,
+        node_tensors,
+        prepare,
+    )
 
     work, names = prepare(setup["model"], ["conv1", "conv2"])
     tensors = node_tensors(work, names)
@@ -289,8 +279,8 @@ def test_feature_network_calibration_equals_the_merged_full_model_ranges(setup):
 
 
 def test_qdq_structure(setup, int8):
-    from pddnet.calibration.int8 import branch_pairs, qdq_summary
     from pddnet.backends.trt.support import check_trt_readiness
+    from pddnet.calibration.int8 import branch_pairs, qdq_summary
     from pddnet.graph.split import split_model
 
     q = onnx.load(str(int8["int8"]))

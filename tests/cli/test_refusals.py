@@ -28,8 +28,14 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from helpers.deploy_helpers import (SHAPE, build_bundle, candidate, environment, precision_model,
-                            write_report)
+from helpers.deploy_helpers import (
+    SHAPE,
+    build_bundle,
+    candidate,
+    environment,
+    precision_model,
+    write_report,
+)
 from helpers.fake_models import ct_like, grid_affine, save_volume
 
 AFF = grid_affine(4.0)

@@ -22,8 +22,14 @@ from scipy import ndimage
 
 from pddnet.cli import main
 from pddnet.data import synth
-from pddnet.data.synth import (LABELS, PRESETS, preset_affine, split_subjects,
-                               synthesize_subject, write_dataset)
+from pddnet.data.synth import (
+    LABELS,
+    PRESETS,
+    preset_affine,
+    split_subjects,
+    synthesize_subject,
+    write_dataset,
+)
 from pddnet.errors import PddnetError
 from pddnet.metrics import dice_per_label
 

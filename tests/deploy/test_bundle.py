@@ -22,8 +22,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from helpers.deploy_helpers import (SHAPE, build_bundle, candidate, environment, fake_engines,
-                            precision_model, sha256, write_report)
+from helpers.deploy_helpers import (
+    SHAPE,
+    build_bundle,
+    candidate,
+    environment,
+    fake_engines,
+    precision_model,
+    sha256,
+    write_report,
+)
 from helpers.fake_models import ct_like, grid_affine, save_volume
 from pddnet.errors import PddnetError
 from pddnet.runtime.bundle import open_bundle

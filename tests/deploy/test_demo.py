@@ -20,8 +20,8 @@ torch = pytest.importorskip("torch")
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     from pddnet.model.checkpoint import save_checkpoint
-    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
+    from pddnet.spec.config import preset
 
     net = PDDNet(preset("tiny"), seed=0).eval()
     with torch.no_grad():

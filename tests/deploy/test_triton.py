@@ -13,7 +13,13 @@ import json
 import numpy as np
 import pytest
 
-from helpers.deploy_helpers import candidate, environment, fake_engines, precision_model, write_report
+from helpers.deploy_helpers import (
+    candidate,
+    environment,
+    fake_engines,
+    precision_model,
+    write_report,
+)
 
 pb = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 

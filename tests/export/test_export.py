@@ -18,11 +18,11 @@ import scipy.ndimage as ndi
 import torch
 
 from pddnet.errors import PddnetError
-from pddnet.spec import contract as C
 from pddnet.export.onnx_export import check_model, export_checkpoint, export_model
 from pddnet.model.checkpoint import save_checkpoint
-from pddnet.spec.config import preset
 from pddnet.model.network import PDDNet
+from pddnet.spec import contract as C
+from pddnet.spec.config import preset
 
 
 @pytest.fixture

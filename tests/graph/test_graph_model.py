@@ -12,11 +12,11 @@ import onnx
 import pytest
 
 from helpers.fake_models import make_model, save_model
-from pddnet.errors import PddnetError
-from pddnet.spec import contract as C
 from pddnet.backends import create_backend
+from pddnet.errors import PddnetError
 from pddnet.graph.model import load_model, parse_model_bytes
 from pddnet.graph.split import split_model
+from pddnet.spec import contract as C
 from pddnet.spec.contract import FEATURES_INPUT, FEATURES_OUTPUT, META_PART
 
 SHAPE = (24, 21, 30)

@@ -15,10 +15,10 @@ import pytest
 import torch
 from onnx import helper
 
-from pddnet.spec import contract as C
 from pddnet.graph import functions as fn
 from pddnet.graph.builder import Builder, value_info
 from pddnet.model import ops
+from pddnet.spec import contract as C
 
 
 @pytest.fixture

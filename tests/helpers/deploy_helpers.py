@@ -87,8 +87,8 @@ def fake_engines(model_path: Path, folder: Path, env, *, labels=("features", "he
                  plugins="native", jit_ops=()) -> list[Path]:
     """Engines for the parts of ``model_path`` in ``folder`` (engine-cache layout)."""
     from pddnet._files import sha256_bytes
-    from pddnet.backends.trt.cache import EngineCache, EngineKey
     from pddnet.backends.trt.build import model_bytes, model_precision, runtime_parts
+    from pddnet.backends.trt.cache import EngineCache, EngineKey
     from pddnet.graph.model import load_model
 
     proto = load_model(model_path).proto

@@ -24,9 +24,9 @@ import warnings
 import numpy as np
 import pytest
 
+from pddnet import metrics as M
 from pddnet._files import jsonable
 from pddnet.errors import PddnetError
-from pddnet import metrics as M
 
 
 @pytest.fixture

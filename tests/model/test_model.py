@@ -16,9 +16,9 @@ import torch
 from pddnet.errors import PddnetError
 from pddnet.model import losses
 from pddnet.model.checkpoint import load_model, read_checkpoint, save_checkpoint
-from pddnet.spec.config import PDDConfig, preset
 from pddnet.model.network import PDDNet
 from pddnet.model.train import TrainOptions, train
+from pddnet.spec.config import PDDConfig, preset
 
 
 @pytest.fixture

@@ -304,8 +304,8 @@ def test_refine_options_validation_and_coercion():
 
 
 def test_stage2_geometry():
-    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
+    from pddnet.spec.config import preset
 
     small = preset("small").as_dict()
     assert S.stage2_overrides(small) == {"grid": [30, 30, 30], "capture": 0.15}  # 1.5 x 20
@@ -328,8 +328,8 @@ def test_stage2_geometry():
 
 
 def test_network_for_config_follows_an_overridden_export():
-    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
+    from pddnet.spec.config import preset
 
     net = PDDNet(preset("tiny"), seed=4).eval()
     assert R.network_for_config(net, net.config.as_dict()) is net
@@ -342,8 +342,8 @@ def test_network_for_config_follows_an_overridden_export():
 
 
 def test_register_stages_shapes_and_identity_of_stage_one():
-    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
+    from pddnet.spec.config import preset
 
     net = PDDNet(preset("tiny"), seed=2).eval()
     rng = torch.Generator().manual_seed(0)
@@ -376,8 +376,8 @@ def sharp_tiny(tmp_path_factory):
     with the probabilities."""
     from pddnet.export.onnx_export import export_checkpoint
     from pddnet.model.checkpoint import save_checkpoint
-    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
+    from pddnet.spec.config import preset
 
     net = PDDNet(preset("tiny"), seed=3).eval()
     with torch.no_grad():
@@ -394,7 +394,6 @@ def sharp_tiny(tmp_path_factory):
 def _pair(seed=13):
     """Smooth random CT-like texture and a copy shifted by (2, -1, 1) voxels."""
     from helpers.fake_models import ct_like, grid_affine
-
     from pddnet.data.io import Volume
 
     fixed = ct_like(np.random.default_rng(seed), SHAPE, sigma=2.5)
@@ -536,8 +535,8 @@ def test_refine_needs_probs_and_stages_need_a_stage2_model(sharp_tiny, tmp_path)
 
 def test_cli_export_stage2_and_register_modes(sharp_tiny, tmp_path):
     from click.testing import CliRunner
-    from helpers.fake_models import save_volume
 
+    from helpers.fake_models import save_volume
     from pddnet.cli import main
 
     _, ckpt, _ = sharp_tiny
@@ -639,8 +638,8 @@ def test_validate_compares_modes_side_by_side(tmp_path):
     from pddnet.data.synth import write_dataset
     from pddnet.export.onnx_export import export_checkpoint
     from pddnet.model.checkpoint import save_checkpoint
-    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
+    from pddnet.spec.config import preset
     from pddnet.validation.compare import compare, default_candidates, mode_candidates
     from pddnet.validation.report import format_table
 

@@ -22,8 +22,8 @@ def exported(tmp_path_factory):
     import onnx
 
     from pddnet.export.onnx_export import export_model
-    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
+    from pddnet.spec.config import preset
 
     net = PDDNet(preset("tiny"), seed=0).eval()
     path = tmp_path_factory.mktemp("exported") / "tiny.onnx"
@@ -33,10 +33,10 @@ def exported(tmp_path_factory):
 
 
 def test_split_of_exported_model_is_exact(exported):
-    from pddnet.spec import contract as C
     from pddnet.backends import create_backend
     from pddnet.graph.model import load_model
     from pddnet.graph.split import split_model
+    from pddnet.spec import contract as C
 
     lm = load_model(exported[1])
     parts = split_model(lm.proto)
@@ -57,10 +57,10 @@ def test_two_stage_sessions_match_one_session(exported):
     """The ONNX Runtime backend's two sessions (cut after the first mean-field step) give the
     outputs of one session, for the whole model and for its head; a part without mean-field
     steps (the features) stays one session."""
-    from pddnet.spec import contract as C
     from pddnet.backends import create_backend
     from pddnet.graph.model import load_model
     from pddnet.graph.split import split_after_first_step, split_model
+    from pddnet.spec import contract as C
 
     lm = load_model(exported[1])
     parts = split_model(lm.proto)

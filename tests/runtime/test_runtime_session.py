@@ -12,8 +12,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from helpers.fake_models import (blob, centre_of_mass, ct_like, field_back, grid_affine, make_model,
-                         reorient, save_model, save_volume, volume_back)
+from helpers.fake_models import (
+    blob,
+    centre_of_mass,
+    ct_like,
+    field_back,
+    grid_affine,
+    make_model,
+    reorient,
+    save_model,
+    save_volume,
+    volume_back,
+)
 from pddnet.data.io import Volume
 from pddnet.errors import PddnetError
 from pddnet.runtime import outputs as outmod

@@ -73,8 +73,8 @@ def test_flops_convolutions_match_pytorch_flop_counter():
     torch = pytest.importorskip("torch")
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
+    from pddnet.spec.config import preset
 
     cfg, shape = preset("tiny"), (24, 21, 30)
     net = PDDNet(cfg, seed=0).eval()
@@ -132,9 +132,9 @@ def test_inline_named_keeps_outputs_and_names_callers():
     import onnxruntime as ort
 
     from pddnet.export.onnx_export import export_model
-    from pddnet.spec.config import preset
-    from pddnet.model.network import PDDNet
     from pddnet.graph.passes.inline import inline_named
+    from pddnet.model.network import PDDNet
+    from pddnet.spec.config import preset
 
     model = export_model(PDDNet(preset("tiny"), seed=0).eval(), (24, 24, 24))
     inlined, callers = inline_named(model)

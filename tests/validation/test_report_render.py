@@ -19,32 +19,13 @@ from click.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 
-SHAPE = (48, 40, 64)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import onnx
+    from helpers.tiny_pipeline import tiny_pipeline
 
-    from pddnet.data.synth import write_dataset
-    from pddnet._files import sha256_file
-    from pddnet.export.onnx_export import export_model
-    from pddnet.model.checkpoint import save_checkpoint
-    from pddnet.spec.config import preset
-    from pddnet.model.network import PDDNet
-
-    tmp = tmp_path_factory.mktemp("render")
-    data = tmp / "data"
-    write_dataset(data, subjects=4, seed=0, preset="small", progress=False)
-    net = PDDNet(preset("tiny"), seed=0).eval()
-    with torch.no_grad():
-        net.alpha[5] = 3000.0
-    ckpt = save_checkpoint(tmp / "tiny.pt", net, image_shape=SHAPE,
-                           metadata={"spacing_mm": [8.0, 8.0, 8.0]})
-    model = export_model(net, SHAPE, spacing_mm=(8.0, 8.0, 8.0), outputs=("entropy",),
-                         source={"checkpoint_sha256": sha256_file(ckpt)})
-    onnx.save(model, str(tmp / "tiny.onnx"))
-    return {"tmp": tmp, "data": data, "ckpt": ckpt, "onnx": tmp / "tiny.onnx"}
+    return tiny_pipeline(tmp_path_factory.mktemp("render"), outputs=("entropy",))
 
 
 @pytest.fixture(scope="module")

@@ -18,34 +18,22 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-torch = pytest.importorskip("torch")
+from helpers.tiny_pipeline import SHAPE
 
-SHAPE = (48, 40, 64)
+torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     import onnx
 
-    from pddnet.data.synth import write_dataset
-    from pddnet._files import sha256_file
+    from helpers.tiny_pipeline import tiny_pipeline
     from pddnet.export.onnx_export import export_model
-    from pddnet.model.checkpoint import save_checkpoint
-    from pddnet.spec.config import preset
     from pddnet.model.network import PDDNet
+    from pddnet.spec.config import preset
 
-    tmp = tmp_path_factory.mktemp("validate")
-    data = tmp / "data"
-    write_dataset(data, subjects=4, seed=0, preset="small", progress=False)
-    net = PDDNet(preset("tiny"), seed=0).eval()
-    with torch.no_grad():
-        net.alpha[5] = 3000.0  # sharp probabilities: a field of a few voxels
-    ckpt = save_checkpoint(tmp / "tiny.pt", net, image_shape=SHAPE,
-                           metadata={"spacing_mm": [8.0, 8.0, 8.0]})
-    source = {"checkpoint_sha256": sha256_file(ckpt)}
-    model = export_model(net, SHAPE, spacing_mm=(8.0, 8.0, 8.0), source=source)
-    good = tmp / "tiny.onnx"
-    onnx.save(model, str(good))
+    base = tiny_pipeline(tmp_path_factory.mktemp("validate"))
+    tmp, model = base["tmp"], base["model"]
 
     def variant(name, edit):
         m = onnx.ModelProto()
@@ -68,8 +56,7 @@ def setup(tmp_path_factory):
     other = PDDNet(preset("tiny", channels=5), seed=0).eval()
     wrong = tmp / "wrong_config.onnx"
     onnx.save(export_model(other, SHAPE, spacing_mm=(8.0, 8.0, 8.0)), str(wrong))
-    return {"tmp": tmp, "data": data, "net": net, "ckpt": ckpt, "onnx": good,
-            "perturbed": variant("perturbed.onnx", shift_displacements),
+    return {**base, "perturbed": variant("perturbed.onnx", shift_displacements),
             "nan": variant("nan.onnx", nan_bias), "wrong": wrong}
 
 
@@ -100,9 +87,9 @@ def _validate_args(setup, out, *extra, onnx_model=None):
 def test_torch_backend_matches_direct_pddnet_calls(setup):
     import onnx
 
-    from pddnet.spec import contract as C
     from pddnet.backends import create_backend
     from pddnet.graph.split import split_model
+    from pddnet.spec import contract as C
 
     net = setup["net"]
     proto = onnx.load(str(setup["onnx"]))
@@ -156,9 +143,9 @@ def test_torch_backend_through_the_registrar_matches_pddnet(setup):
 def test_torch_backend_follows_an_export_on_another_grid(setup, tmp_path):
     import onnx
 
+    from pddnet.backends import create_backend
     from pddnet.export.onnx_export import export_model
     from pddnet.model.refine import network_for_config
-    from pddnet.backends import create_backend
 
     net = setup["net"]
     other = network_for_config(net, {**net.config.as_dict(), "grid": [4, 5, 4], "capture": 0.2})
@@ -175,8 +162,8 @@ def test_torch_backend_follows_an_export_on_another_grid(setup, tmp_path):
 
 
 def test_torch_backend_refuses_a_checkpoint_of_another_architecture(setup):
-    from pddnet.errors import PddnetError
     from pddnet.backends import create_backend
+    from pddnet.errors import PddnetError
 
     be = create_backend("torch", setup["wrong"], checkpoint=setup["ckpt"])
     with pytest.raises(PddnetError, match="another configuration.*channels"):

@@ -16,8 +16,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from pddnet.errors import PddnetError
 from pddnet.backends.base import Backend, TensorSpec
+from pddnet.errors import PddnetError
 
 BACKENDS: dict[str, str] = {
     "onnxruntime": "pddnet.backends.onnxrt:OnnxRuntimeBackend",

@@ -11,8 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pddnet.errors import PddnetError
 from pddnet.backends.base import Backend, TensorSpec
+from pddnet.errors import PddnetError
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",

@@ -30,11 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from pddnet.errors import PddnetError
-from pddnet.spec.metadata import metadata_value, raw_metadata
-from pddnet.spec import contract as C
 from pddnet.backends.base import Backend, TensorSpec
-
+from pddnet.errors import PddnetError
+from pddnet.spec import contract as C
+from pddnet.spec.metadata import metadata_value, raw_metadata
 
 
 class TorchBackend(Backend):

@@ -27,14 +27,21 @@ from typing import Any, Callable, Sequence
 import onnx
 
 from pddnet.calibration import graphs as G
-from pddnet.calibration.blocks import (DEFAULT_INT8_BLOCKS, fp16_plan, profile_blocks,
-                                       resolve_keep)
-from pddnet.calibration.search import (DEFAULT_GATES, Decision, Evaluator, Measure, blocks_of,
-                                       choose, load_average, timestamp)
+from pddnet.calibration.blocks import DEFAULT_INT8_BLOCKS, fp16_plan, profile_blocks, resolve_keep
+from pddnet.calibration.search import (
+    DEFAULT_GATES,
+    Decision,
+    Evaluator,
+    Measure,
+    blocks_of,
+    choose,
+    load_average,
+    timestamp,
+)
 from pddnet.errors import PddnetError
 from pddnet.graph.passes.fp16_storage import emulate_fp16_storage
-from pddnet.spec.metadata import read_metadata, set_metadata
 from pddnet.spec import contract as C
+from pddnet.spec.metadata import read_metadata, set_metadata
 
 Echo = Callable[[str], None]
 RANGES_FILES = ("ranges.json", "calibration.flatbuffers", "calibration.cache", "calibration.json")
@@ -543,8 +550,14 @@ def _search_int8(s: _Search, cand_blocks: list[str], reader, *, method: str, gat
                  repeats: int) -> None:
     """Calibrate, measure and time every block alone in INT8, choose within ``gate`` among
     the blocks that save time here, write the ranges and ``model.int8.onnx``."""
-    from pddnet.calibration.int8 import (branch_pairs, calibrate_tensors, float_tensors,
-                                         node_tensors, prepare, write_tables)
+    from pddnet.calibration.int8 import (
+        branch_pairs,
+        calibrate_tensors,
+        float_tensors,
+        node_tensors,
+        prepare,
+        write_tables,
+    )
 
     work_all, names_all = prepare(s.fp32, cand_blocks)
     tensors = node_tensors(work_all, names_all) | float_tensors(s.fp32)

@@ -16,8 +16,8 @@ import re
 import onnx
 from onnx import TensorProto
 
-from pddnet.spec.metadata import read_metadata
 from pddnet.spec import contract as C
+from pddnet.spec.metadata import read_metadata
 
 F16 = TensorProto.FLOAT16
 F32 = TensorProto.FLOAT

@@ -50,8 +50,8 @@ from onnx import numpy_helper
 from pddnet.calibration import graphs as G
 from pddnet.errors import PddnetError
 from pddnet.graph.passes.constants import ConstantsToInitializers
-from pddnet.spec.metadata import set_metadata
 from pddnet.spec import contract as C
+from pddnet.spec.metadata import set_metadata
 
 METHODS = ("minmax", "entropy", "percentile")
 #: op types the quantiser is asked to quantise (inputs: activation + weight)
@@ -187,8 +187,11 @@ def collect_ranges(model: onnx.ModelProto, reader, *, tensors: set[str] | None =
     """Run ``reader``'s feeds through ``model`` with ONNX Runtime's calibrator for ``method``
     and return the ranges (``onnxruntime.quantization.TensorsData``) of ``tensors`` (default:
     every float tensor of the main graph). ``symmetric`` makes each range ``[-m, m]``."""
-    from onnxruntime.quantization.calibrate import (EntropyCalibrater, MinMaxCalibrater,
-                                                    PercentileCalibrater)
+    from onnxruntime.quantization.calibrate import (
+        EntropyCalibrater,
+        MinMaxCalibrater,
+        PercentileCalibrater,
+    )
 
     _method(method)
     wanted = set(tensors) if tensors is not None else float_tensors(model)

@@ -14,7 +14,6 @@ import numpy as np
 from pddnet._files import atomic_write
 from pddnet.errors import PddnetError
 
-
 #: Largest voxel spacing (mm) accepted by :func:`load_nifti`; anything above is a broken header.
 MAX_SPACING_MM = 20.0
 

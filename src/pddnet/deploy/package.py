@@ -40,10 +40,10 @@ import onnx
 
 from pddnet._files import atomic_directory, atomic_write, sha256_bytes, sha256_file, write_json
 from pddnet.errors import PddnetError
+from pddnet.graph.model import LoadedModel, load_model
+from pddnet.runtime.bundle import MANIFEST, PREPROCESSING, SCHEMA, verify_folder
 from pddnet.spec import contract as C
 from pddnet.spec.metadata import metadata_value
-from pddnet.runtime.bundle import MANIFEST, PREPROCESSING, SCHEMA, verify_folder
-from pddnet.graph.model import LoadedModel, load_model
 
 PRECISIONS = ("fp32", "fp16", "int8")
 REPORT_FILES = ("report.json", "report.md", "report.html")

@@ -21,9 +21,9 @@ from onnx import helper
 from pddnet import __version__
 from pddnet._files import atomic_write, sha256_file
 from pddnet.errors import PddnetError
-from pddnet.spec import contract as C
 from pddnet.graph import functions as fn
 from pddnet.graph.builder import Builder, value_info
+from pddnet.spec import contract as C
 from pddnet.spec.config import PDDConfig
 
 

@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from pddnet.spec.contract import DOMAIN, DOMAIN_VERSION, OPSET, PLUGIN_NAMESPACE, PLUGIN_VERSION
-from pddnet.graph.builder import Builder
 from pddnet.errors import PddnetError
+from pddnet.graph.builder import Builder
+from pddnet.spec.contract import DOMAIN, DOMAIN_VERSION, OPSET, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 # ---------------------------------------------------------------------------------------------
 # numpy twins of the reference's coordinate helpers (the exporter must not need torch)

@@ -33,7 +33,6 @@ from pddnet.spec import contract as C
 from pddnet.spec.metadata import set_metadata
 
 
-
 @dataclass
 class SplitModel:
     """The two parts of a split model (``onnx.ModelProto`` each)."""

@@ -17,8 +17,8 @@ import torch
 
 from pddnet._files import atomic_write
 from pddnet.errors import PddnetError
-from pddnet.spec.config import PDDConfig
 from pddnet.model.network import PDDNet
+from pddnet.spec.config import PDDConfig
 
 FORMAT = "pddnet-checkpoint"
 VERSION = 1

@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pddnet.errors import PddnetError
 from pddnet.model import ops
 from pddnet.spec.config import PDDConfig
-from pddnet.errors import PddnetError
 
 Tensor = torch.Tensor
 

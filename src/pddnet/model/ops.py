@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from pddnet.errors import PddnetError
 
 Tensor = torch.Tensor

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pddnet.model import ops
-from pddnet.spec.config import PDDConfig
-from pddnet.model.losses import diffusion_penalty
-from pddnet.spec.refine import RefineOptions, stage2_overrides
 from pddnet.errors import PddnetError
+from pddnet.model import ops
+from pddnet.model.losses import diffusion_penalty
+from pddnet.spec.config import PDDConfig
+from pddnet.spec.refine import RefineOptions, stage2_overrides
 
 Tensor = torch.Tensor
 

@@ -20,8 +20,8 @@ import torch
 from pddnet.errors import PddnetError
 from pddnet.model import losses, ops
 from pddnet.model.checkpoint import read_checkpoint, save_checkpoint
-from pddnet.spec.config import PDDConfig
 from pddnet.model.network import PDDNet, normalise_intensity
+from pddnet.spec.config import PDDConfig
 
 NUM_CLASSES = 14  # background + the 13 Learn2Reg abdomen labels
 

@@ -1,15 +1,15 @@
-"""Torch-free registration: load an artefact, preprocess NIfTI pairs, run a backend, post-process.
+"""Torch-free registration: preprocess NIfTI pairs, run a model, refine, post-process, write.
 
-Imports numpy, scipy, nibabel, onnx and onnxruntime only; never torch (a test runs the whole
-runtime with ``import torch`` blocked).
+Imports numpy, scipy, nibabel, onnx and onnxruntime only; never torch (a test imports every
+module with ``import torch`` blocked). Models are loaded and split by :mod:`pddnet.graph` and run
+by :mod:`pddnet.backends`. Modules, in the order data flows through them:
 
-Modules, in the order data flows through them:
-
-- :mod:`~pddnet.graph.model`       load and check an exported ``.onnx``, parse its metadata
-- :mod:`~pddnet.graph.split`       cut it into ``features`` and ``head`` for fixed-scan reuse
-- :mod:`~pddnet.backends`    inference engines behind one interface (ONNX Runtime)
+- :mod:`~pddnet.runtime.bundle`      verify a deployment bundle, choose its backend and precision
 - :mod:`~pddnet.runtime.preprocess`  NIfTI in any orientation/spacing -> model-grid arrays
 - :mod:`~pddnet.runtime.resample`    the interpolation primitives (numpy/scipy)
+- :mod:`~pddnet.runtime.runner`      one model run on one pair (features + head, or whole)
+- :mod:`~pddnet.runtime.refine`      instance optimisation (numpy)
+- :mod:`~pddnet.runtime.stages`      refinement and the second stage around the runner
 - :mod:`~pddnet.runtime.postprocess` model-grid field -> fixed-file field; warping
 - :mod:`~pddnet.runtime.outputs`     atomic writing of fields, warped scans and summary.json
 - :mod:`~pddnet.runtime.session`     :class:`Registrar` / :class:`RegistrationResult`
@@ -26,10 +26,6 @@ from typing import Any
 _LAZY = {
     "Registrar": "pddnet.runtime.session",
     "RegistrationResult": "pddnet.runtime.session",
-    "load_model": "pddnet.graph.model",
-    "ModelInfo": "pddnet.graph.model",
-    "split_model": "pddnet.graph.split",
-    "create_backend": "pddnet.backends",
     "register_files": "pddnet.runtime.batch",
 }
 

@@ -21,9 +21,9 @@ import numpy as np
 from scipy import ndimage
 
 from pddnet.data.io import Volume
+from pddnet.errors import PddnetError
 from pddnet.runtime.preprocess import AFFINE_ATOL_MM, PreparedFixed
 from pddnet.runtime.resample import resample, resize_map, warp
-from pddnet.errors import PddnetError
 
 
 def field_to_fixed_grid(disp: np.ndarray, fixed: PreparedFixed) -> np.ndarray:

@@ -32,13 +32,19 @@ import numpy as np
 
 from pddnet.data.io import Volume
 from pddnet.errors import PddnetError
-from pddnet.spec import contract as C
-from pddnet.runtime.bundle import is_bundle, open_bundle
 from pddnet.graph.model import load_model
+from pddnet.runtime.bundle import is_bundle, open_bundle
 from pddnet.runtime.postprocess import field_to_fixed_grid, labels_on_fixed_grid, warp_to_fixed
-from pddnet.runtime.preprocess import (DEFAULT_SPACING_TOLERANCE, PreparedFixed, VolumeLike,
-                                       _codes, prepare_fixed, prepare_moving)
+from pddnet.runtime.preprocess import (
+    DEFAULT_SPACING_TOLERANCE,
+    PreparedFixed,
+    VolumeLike,
+    _codes,
+    prepare_fixed,
+    prepare_moving,
+)
 from pddnet.runtime.runner import PairRunner
+from pddnet.spec import contract as C
 
 STAGES = ("load", "preprocess", "features", "head", "refine", "stage2", "postprocess", "metrics",
           "write")

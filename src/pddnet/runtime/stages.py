@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 
 from pddnet.errors import PddnetError
-from pddnet.spec import contract as C
-from pddnet.runtime import refine as R
-from pddnet.spec import refine as S
-from pddnet.spec.metadata import metadata_value
 from pddnet.graph.model import LoadedModel, load_model
+from pddnet.runtime import refine as R
 from pddnet.runtime.resample import warp
 from pddnet.runtime.runner import PairRunner
+from pddnet.spec import contract as C
+from pddnet.spec import refine as S
+from pddnet.spec.metadata import metadata_value
 
 
 def _meta(loaded: LoadedModel, key: str) -> Any:

@@ -17,7 +17,6 @@ import numpy as np
 
 from pddnet.errors import PddnetError
 
-
 #: registration modes reported side by side by ``pddnet evaluate`` / ``pddnet validate``:
 #: name -> (stages, refined). ``ff`` is the network alone; ``inst`` the paper's pdd+inst;
 #: ``2stage`` two warps without and ``2stage+inst`` with refinement of both stages (the

@@ -1,1 +1,2 @@
-"""Metrics (numpy only), reference-vs-backend comparison, reports and benchmarks."""
+"""Every deployed form against the PyTorch reference: comparison (``pddnet validate``), reports,
+benchmarks, evaluation of the reference, per-block profiles and FLOP counts."""

@@ -177,8 +177,8 @@ def run_bench(preset_name: str, *, shape: Sequence[int] | None = None, threads: 
 
     from pddnet.export.onnx_export import export_model
     from pddnet.model.checkpoint import load_model, save_checkpoint
-    from pddnet.spec.config import PRESET_IMAGE_SHAPES, preset
     from pddnet.model.network import PDDNet
+    from pddnet.spec.config import PRESET_IMAGE_SHAPES, preset
     from pddnet.validation import machine
     from pddnet.validation.flops import count_flops
 

@@ -468,10 +468,10 @@ def measure_candidate(spec: dict[str, Any], inputs: Sequence[tuple[str, str]],
     import sys
 
     from pddnet.graph.model import load_model
+    from pddnet.metrics import latency_stats
     from pddnet.runtime.preprocess import prepare_fixed, prepare_moving
     from pddnet.runtime.session import Registrar
     from pddnet.validation import machine
-    from pddnet.metrics import latency_stats
 
     info = load_model(spec["model"]).info
     feeds = []

@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from pddnet.errors import PddnetError
 from pddnet import metrics
+from pddnet.errors import PddnetError
 
 
 def _summary(rows: list[dict], keys) -> dict:

@@ -23,7 +23,6 @@ import json
 from collections import defaultdict
 from typing import Any
 
-
 from pddnet.errors import PddnetError
 
 PREFIXES = ("fixed", "moving", "head")

@@ -89,9 +89,9 @@ class FigureCollector:
             self.data[index].diffs[name] = _slices(mag, self.data[index].centre)
 
     def _add_reference(self, index: int, pair: Any, res: Any, volumes: tuple) -> None:
+        from pddnet.metrics import jacobian_determinant
         from pddnet.runtime.postprocess import labels_on_fixed_grid, moving_voxel_map
         from pddnet.runtime.resample import resample
-        from pddnet.metrics import jacobian_determinant
 
         fixed, moving, fl, ml = volumes
         if fl is not None and np.any(fl.array > 0):
@@ -219,15 +219,15 @@ def pair_figure(ps: PairSlices, label_count: int = 13) -> bytes:
                     _contours(ax, ps.panels["fixed_labels"][oname], ["white"] * len(colors),
                               lw=0.4, style="dotted")
             elif col == "disp_norm":
-                im = _show_cb(fig, ax, sl, sp, cmap="magma", vmin=0, vmax=dmax)
+                _show_cb(fig, ax, sl, sp, cmap="magma", vmin=0, vmax=dmax)
             elif col == "jacobian":
-                im = _show_cb(fig, ax, sl, sp, cmap="RdBu_r", vmin=0.0, vmax=2.0)
+                _show_cb(fig, ax, sl, sp, cmap="RdBu_r", vmin=0.0, vmax=2.0)
                 fold = np.ma.masked_where(~(sl <= 0), np.ones_like(sl))
                 ax.imshow(fold.T, origin="lower", aspect=sp[1] / sp[0], cmap="autumn",
                           vmin=0, vmax=1, interpolation="nearest")
             elif col == "entropy":
                 emax = ps.entropy_max or 1.0
-                im = _show_cb(fig, ax, sl, (1.0, 1.0), cmap="viridis", vmin=0, vmax=emax)
+                _show_cb(fig, ax, sl, (1.0, 1.0), cmap="viridis", vmin=0, vmax=emax)
             if r == 0:
                 ax.set_title(titles[col], fontsize=9)
             if c == 0:

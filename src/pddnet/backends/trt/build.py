@@ -38,15 +38,14 @@ from typing import Any, Callable, Sequence
 
 import onnx
 
-from pddnet._optional import require
 from pddnet._files import atomic_write, sha256_bytes
-from pddnet.errors import PddnetError
-from pddnet.spec.metadata import read_metadata
-from pddnet.spec import contract as C
-from pddnet.backends.trt.cache import (EngineCache, EngineKey, Environment, Lookup,
-                                        )
+from pddnet._optional import require
 from pddnet.backends.trt.binding import JIT_ONLY_OPS, BindingPlan, plan_binding
+from pddnet.backends.trt.cache import EngineCache, EngineKey, Environment, Lookup
+from pddnet.errors import PddnetError
 from pddnet.graph.passes.bind_plugins import BindPlugins
+from pddnet.spec import contract as C
+from pddnet.spec.metadata import read_metadata
 
 _PURPOSE = "building TensorRT engines (pddnet build)"
 

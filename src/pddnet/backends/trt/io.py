@@ -18,8 +18,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from pddnet.errors import PddnetError
 from pddnet.backends.base import TensorSpec
+from pddnet.errors import PddnetError
 
 #: ``tensorrt.DataType`` member name -> numpy dtype (``trt.nptype`` does the same for these).
 TRT_DTYPES: dict[str, np.dtype] = {

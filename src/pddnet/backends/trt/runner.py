@@ -40,9 +40,9 @@ from typing import Any, Callable
 import numpy as np
 
 from pddnet._optional import require
-from pddnet.errors import PddnetError
 from pddnet.backends.base import Backend, TensorSpec
 from pddnet.backends.trt.io import IOPlan
+from pddnet.errors import PddnetError
 
 _PURPOSE = "the TensorRT backend (--backend trt)"
 BUILD_MODES = ("auto", "never", "force")
