@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from pddnet._files import atomic_write
+from pddnet._files import atomic_write, write_json
 
 
 def _f(v, fmt: str = "{:.3f}") -> str:
@@ -120,12 +119,9 @@ def render_sensitivity(doc: dict[str, Any]) -> str:
 
 
 def write_sensitivity(doc: dict[str, Any], out_dir) -> dict[str, Path]:
-    from pddnet._files import jsonable
-
     out = Path(out_dir)
     paths = {"sensitivity.json": out / "sensitivity.json", "sensitivity.md": out / "sensitivity.md"}
-    with atomic_write(paths["sensitivity.json"], overwrite=True) as tmp:
-        Path(tmp).write_text(json.dumps(jsonable(doc), indent=2, allow_nan=False) + "\n")
+    write_json(paths["sensitivity.json"], doc)
     with atomic_write(paths["sensitivity.md"], overwrite=True) as tmp:
         Path(tmp).write_text(render_sensitivity(doc) + "\n")
     return paths

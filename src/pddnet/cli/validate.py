@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
@@ -131,9 +130,8 @@ def bench_cmd(preset_name, shape, threads, repeats, warmup, checkpoint, fixed, m
     Each backend runs in its own child process (peak RSS per backend); ONNX Runtime is timed
     with and without enable_mem_pattern.
     """
-    import json
 
-    from pddnet._files import atomic_write, jsonable
+    from pddnet._files import write_json
     from pddnet.validation.bench import format_bench, run_bench
 
     result = run_bench(preset_name, shape=tuple(shape) if shape else None, threads=threads,
@@ -142,8 +140,7 @@ def bench_cmd(preset_name, shape, threads, repeats, warmup, checkpoint, fixed, m
                        profile_runs=profile_runs, echo=lambda s: click.echo(s, err=True))
     click.echo(format_bench(result))
     if out:
-        with atomic_write(out) as tmp:
-            Path(tmp).write_text(json.dumps(jsonable(result), indent=2) + "\n")
+        write_json(out, result)
         click.echo(f"wrote {out}")
 
 

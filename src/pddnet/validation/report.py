@@ -6,12 +6,11 @@ table and the later ``report.md``/``report.html`` are renderings of it.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from pddnet._files import atomic_write
+from pddnet._files import write_json
 from pddnet.errors import PddnetError
 
 REPORT_FILE = "report.json"
@@ -30,15 +29,9 @@ def check_out_dir(out_dir, *, overwrite: bool) -> Path:
 
 def write_report(report: dict[str, Any], out_dir, *, overwrite: bool = False) -> Path:
     """Write ``out_dir/report.json`` atomically (strict JSON: NaN/inf become null)."""
-    from pddnet._files import jsonable
-
     out = check_out_dir(out_dir, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / REPORT_FILE
-    text = json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n"
-    with atomic_write(path, overwrite=True) as tmp:
-        Path(tmp).write_text(text)
-    return path
+    return write_json(out / REPORT_FILE, report)
 
 
 def _f(v: Any, fmt: str, scale: float = 1.0) -> str:
