@@ -138,6 +138,20 @@ def all_nodes(proto: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
         yield from walk(f.node)
 
 
+def called_functions(proto: onnx.ModelProto, nodes) -> list[onnx.FunctionProto]:
+    """The local functions of ``proto`` that ``nodes`` call, directly or through other
+    functions, in the model's order."""
+    funcs = {(f.domain, f.name): f for f in proto.functions}
+    needed: set[tuple[str, str]] = set()
+    todo = [(n.domain, n.op_type) for n in nodes]
+    while todo:
+        key = todo.pop()
+        if key in funcs and key not in needed:
+            needed.add(key)
+            todo.extend((n.domain, n.op_type) for n in funcs[key].node)
+    return [f for f in proto.functions if (f.domain, f.name) in needed]
+
+
 def all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     def in_graph(g):
         yield from g.initializer

@@ -29,6 +29,7 @@ import onnx
 from onnx import helper
 
 from pddnet.errors import PddnetError
+from pddnet.graph.model import called_functions
 from pddnet.spec import contract as C
 from pddnet.spec.metadata import set_metadata
 
@@ -158,18 +159,6 @@ def _value_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     return types
 
 
-def _called_functions(proto: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list:
-    funcs = {(f.domain, f.name): f for f in proto.functions}
-    needed: set[tuple[str, str]] = set()
-    todo = [(n.domain, n.op_type) for n in nodes]
-    while todo:
-        key = todo.pop()
-        if key in funcs and key not in needed:
-            needed.add(key)
-            todo.extend((n.domain, n.op_type) for n in funcs[key].node)
-    return [f for f in proto.functions if (f.domain, f.name) in needed]
-
-
 def _make_part(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], part: str, *,
                inputs: list[tuple[str, str]], outputs: list[tuple[str, str]],
                types: dict[str, onnx.TypeProto]) -> onnx.ModelProto:
@@ -200,7 +189,7 @@ def _make_part(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], part: str, *
         value_info=[vi for vi in g.value_info if vi.name in used and vi.name not in rename])
     graph.sparse_initializer.extend(s for s in g.sparse_initializer if s.values.name in used)
     model = helper.make_model(graph, opset_imports=list(proto.opset_import),
-                              functions=_called_functions(proto, nodes))
+                              functions=called_functions(proto, nodes))
     model.ir_version = proto.ir_version
     model.producer_name = proto.producer_name
     model.producer_version = proto.producer_version

@@ -37,13 +37,14 @@ Torch-free and TensorRT-free.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from pddnet.errors import PddnetError
+from pddnet.graph.model import called_functions
 from pddnet.spec import contract as C
 
 #: Attribute order of each op's spec (docs/ops.md), without the binding attributes.
@@ -204,20 +205,9 @@ class BindPlugins:
         return changed, uses_dummy
 
 
-def _called(nodes: Iterable[onnx.NodeProto]) -> set[tuple[str, str]]:
-    return {(n.domain, n.op_type) for n in nodes}
-
-
 def _prune_functions(model: onnx.ModelProto) -> list[str]:
     """Remove local functions of the custom domain that nothing calls any more."""
-    funcs = {(f.domain, f.name): f for f in model.functions}
-    reach: set[tuple[str, str]] = set()
-    todo = list(_called(model.graph.node))
-    while todo:
-        key = todo.pop()
-        if key in funcs and key not in reach:
-            reach.add(key)
-            todo.extend(_called(funcs[key].node))
+    reach = {(f.domain, f.name) for f in called_functions(model, model.graph.node)}
     drop = [f.name for f in model.functions if f.domain == C.DOMAIN and (f.domain, f.name)
             not in reach]
     if drop:

@@ -19,6 +19,7 @@ from typing import Collection
 import onnx
 
 from pddnet.errors import PddnetError
+from pddnet.graph.model import called_functions
 
 
 def inline_named(model: onnx.ModelProto, only=None
@@ -88,14 +89,7 @@ def inline_named(model: onnx.ModelProto, only=None
     new.graph.node.extend(nodes)
     del new.functions[:]
     if only is not None:  # keep the functions the remaining calls need (transitively)
-        needed: set[tuple[str, str]] = set()
-        todo = [(n.domain, n.op_type) for n in nodes]
-        while todo:
-            key = todo.pop()
-            if key in funcs and key not in needed:
-                needed.add(key)
-                todo.extend((n.domain, n.op_type) for n in funcs[key].node)
-        new.functions.extend(f for f in model.functions if (f.domain, f.name) in needed)
+        new.functions.extend(called_functions(model, nodes))
     return new, callers
 
 
