@@ -2,8 +2,12 @@
 
 The fixed scan's features are computed once and reused for every moving scan; with several
 moving scans each gets its own subfolder of ``out`` (named after the file), and the time the
-reuse saved is reported. All output folders are checked before any work starts, so an
-existing output is refused up front rather than after minutes of computing.
+reuse saved is reported.
+
+Before any registration: the output folder is locked and checked (an existing result is refused
+unless ``overwrite``; a second writer is refused at once), and every moving scan and label map
+is read and checked, so a bad third scan is found before the first is registered. All results
+are written into one staging folder and appear together (:func:`pddnet._files.atomic_directory`).
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from pddnet._files import atomic_directory
 from pddnet.errors import PddnetError
-from pddnet.runtime.outputs import check_free, planned_outputs
-from pddnet.runtime.preprocess import DEFAULT_SPACING_TOLERANCE
+from pddnet.runtime.outputs import OUTPUT_NAMES, write_outputs
+from pddnet.runtime.preprocess import DEFAULT_SPACING_TOLERANCE, as_volume, check_labels
 from pddnet.runtime.session import Registrar, RegistrationResult
 
 PathLike = str | os.PathLike
@@ -30,7 +35,10 @@ class BatchItem:
 
 
 def output_dirs(out: Path, movings: Sequence[PathLike]) -> list[Path]:
-    """``out`` itself for one moving scan, else ``out/<file stem>`` (made unique)."""
+    """``out`` itself for one moving scan, else ``out/<file stem>`` (made unique).
+
+    The stem becomes one plain folder name: path separators and leading dots are replaced, so
+    no file name (``...nii.gz``, ``..``) can place an output outside ``out``."""
     if len(movings) == 1:
         return [out]
     dirs, used = [], set()
@@ -40,7 +48,8 @@ def output_dirs(out: Path, movings: Sequence[PathLike]) -> list[Path]:
             if name.lower().endswith(ext):
                 name = name[: -len(ext)]
                 break
-        base, k = name or "moving", 2
+        name = name.replace("/", "_").replace("\\", "_").lstrip(".").strip() or "moving"
+        base, k = name, 2
         while name in used:
             name, k = f"{base}_{k}", k + 1
         used.add(name)
@@ -67,21 +76,24 @@ def register_files(model: PathLike, fixed: PathLike, movings: Sequence[PathLike]
     if moving_labels and len(moving_labels) != len(movings):
         raise PddnetError(f"{len(moving_labels)} moving label maps for {len(movings)} moving "
                           "scans; give one label map per moving scan, in the same order")
-    dirs = output_dirs(Path(out), movings)
-    names = planned_outputs(labels=bool(moving_labels), l2r_half=l2r_half)
-    for d in dirs:
-        check_free(d, names, overwrite=overwrite)
+    out = Path(out)
+    dirs = output_dirs(out, movings)
     items: list[BatchItem] = []
-    with Registrar(model, backend, threads, providers=list(providers) if providers else None,
-                   spacing_tolerance=spacing_tolerance, refine=refine, stages=stages,
-                   stage2_model=stage2_model, precision=precision) as reg:
+    ours = OUTPUT_NAMES if len(dirs) == 1 else {d.name for d in dirs}  # other files are kept
+    with atomic_directory(out, overwrite=overwrite, report=lambda s: echo(f"note: {s}"),
+                          keep=lambda name: name not in ours) as stage, \
+            Registrar(model, backend, threads, providers=list(providers) if providers else None,
+                      spacing_tolerance=spacing_tolerance, refine=refine, stages=stages,
+                      stage2_model=stage2_model, precision=precision) as reg:
         if reg.selection is not None:
             echo(f"bundle {reg.bundle.source}: every file verified (SHA-256)")
             echo(reg.selection.describe())
+        check_movings(reg, movings, moving_labels)
         reg.set_fixed(fixed, fixed_labels)
         for i, (m, d) in enumerate(zip(movings, dirs)):
             res = reg.register_moving(m, moving_labels[i] if moving_labels else None)
-            res.save(d, overwrite=overwrite, l2r_half=l2r_half)
+            write_outputs(res, stage / d.relative_to(out), l2r_half=l2r_half)
+            res.saved_to = d
             items.append(BatchItem(Path(m), d, res))
             echo(f"{Path(m).name} -> {d}")
             for n in res.notes:
@@ -90,6 +102,17 @@ def register_files(model: PathLike, fixed: PathLike, movings: Sequence[PathLike]
     echo(format_table(items))
     echo(reuse_line(items))
     return items
+
+
+def check_movings(reg: Registrar, movings: Sequence[PathLike],
+                  labels: Sequence[PathLike] = ()) -> None:
+    """Read and check every moving scan and label map (and each label map against its scan and
+    the model's label set) before the first registration."""
+    for i, m in enumerate(movings):
+        role = f"moving scan {i + 1} of {len(movings)}"
+        vol = as_volume(m, kind="image", role=role)
+        if labels:
+            check_labels(labels[i], vol, reg.info, role=f"moving labels {i + 1} of {len(movings)}")
 
 
 def _ms(v: float | None) -> str:

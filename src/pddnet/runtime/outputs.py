@@ -13,25 +13,22 @@ Files (in ``out_dir``):
 ``summary.json``
     inputs, notes, model, backend, timings (ms), reuse saving, metrics; written last.
 
-Every file goes through :func:`pddnet.data.io.atomic_write` (temporary name, renamed when
-complete). All target names are checked before anything is written, and if writing fails or is
-interrupted (Ctrl-C included) the files this call already wrote are removed, so ``out_dir``
-holds either the complete set, ending with ``summary.json``, or none of it.
+The set is written into a staging folder and swapped in as a whole by
+:func:`pddnet._files.atomic_directory`: the output folder holds the previous complete result or
+the new complete one, whatever interrupts the write (an error, Ctrl-C, SIGTERM, ``kill -9``, a
+full disk), and a second writer of the same folder is refused while the first runs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pddnet._files import atomic_write
+from pddnet._files import atomic_write, write_json
 from pddnet.data.io import save_nifti
-from pddnet.errors import PddnetError
 
 if TYPE_CHECKING:
     from pddnet.runtime.session import RegistrationResult
@@ -52,63 +49,40 @@ def planned_outputs(*, labels: bool, l2r_half: bool = False) -> list[str]:
     return names + [SUMMARY]
 
 
-def check_free(out_dir: str | Path, names: list[str], *, overwrite: bool) -> None:
-    """Raise if any of ``names`` exists in ``out_dir`` (unless ``overwrite``)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise PddnetError(f"{out} exists and is not a folder; choose another --out")
-    if overwrite:
-        return
-    taken = [n for n in names if (out / n).exists()]
-    if taken:
-        raise PddnetError(f"{out} already holds {', '.join(taken)}; choose another folder, remove "
-                          "them, or pass --overwrite (overwrite=True)")
+#: every file name a registration may write: what a new result replaces in ``--out``
+OUTPUT_NAMES = frozenset(planned_outputs(labels=True, l2r_half=True))
 
 
-def write_outputs(result: "RegistrationResult", out_dir: str | Path, *, overwrite: bool = False,
+def write_outputs(result: "RegistrationResult", folder: str | Path, *,
                   l2r_half: bool = False) -> dict[str, Path]:
-    """Write ``result`` to ``out_dir`` (see the module docstring); returns name -> path.
+    """Write ``result``'s files into ``folder`` (see the module docstring); returns name -> path.
 
-    Sets ``result.timings_ms["write"]`` (the time to write everything before the summary).
+    ``folder`` is a staging folder of :func:`pddnet._files.atomic_directory`, which makes the
+    whole set appear at once (:meth:`RegistrationResult.save`, ``pddnet register``). Sets
+    ``result.timings_ms["write"]`` (the time to write everything before the summary).
     """
-    out = Path(out_dir)
-    names = planned_outputs(labels=result.warped_labels is not None, l2r_half=l2r_half)
-    check_free(out, names, overwrite=overwrite)
-    created = [p for p in (out, *out.parents) if not p.exists()]  # removed again on failure
+    out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
+    names = planned_outputs(labels=result.warped_labels is not None, l2r_half=l2r_half)
     written: list[Path] = []
     t0 = time.perf_counter()
-    try:
-        aff = result.affine
-        written.append(save_nifti(out / DISP_NII, result.disp, aff, overwrite=overwrite))
-        written.append(_write_npz(out / DISP_NPZ, overwrite, disp=result.disp, affine=aff))
-        if l2r_half:
-            from pddnet.runtime.postprocess import half_resolution_l2r2020
+    aff = result.affine
+    written.append(save_nifti(out / DISP_NII, result.disp, aff))
+    written.append(_write_npz(out / DISP_NPZ, disp=result.disp, affine=aff))
+    if l2r_half:
+        from pddnet.runtime.postprocess import half_resolution_l2r2020
 
-            written.append(_write_npz(out / DISP_L2R, overwrite,
-                                      arr_0=half_resolution_l2r2020(result.disp)))
-        written.append(save_nifti(out / WARPED, result.warped, aff, overwrite=overwrite))
-        if result.warped_labels is not None:
-            written.append(save_nifti(out / WARPED_LABELS, result.warped_labels, aff,
-                                      overwrite=overwrite))
-        result.timings_ms["write"] = (time.perf_counter() - t0) * 1e3
-        summary = result.summary(outputs=names)
-        with atomic_write(out / SUMMARY, overwrite=overwrite) as tmp:
-            tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-        written.append(out / SUMMARY)
-    except BaseException:
-        for p in written:
-            with contextlib.suppress(OSError):
-                p.unlink()
-        for d in created:  # innermost first; rmdir refuses a folder something else wrote into
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        raise
+        written.append(_write_npz(out / DISP_L2R, arr_0=half_resolution_l2r2020(result.disp)))
+    written.append(save_nifti(out / WARPED, result.warped, aff))
+    if result.warped_labels is not None:
+        written.append(save_nifti(out / WARPED_LABELS, result.warped_labels, aff))
+    result.timings_ms["write"] = (time.perf_counter() - t0) * 1e3
+    written.append(write_json(out / SUMMARY, result.summary(outputs=names)))
     return {p.name: p for p in written}
 
 
-def _write_npz(path: Path, overwrite: bool, **arrays: Any) -> Path:
-    with atomic_write(path, overwrite=overwrite) as tmp:
+def _write_npz(path: Path, **arrays: Any) -> Path:
+    with atomic_write(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
     return path

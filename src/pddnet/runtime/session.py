@@ -95,13 +95,19 @@ class RegistrationResult:
 
     def save(self, out_dir: str | os.PathLike, *, overwrite: bool = False,
              l2r_half: bool = False) -> dict[str, Path]:
-        """Write the outputs (:mod:`pddnet.runtime.outputs`); refuses existing files unless
-        ``overwrite``. Returns ``{file name: path}``."""
-        from pddnet.runtime.outputs import write_outputs
+        """Write the outputs (:mod:`pddnet.runtime.outputs`) as one transaction
+        (:func:`pddnet._files.atomic_directory`); an existing result is refused unless
+        ``overwrite``, and replaced only once the new one is complete. Returns
+        ``{file name: path}``."""
+        from pddnet._files import atomic_directory
+        from pddnet.runtime.outputs import OUTPUT_NAMES, write_outputs
 
-        paths = write_outputs(self, out_dir, overwrite=overwrite, l2r_half=l2r_half)
-        self.saved_to = Path(out_dir)
-        return paths
+        out = Path(out_dir)  # other files in the folder are kept
+        with atomic_directory(out, overwrite=overwrite,
+                              keep=lambda name: name not in OUTPUT_NAMES) as stage:
+            names = write_outputs(self, stage, l2r_half=l2r_half)
+        self.saved_to = out
+        return {n: out / n for n in names}
 
     def summary(self, outputs: list[str] | None = None) -> dict[str, Any]:
         """The ``summary.json`` content (strict JSON types)."""
