@@ -20,15 +20,20 @@ _HINTS = {
 }
 
 
+def install_hint(module: str) -> str:
+    """How to install the package that provides ``module`` (its top-level name)."""
+    root = module.split(".")[0]
+    return _HINTS.get(root, f"pip install {root}")
+
+
 def require(module: str, purpose: str) -> ModuleType:
     """Import ``module`` or raise PddnetError naming what needs it and how to install it."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:  # also raised when sys.modules[module] is None
         root = module.split(".")[0]
-        hint = _HINTS.get(root, f"pip install {root}")
         raise PddnetError(f"{purpose} needs the '{root}' package, which is not importable here "
-                          f"({exc}). Install it with: {hint}") from exc
+                          f"({exc}). Install it with: {install_hint(root)}") from exc
 
 
 def torch() -> ModuleType:

@@ -1,5 +1,6 @@
 """The reliability list of the deployment issue: every refusal gives a clear one-line error
-(exit status 2 from the CLI) and leaves no partial file; Ctrl-C while writing leaves nothing.
+(exit status 2 from the CLI; 1 from `verify`, whose check failed) and leaves no partial file;
+Ctrl-C while writing leaves nothing.
 
 Refusals: a tampered or truncated file in a bundle; a manifest path outside the bundle (and
 the other ways a bundle can smuggle a file: unlisted files, symbolic links, archive members
@@ -169,7 +170,7 @@ def test_damaged_bundles_are_refused_before_loading(base, bundle, tmp_path, dama
     msg = _register_refused(bundle, base["scans"], tmp_path / "out", needle)
     print(msg)
     r = _cli("verify", bundle)
-    assert r.exit_code == 2 and needle in r.output
+    assert r.exit_code == 1 and needle in r.output  # a check failed: the bundle is damaged
     # and from Python, before any model is parsed
     from pddnet.errors import PddnetError
     from pddnet.runtime.session import Registrar
@@ -269,7 +270,7 @@ def test_external_data_escaping_its_folder(base, tmp_path):
     _write_manifest(b, m)
     _register_refused(b, base["scans"], tmp_path / "out2", "the manifest is inconsistent")
     r = _cli("verify", b)
-    assert r.exit_code == 2 and "the manifest is inconsistent" in r.output, r.output
+    assert r.exit_code == 1 and "the manifest is inconsistent" in r.output, r.output
     # ... and with the model entry's SHA-256 updated too: the external data is checked
     for entry in m["models"]:
         if entry.get("file") == MODEL_REL:
@@ -277,7 +278,7 @@ def test_external_data_escaping_its_folder(base, tmp_path):
     _write_manifest(b, m)
     _register_refused(b, base["scans"], tmp_path / "out3", needle)
     r = _cli("verify", b)
-    assert r.exit_code == 2 and needle in r.output, r.output
+    assert r.exit_code == 1 and needle in r.output, r.output
 
 
 class _Evil:

@@ -15,15 +15,27 @@ deployment bundle, ``--onnx`` an exported ``.onnx``.
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from pddnet.cli import data, demo, deploy, model, precision, register, trt, validate
+from pddnet.cli.errors import install_signal_handlers
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pddnet")
-def main() -> None:
-    """PDD-Net deformable registration: train, export, calibrate, build, register, validate."""
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error (also: "
+              "PDDNET_DEBUG=1).")
+def main(debug: bool) -> None:
+    """PDD-Net deformable registration: train, export, calibrate, build, register, validate.
+
+    Exit status: 0 success, 1 a check failed, 2 bad input or environment, 3 internal error,
+    130/143/129 interrupted (SIGINT/SIGTERM/SIGHUP; outputs are left as they were).
+    """
+    if debug:
+        os.environ["PDDNET_DEBUG"] = "1"
+    install_signal_handlers()
 
 
 for _module in (data, register, model, precision, validate, trt, deploy, demo):

@@ -7,10 +7,12 @@ library code is imported only when a command runs. Both are torch-free.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
 from pddnet.cli.errors import friendly
+from pddnet.errors import CheckFailed, PddnetError
 
 
 @click.command("package")
@@ -82,11 +84,19 @@ def verify_cmd(bundle, backend, precision, providers, as_json) -> None:
     """Verify a bundle (folder or .tar.gz): the manifest, every file's size and SHA-256, no
     file outside the manifest; then say which backend and precision would run here, and why.
 
-    Exits with status 2 and one line naming the file when anything is wrong. Loads no model.
+    Exits with status 1 and one line naming the file when the bundle is damaged (2 when it
+    cannot be read at all). Loads no model.
     """
     from pddnet.runtime.bundle import open_bundle
 
-    with open_bundle(bundle) as b:
+    if not Path(bundle).exists():
+        raise PddnetError(f"{bundle} does not exist; give a bundle folder or .tar.gz written by "
+                          "`pddnet package`")
+    try:
+        opened = open_bundle(bundle)
+    except PddnetError as exc:
+        raise CheckFailed(str(exc)) from exc
+    with opened as b:
         sel = b.select(backend, precision,
                        providers=[p for p in providers.split(",") if p.strip()]
                        if providers else None)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from pddnet.cli.errors import friendly
+from pddnet.errors import CheckFailed
 
 
 @click.command("validate")
@@ -95,8 +94,7 @@ def validate_cmd(checkpoint, onnx_model, data_dir, split, max_pairs, out_dir, th
     paths = write_report_files(report, out_dir, figures=figures, overwrite=overwrite)
     click.echo(f"wrote {paths['report.json']}, {paths['report.md']}, {paths['report.html']}")
     if report["status"] != "passed":
-        click.echo(f"error: {failure_message(report)}", err=True)
-        sys.exit(1)
+        raise CheckFailed(failure_message(report))
 
 
 @click.command("bench")
