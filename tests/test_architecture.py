@@ -42,6 +42,7 @@ LAYERS: list[set[str]] = [
     {"calibration"},
     {"deploy"},
     {"cli"},
+    {"__main__"},  # python -m pddnet
 ]
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 

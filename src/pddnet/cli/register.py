@@ -62,6 +62,9 @@ class _ManyValuesCommand(click.Command):
 @click.option("--spacing-tolerance", default=0.3, show_default=True, type=click.FloatRange(min=0,
               min_open=True), help="Allowed relative difference from the model's training "
                                    "spacing, per axis.")
+@click.option("--max-voxels", type=click.IntRange(min=1), default=None,
+              help="Largest scan accepted, in voxels (default 268435456 = 512x512x1024), "
+                   "checked from each file's header before it is read.")
 @click.option("--l2r-half", is_flag=True,
               help="Also write disp_l2r2020.npz (Learn2Reg 2020: half resolution, float16).")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
@@ -76,14 +79,16 @@ class _ManyValuesCommand(click.Command):
               help="The stage-two .onnx (default: the file the model's metadata names).")
 @friendly
 def register(model, fixed, moving, moving_labels, fixed_labels, out, threads, backend, precision,
-             providers, spacing_tolerance, l2r_half, overwrite, refine, stages,
+             providers, spacing_tolerance, max_voxels, l2r_half, overwrite, refine, stages,
              stage2_model) -> None:
     """Register moving CT scan(s) to a fixed one with an exported model (no torch needed).
 
     Writes disp.nii.gz (voxels of the fixed grid, warped(x) = moving(x + u(x))), disp.npz,
     warped.nii.gz, warped_labels.nii.gz (with --moving-labels) and summary.json, and prints
-    per-stage times and Dice.
+    per-stage times and Dice. The output folder is written as one transaction: it holds the
+    previous result until the new one is complete, whatever interrupts the run.
     """
+    from pddnet.data.io import DEFAULT_MAX_VOXELS
     from pddnet.runtime.batch import register_files
 
     register_files(model, fixed, list(moving), out=out, moving_labels=list(moving_labels),
@@ -92,7 +97,7 @@ def register(model, fixed, moving, moving_labels, fixed_labels, out, threads, ba
                    else None, precision=precision, overwrite=overwrite,
                    spacing_tolerance=spacing_tolerance, l2r_half=l2r_half,
                    echo=click.echo, refine=refine or None, stages=stages,
-                   stage2_model=stage2_model)
+                   stage2_model=stage2_model, max_voxels=max_voxels or DEFAULT_MAX_VOXELS)
 
 
 COMMANDS = (register,)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pddnet._files import atomic_directory
+from pddnet.data.io import DEFAULT_MAX_VOXELS
 from pddnet.errors import PddnetError
 from pddnet.runtime.outputs import OUTPUT_NAMES, write_outputs
 from pddnet.runtime.preprocess import DEFAULT_SPACING_TOLERANCE, as_volume, check_labels
@@ -65,7 +66,8 @@ def register_files(model: PathLike, fixed: PathLike, movings: Sequence[PathLike]
                    l2r_half: bool = False, echo: Callable[[str], None] = print,
                    refine: Any = None, stages: int = 1,
                    stage2_model: PathLike | None = None,
-                   precision: str | None = None) -> list[BatchItem]:
+                   precision: str | None = None,
+                   max_voxels: int | None = DEFAULT_MAX_VOXELS) -> list[BatchItem]:
     """Register every moving scan to ``fixed`` and save each result; prints a table.
 
     ``model`` is a ``.onnx`` or a bundle (verified first; the selection is printed).
@@ -84,11 +86,12 @@ def register_files(model: PathLike, fixed: PathLike, movings: Sequence[PathLike]
                           keep=lambda name: name not in ours) as stage, \
             Registrar(model, backend, threads, providers=list(providers) if providers else None,
                       spacing_tolerance=spacing_tolerance, refine=refine, stages=stages,
-                      stage2_model=stage2_model, precision=precision) as reg:
+                      stage2_model=stage2_model, precision=precision,
+                      max_voxels=max_voxels) as reg:
         if reg.selection is not None:
             echo(f"bundle {reg.bundle.source}: every file verified (SHA-256)")
             echo(reg.selection.describe())
-        check_movings(reg, movings, moving_labels)
+        check_movings(reg, movings, moving_labels, max_voxels=max_voxels)
         reg.set_fixed(fixed, fixed_labels)
         for i, (m, d) in enumerate(zip(movings, dirs)):
             res = reg.register_moving(m, moving_labels[i] if moving_labels else None)
@@ -104,15 +107,16 @@ def register_files(model: PathLike, fixed: PathLike, movings: Sequence[PathLike]
     return items
 
 
-def check_movings(reg: Registrar, movings: Sequence[PathLike],
-                  labels: Sequence[PathLike] = ()) -> None:
+def check_movings(reg: Registrar, movings: Sequence[PathLike], labels: Sequence[PathLike] = (),
+                  *, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> None:
     """Read and check every moving scan and label map (and each label map against its scan and
     the model's label set) before the first registration."""
     for i, m in enumerate(movings):
         role = f"moving scan {i + 1} of {len(movings)}"
-        vol = as_volume(m, kind="image", role=role)
+        vol = as_volume(m, kind="image", role=role, max_voxels=max_voxels)
         if labels:
-            check_labels(labels[i], vol, reg.info, role=f"moving labels {i + 1} of {len(movings)}")
+            check_labels(labels[i], vol, reg.info, role=f"moving labels {i + 1} of {len(movings)}",
+                         max_voxels=max_voxels)
 
 
 def _ms(v: float | None) -> str:

@@ -17,8 +17,13 @@ own voxels; outside its field of view the border values are used).
 Label maps are validated against their image (same shape and affine) and the model's label
 count; they are not resampled here (post-processing warps them on the fixed grid).
 
-Every step appends a human-readable line to ``notes``. Inputs are paths or
-:class:`pddnet.data.io.Volume` objects; output arrays are ``(1, 1, I, J, K)`` float32.
+Every step appends a human-readable line to ``notes``, and so do findings that are resolved
+rather than refused: an oblique scan (voxel axes more than ``OBLIQUE_TOLERANCE_DEG`` off the
+world axes) and a header whose sform and qform disagree (found by
+:func:`pddnet.data.io.load_nifti`, kept in ``Volume.notes``). Inputs are paths or
+:class:`pddnet.data.io.Volume` objects; paths are read with a voxel budget (``max_voxels``,
+default :data:`pddnet.data.io.DEFAULT_MAX_VOXELS`); output arrays are ``(1, 1, I, J, K)``
+float32.
 """
 
 from __future__ import annotations
@@ -30,13 +35,16 @@ import nibabel as nib
 import numpy as np
 
 from pddnet.data import io as dio
-from pddnet.data.io import Volume, load_nifti, to_canonical
+from pddnet.data.io import DEFAULT_MAX_VOXELS, Volume, load_nifti, to_canonical
 from pddnet.errors import PddnetError
 from pddnet.graph.model import ModelInfo
 from pddnet.runtime.resample import resample, resize_map
 
 DEFAULT_SPACING_TOLERANCE = 0.30
 AFFINE_ATOL_MM = 1e-3
+#: A scan is *oblique* when one of its voxel axes is more than this many degrees off the nearest
+#: world (RAS) axis; a note then says so and what pddnet did with it.
+OBLIQUE_TOLERANCE_DEG = 0.01
 
 VolumeLike = Volume | str | os.PathLike
 
@@ -88,32 +96,43 @@ class PreparedMoving:
 
 
 # --------------------------------------------------------------------------------------------
-def as_volume(x: VolumeLike, *, kind: str, role: str) -> Volume:
+def as_volume(x: VolumeLike, *, kind: str, role: str,
+              max_voxels: int | None = DEFAULT_MAX_VOXELS) -> Volume:
     """Load a path or validate an in-memory :class:`Volume` (``kind`` "image" or "label").
 
     Validation is :mod:`pddnet.data.io`'s (3D, non-empty, spacing in (0, 20] mm, finite image,
-    integer labels in [0, 255]); messages are prefixed with ``role`` for in-memory volumes.
+    invertible affine, integer labels in [0, 255]; for paths also the gzip integrity and the
+    ``max_voxels`` budget); messages are prefixed with ``role`` for in-memory volumes.
     """
     if isinstance(x, Volume):
         try:
-            return dio._validated_volume(x.array, x.affine, x.path, kind)
+            return dio._validated_volume(x.array, x.affine, x.path, kind, notes=x.notes)
         except PddnetError as exc:
             raise PddnetError(f"{role}: {exc}") from None
     if isinstance(x, (str, os.PathLike)):
-        return load_nifti(x, kind=kind)
+        return load_nifti(x, kind=kind, max_voxels=max_voxels)
     raise PddnetError(f"{role}: expected a NIfTI path or a pddnet.data.io.Volume, received "
                       f"{type(x).__name__}")
 
 
 def prepare_fixed(fixed: VolumeLike, info: ModelInfo, *, labels: VolumeLike | None = None,
-                  spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE) -> PreparedFixed:
-    """Validate, reorient and resample the fixed scan onto the model grid (module docstring)."""
+                  spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
+                  max_voxels: int | None = DEFAULT_MAX_VOXELS) -> PreparedFixed:
+    """Validate, reorient and resample the fixed scan onto the model grid (module docstring).
+
+    ``max_voxels`` is the budget for reading paths (:func:`pddnet.data.io.load_nifti`)."""
     if not spacing_tolerance > 0:
         raise PddnetError(f"spacing_tolerance must be > 0, got {spacing_tolerance!r}")
-    vol = as_volume(fixed, kind="image", role="fixed scan")
-    notes: list[str] = []
+    vol = as_volume(fixed, kind="image", role="fixed scan", max_voxels=max_voxels)
+    notes: list[str] = [f"fixed: {n}" for n in vol.notes]
     _check_content(vol, "fixed", info, notes)
     canon = _reorient(vol, "fixed", notes)
+    angle = _obliquity_deg(vol.affine)
+    if angle > OBLIQUE_TOLERANCE_DEG:
+        notes.append(
+            f"fixed: oblique scan (voxel axes up to {_fmt_deg(angle)} deg off the nearest RAS "
+            "axes); the model grid follows the scan's own voxel axes (reordered to the closest "
+            "RAS axes, not rotated), so the scan is not resampled to world axes")
     grid_shape = tuple(int(n) for n in info.image_shape)
     vmap = resize_map(canon.shape, grid_shape)
     grid_affine = canon.affine @ vmap
@@ -124,18 +143,25 @@ def prepare_fixed(fixed: VolumeLike, info: ModelInfo, *, labels: VolumeLike | No
         _check_spacing(_spacing(grid_affine), info, canon, spacing_tolerance)
     arr = _to_grid(canon.array, grid_shape, vmap)
     notes.append(f"fixed: {_resample_note(canon, grid_shape, grid_affine)}")
-    lab = check_labels(labels, vol, info, role="fixed labels", notes=notes)
+    lab = check_labels(labels, vol, info, role="fixed labels", notes=notes,
+                       max_voxels=max_voxels)
     notes.append(_intensity_note(info))
     return PreparedFixed(vol, canon.affine, canon.shape, grid_shape, grid_affine,
                          _normalise(arr, info), lab, notes)
 
 
 def prepare_moving(moving: VolumeLike, fixed: PreparedFixed, info: ModelInfo, *,
-                   labels: VolumeLike | None = None) -> PreparedMoving:
-    """Validate, reorient and resample a moving scan onto ``fixed``'s model grid."""
-    vol = as_volume(moving, kind="image", role="moving scan")
-    notes: list[str] = []
+                   labels: VolumeLike | None = None,
+                   max_voxels: int | None = DEFAULT_MAX_VOXELS) -> PreparedMoving:
+    """Validate, reorient and resample a moving scan onto ``fixed``'s model grid.
+
+    ``max_voxels`` is the budget for reading paths (:func:`pddnet.data.io.load_nifti`)."""
+    vol = as_volume(moving, kind="image", role="moving scan", max_voxels=max_voxels)
+    notes: list[str] = [f"moving: {n}" for n in vol.notes]
     _check_content(vol, "moving", info, notes)
+    angle = _obliquity_deg(vol.affine)
+    oblique = (f"moving: oblique scan (voxel axes up to {_fmt_deg(angle)} deg off the nearest RAS "
+               "axes); " if angle > OBLIQUE_TOLERANCE_DEG else "")
     canon = _reorient(vol, "moving", notes)
     same = canon.shape == fixed.canonical_shape and np.allclose(
         canon.affine, fixed.canonical_affine, atol=AFFINE_ATOL_MM)
@@ -143,6 +169,9 @@ def prepare_moving(moving: VolumeLike, fixed: PreparedFixed, info: ModelInfo, *,
         vmap = resize_map(canon.shape, fixed.grid_shape)
         notes.append(f"moving: same grid as the fixed scan; "
                      f"{_resample_note(canon, fixed.grid_shape, fixed.grid_affine)}")
+        if oblique:
+            notes.append(oblique + "on the fixed scan's grid, so resampled like it, along its "
+                         "own voxel axes")
     else:
         vmap = np.linalg.inv(canon.affine) @ fixed.grid_affine
         inside = _overlap(vmap, fixed.grid_shape, canon.shape)
@@ -151,31 +180,44 @@ def prepare_moving(moving: VolumeLike, fixed: PreparedFixed, info: ModelInfo, *,
                 f"moving scan{_of(vol)}: it does not overlap the fixed scan in world coordinates "
                 "(no voxel of the fixed field of view falls inside it); check both affines "
                 "(sform/qform) -- are they in the same scanner space?")
+        mine, theirs = _grid_pair(canon.shape, canon.affine, fixed.canonical_shape,
+                                  fixed.canonical_affine)
         notes.append(
-            f"moving: grid differs from the fixed scan ({_grid_str(canon.shape, canon.affine)} vs "
-            f"{_grid_str(fixed.canonical_shape, fixed.canonical_affine)}); resampled in world "
+            f"moving: grid differs from the fixed scan ({mine} vs {theirs}); resampled in world "
             f"coordinates onto the fixed scan's field of view, {_fmt_shape(fixed.grid_shape)} @ "
             f"{_fmt_mm(fixed.grid_spacing)} (trilinear; border values outside the moving scan)")
+        if oblique:
+            notes.append(oblique + "resampled to the model grid with its full affine (rotation "
+                         "included)")
         if inside < 0.5:
             notes.append(f"moving: warning: only {100 * inside:.0f}% of the fixed field of view "
                          "lies inside the moving scan")
     arr = _to_grid(canon.array, fixed.grid_shape, vmap)
-    lab = check_labels(labels, vol, info, role="moving labels", notes=notes)
+    lab = check_labels(labels, vol, info, role="moving labels", notes=notes,
+                       max_voxels=max_voxels)
     return PreparedMoving(vol, _normalise(arr, info), lab, notes)
 
 
 def check_labels(labels: VolumeLike | None, image: Volume, info: ModelInfo, *, role: str,
-                 notes: list[str] | None = None) -> Volume | None:
+                 notes: list[str] | None = None,
+                 max_voxels: int | None = DEFAULT_MAX_VOXELS) -> Volume | None:
     """Validate a label map against its image and the model (``None`` passes through)."""
     if labels is None:
         return None
-    lab = as_volume(labels, kind="label", role=role)
+    lab = as_volume(labels, kind="label", role=role, max_voxels=max_voxels)
     if lab.shape != image.shape or not np.allclose(lab.affine, image.affine,
                                                    atol=AFFINE_ATOL_MM):
+        img_grid, lab_grid = _grid_pair(image.shape, image.affine, lab.shape, lab.affine)
+        gap = ""
+        if lab.shape == image.shape:
+            far = dio._corner_gap(lab.affine, image.affine, lab.shape)
+            gap = f"; the same voxel lies up to {far:.3g} mm apart in the two"
         raise PddnetError(
-            f"{role}{_of(lab)}: grid {_grid_str(lab.shape, lab.affine)} differs from its image's "
-            f"{_grid_str(image.shape, image.affine)}; a label map must have the shape and affine "
-            "of the scan it labels")
+            f"{role}{_of(lab)}: its grid differs from its image's (image: {img_grid}; labels: "
+            f"{lab_grid}{gap}); a label map must have the shape and affine of the scan it labels "
+            "-- pass the label map made on this scan, or resample it onto the scan's grid")
+    if notes is not None:
+        notes.extend(f"{role}: {n}" for n in lab.notes)
     top = int(lab.array.max())
     if info.num_labels is not None and top > info.num_labels:
         present = np.unique(lab.array)
@@ -216,6 +258,48 @@ def _grid_str(shape, affine) -> str:
 
 def _codes(affine: np.ndarray) -> str:
     return "".join(c or "?" for c in nib.aff2axcodes(affine))
+
+
+def _grid_detail(shape, affine, digits: int) -> str:
+    """``96x80x128 at 4 mm, RAS, origin (-190.0, -160.0, -250.0)`` with ``digits`` decimals
+    for the origin (and more significant digits for the spacing as ``digits`` grows)."""
+    sp = _spacing(affine)
+    sig = 3 + max(digits - 1, 0)
+    if max(sp) - min(sp) <= 1e-6 * max(sp):
+        mm = f"{sp[0]:.{sig}g} mm"
+    else:
+        mm = "x".join(f"{v:.{sig}g}" for v in sp) + " mm"
+    origin = ", ".join(f"{float(v):.{digits}f}" for v in np.asarray(affine)[:3, 3])
+    angle = _obliquity_deg(affine)
+    tilt = f" (axes {_fmt_deg(angle)} deg off)" if angle > OBLIQUE_TOLERANCE_DEG else ""
+    return f"{_fmt_shape(shape)} at {mm}, {_codes(affine)}{tilt}, origin ({origin})"
+
+
+def _grid_pair(shape_a, affine_a, shape_b, affine_b) -> tuple[str, str]:
+    """Descriptions of two grids, with enough digits that they differ where the grids do
+    (shape, spacing, orientation codes, obliquity, origin); grids that still read alike differ
+    by less than that shows (callers add the distance between them)."""
+    for digits in (1, 2, 3, 4, 6):
+        a = _grid_detail(shape_a, affine_a, digits)
+        b = _grid_detail(shape_b, affine_b, digits)
+        if a != b:
+            return a, b
+    return _grid_detail(shape_a, affine_a, 1), _grid_detail(shape_b, affine_b, 1)
+
+
+def _fmt_deg(angle: float) -> str:
+    return f"{angle:.1f}" if angle >= 0.1 else f"{angle:.2g}"
+
+
+def _obliquity_deg(affine: np.ndarray) -> float:
+    """Largest angle (degrees) between a voxel axis of ``affine`` and its nearest world axis."""
+    cols = np.abs(np.asarray(affine, np.float64)[:3, :3])
+    worst = 0.0
+    for c in cols.T:
+        k = int(np.argmax(c))
+        off = float(np.sqrt(np.sum(np.delete(c, k) ** 2)))
+        worst = max(worst, float(np.degrees(np.arctan2(off, c[k]))))
+    return worst
 
 
 def _check_content(vol: Volume, role: str, info: ModelInfo, notes: list[str]) -> None:

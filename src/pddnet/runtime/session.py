@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pddnet.data.io import Volume
+from pddnet.data.io import DEFAULT_MAX_VOXELS, Volume
 from pddnet.errors import PddnetError
 from pddnet.graph.model import load_model
 from pddnet.runtime.bundle import is_bundle, open_bundle
@@ -168,6 +168,8 @@ class Registrar:
             composes the fields (``docs/refinement.md``).
         stage2_model: the stage-two ``.onnx`` (default: the file the model's ``pddnet.stage2``
             metadata names, written by ``pddnet export --stage2``).
+        max_voxels: the voxel budget for reading scans (``pddnet.data.io.DEFAULT_MAX_VOXELS``;
+            ``None``: no limit), checked from each file's header before any allocation.
         precision: for a bundle, run its model of this precision (``fp32``/``fp16``/``int8``)
             instead of the automatic choice; refused for a single model file.
 
@@ -180,7 +182,7 @@ class Registrar:
                  spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
                  backend_options: dict[str, Any] | None = None, refine: Any = None,
                  stages: int = 1, stage2_model: str | os.PathLike | None = None,
-                 precision: str | None = None):
+                 precision: str | None = None, max_voxels: int | None = DEFAULT_MAX_VOXELS):
         t0 = time.perf_counter()
         self.bundle = self.selection = None
         if is_bundle(model_path):
@@ -213,6 +215,7 @@ class Registrar:
                               f"{self.selection.sha256[:12]}...); refusing to run it")
         self.info = self.loaded.info
         self.spacing_tolerance = float(spacing_tolerance)
+        self.max_voxels = max_voxels
         opts = dict(backend_options or {})
         if threads is not None:
             opts["threads"] = threads
@@ -312,7 +315,7 @@ class Registrar:
     # -- internals ------------------------------------------------------------------------
     def _prepare_fixed(self, fixed: VolumeLike, fixed_labels: VolumeLike | None) -> _FixedState:
         t0 = time.perf_counter()
-        prep = prepare_fixed(fixed, self.info, labels=fixed_labels,
+        prep = prepare_fixed(fixed, self.info, labels=fixed_labels, max_voxels=self.max_voxels,
                              spacing_tolerance=self.spacing_tolerance)
         pre_ms = (time.perf_counter() - t0) * 1e3
         feats, feat_ms = self._runner.features(prep.array)
@@ -324,7 +327,8 @@ class Registrar:
                   moving_labels: VolumeLike | None) -> RegistrationResult:
         fixed = state.prepared
         t0 = time.perf_counter()
-        mov = prepare_moving(moving, fixed, self.info, labels=moving_labels)
+        mov = prepare_moving(moving, fixed, self.info, labels=moving_labels,
+                             max_voxels=self.max_voxels)
         pre_ms = (time.perf_counter() - t0) * 1e3
         run = self._runner.run_pair(fixed.array, mov.array, state.features)
         outs, feat_ms, head_ms = run.outputs, run.features_ms, run.head_ms
