@@ -24,7 +24,6 @@ state, no display) and each PNG is checked to decode before anything is written.
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import math
@@ -587,41 +586,27 @@ def render(report: dict[str, Any], figures: FigureCollector | None = None
 
 def write_report_files(report: dict[str, Any], out_dir, *, figures: FigureCollector | None = None,
                        overwrite: bool = False) -> dict[str, Path]:
-    """Write ``report.md``, ``report.html``, ``figures/*.png`` and ``report.json`` (last).
+    """Write ``report.md``, ``report.html``, ``figures/*.png`` and ``report.json``.
 
-    Rendering happens before anything is written; each file is written atomically, and if
-    anything fails or is interrupted (Ctrl-C) the files this call wrote are removed (and the
-    folders it created), so ``out_dir`` holds the complete set or none of it."""
+    Rendering happens before anything is written; the set is written as one transaction
+    (:func:`pddnet._files.atomic_directory`): ``out_dir`` holds the previous report or the new
+    complete one, whatever interrupts the write, and its other files are kept."""
+    from pddnet._files import atomic_directory
     from pddnet.validation.report import REPORT_FILE, check_out_dir, write_report
 
     out = check_out_dir(out_dir, overwrite=overwrite)
     md, page, images = render(report, figures)
-    created = [p for p in (out, out / FIGURES) if not p.exists()]
-    written: list[Path] = []
-    try:
+    ours = {REPORT_MD, REPORT_HTML, REPORT_FILE, FIGURES}
+    with atomic_directory(out, overwrite=True, keep=lambda name: name not in ours) as stage:
         for name, png in images.items():
-            with atomic_write(out / FIGURES / name) as tmp:
+            with atomic_write(stage / FIGURES / name) as tmp:
                 tmp.write_bytes(png)
-            written.append(out / FIGURES / name)
         for name, text in ((REPORT_MD, md), (REPORT_HTML, page)):
-            with atomic_write(out / name) as tmp:
+            with atomic_write(stage / name) as tmp:
                 tmp.write_text(text, encoding="utf-8")
-            written.append(out / name)
-        written.append(write_report(report, out, overwrite=True))
-    except BaseException:
-        for p in written:
-            with contextlib.suppress(OSError):
-                p.unlink()
-        for d in reversed(created):
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        raise
-    if (out / FIGURES).is_dir():  # figures of an earlier run that this one did not draw
-        for stale in (out / FIGURES).glob("*.png"):
-            if stale.name not in images:
-                with contextlib.suppress(OSError):
-                    stale.unlink()
-    return {p.name: p for p in written} | {REPORT_FILE: out / REPORT_FILE}
+        write_report(report, stage, overwrite=True)
+    names = [f"{FIGURES}/{n}" for n in images] + [REPORT_MD, REPORT_HTML]
+    return {Path(n).name: out / n for n in names} | {REPORT_FILE: out / REPORT_FILE}
 
 
 __all__ = ["FigureCollector", "render", "write_report_files", "build_document", "to_markdown",
