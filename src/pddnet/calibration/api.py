@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import onnx
 
+from pddnet._files import atomic_directory
 from pddnet.calibration import graphs as G
 from pddnet.calibration.blocks import DEFAULT_INT8_BLOCKS, fp16_plan, profile_blocks, resolve_keep
 from pddnet.calibration.search import (
@@ -110,10 +111,13 @@ def calibrate(onnx_path, data_dir, out_dir, *, method: str = "minmax", pairs: in
     meta = read_metadata(q)[C.META_PRECISION]
     meta["source_fp32"] = {"file": Path(onnx_path).name, "sha256": loaded.info.sha256}
     set_metadata(q, C.META_PRECISION, meta)
-    out.mkdir(parents=True, exist_ok=True)
-    files = write_tables(ranges, out, method=method, merged_pairs=info["pairs"],
-                         quantised=_quantised_tensors(q))
-    path = _save(q, target)
+    ours = {target.name, *RANGES_FILES}  # written as one transaction; other files are kept
+    with atomic_directory(out, overwrite=True, keep=lambda name: name not in ours) as stage:
+        staged = write_tables(ranges, stage, method=method, merged_pairs=info["pairs"],
+                              quantised=_quantised_tensors(q))
+        _save(q, stage / target.name)
+    files = {name: out / Path(p).name for name, p in staged.items()}
+    path = target
     say(f"wrote {path} ({len(info['nodes'])} quantised nodes in {blocks})")
     return {"int8": path, "ranges": files, "blocks": blocks, "nodes": info["nodes"],
             "qdq": qdq_summary(q), "notes": list(reader.notes)}
