@@ -273,7 +273,9 @@ def run_search(checkpoint, data_dir, out_dir, *, precisions: Sequence[str] = ("f
     Writes into ``out_dir``: ``model.onnx`` (the FP32 export of ``checkpoint``),
     ``model.fp16.onnx`` / ``model.int8.onnx`` (the chosen assignments, decision in
     ``pddnet.precision``), ``ranges.json`` and ``calibration.*`` (INT8), ``sensitivity.json``
-    and ``sensitivity.md``. Returns the ``sensitivity.json`` document."""
+    and ``sensitivity.md``, as one transaction (:func:`pddnet._files.atomic_directory`: the
+    folder keeps its previous result until the search is complete; its other files are
+    kept). Returns the ``sensitivity.json`` document."""
     from pddnet._optional import require
 
     require("torch", "pddnet sensitivity (it exports the checkpoint)")
@@ -281,7 +283,24 @@ def run_search(checkpoint, data_dir, out_dir, *, precisions: Sequence[str] = ("f
     gates = {**DEFAULT_GATES, **(gates or {})}
     precisions = _check_precisions(precisions)
     cand_blocks = blocks_of(blocks if blocks is not None else C.BLOCKS)
-    out, work = _search_folders(out_dir, overwrite)
+    final = _check_search_folder(out_dir, overwrite)
+    ours = {"model.onnx", "model.fp16.onnx", "model.int8.onnx", "sensitivity.json",
+            "sensitivity.md", "search", *RANGES_FILES}
+    with atomic_directory(final, overwrite=True, keep=lambda name: name not in ours) as out:
+        doc = _search(out, checkpoint, data_dir, say=say, gates=gates, precisions=precisions,
+                      cand_blocks=cand_blocks, outputs=outputs, split=split,
+                      max_pairs=max_pairs, threads=threads, calib_split=calib_split,
+                      calib_pairs=calib_pairs, method=method, progress=progress,
+                      repeats=repeats, final=final)
+    return doc
+
+
+def _search(out: Path, checkpoint, data_dir, *, say, gates, precisions, cand_blocks, outputs,
+            split, max_pairs, threads, calib_split, calib_pairs, method, progress, repeats,
+            final: Path) -> dict[str, Any]:
+    """The search in the staging folder ``out`` of the result folder ``final``."""
+    work = out / "search"
+    work.mkdir()
     started = timestamp()
     load_start = load_average()
     export, shape, source = _checkpoint_exporter(checkpoint, outputs)
@@ -299,6 +318,7 @@ def run_search(checkpoint, data_dir, out_dir, *, precisions: Sequence[str] = ("f
                               method=method, progress=progress)
         _search_int8(s, cand_blocks, reader, method=method, gate=gates["int8"],
                      repeats=repeats)
+    s.doc["files"] = {k: str(final / Path(v).relative_to(out)) for k, v in s.doc["files"].items()}
     return _finish(s)
 
 
@@ -310,16 +330,12 @@ def _check_precisions(precisions: Sequence[str]) -> list[str]:
     return precisions
 
 
-def _search_folders(out_dir, overwrite: bool) -> tuple[Path, Path]:
-    """The output folder (refused when it holds a ``sensitivity.json``, unless ``overwrite``)
-    and its ``search`` subfolder for the trial graphs, both created."""
+def _check_search_folder(out_dir, overwrite: bool) -> Path:
+    """The output folder, refused when it holds a ``sensitivity.json``, unless ``overwrite``."""
     out = Path(out_dir)
     if (out / "sensitivity.json").exists() and not overwrite:
         raise PddnetError(f"{out / 'sensitivity.json'} already exists; pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / "search"
-    work.mkdir(exist_ok=True)
-    return out, work
+    return out
 
 
 def _checkpoint_exporter(checkpoint, outputs) -> tuple[Callable[..., onnx.ModelProto],
@@ -352,7 +368,7 @@ def _fp32_reference(export, out: Path, data_dir, *, split: str, max_pairs: int |
 
     fp32_path = _save(export(), out / "model.onnx")
     fp32 = load_model(fp32_path).proto
-    say(f"FP32 graph {fp32_path}; registering the {split} pairs with it (the reference)")
+    say(f"FP32 graph {fp32_path.name}; registering the {split} pairs with it (the reference)")
     ev = Evaluator(fp32_path, data_dir, split=split, max_pairs=max_pairs, threads=threads,
                    echo=say)
     say(f"reference: {len(ev.pairs)} pair(s), mean Dice {100 * ev.reference_dice():.2f} %")
@@ -461,7 +477,7 @@ def _write_fp16(s: _Search, dec: Decision) -> None:
     s.doc["decisions"]["fp16"]["cpu_graph_measure"] = cpu.as_dict()
     s.doc["decisions"]["fp16"]["audit"] = audit_fp16(model16)
     s.doc["files"]["fp16"] = str(path16)
-    s.say(f"FP16: {dec.chosen} -> {path16} (emulated |dDice| max "
+    s.say(f"FP16: {dec.chosen} -> {path16.name} (emulated |dDice| max "
           f"{dec.measure.delta_dice_max:.3f} pt; CPU graph {cpu.delta_dice_max:.3f} pt)")
 
 
@@ -607,7 +623,7 @@ def _write_int8(s: _Search, dec8: Decision, build, *, repeats: int) -> None:
     _save(q, path8)
     s.doc["decisions"]["int8"]["timing"] = final
     s.doc["files"]["int8"] = str(path8)
-    s.say(f"INT8: {dec8.chosen} -> {path8} (|dDice| max "
+    s.say(f"INT8: {dec8.chosen} -> {path8.name} (|dDice| max "
           f"{dec8.measure.delta_dice_max:.3f} pt, "
           f"{meta['decision']['speedup_vs_fp32']:.2f}x vs FP32 here)")
 
