@@ -1339,16 +1339,14 @@ def write_dataset(out_dir: str | Path, *, subjects: int, seed: int, preset: str 
     """Render ``subjects`` subjects and write them in the Learn2Reg layout under ``out_dir``.
 
     Writes ``imagesTr/<name>_0000.nii.gz`` (int16 HU), ``labelsTr/<name>_0000.nii.gz`` (uint8)
-    and ``PddnetSynth_dataset.json`` (written last; see the module docstring for the split and
-    the pairs), every file through :func:`pddnet.data.io.atomic_write`. Refuses a non-empty
-    folder unless it holds a previous synth output (whose files no longer listed are then
-    removed) or ``overwrite`` is set (other files there are left alone). Returns the paths, the
-    initial Dice of every test and validation pair and the timings.
+    and ``PddnetSynth_dataset.json`` (see the module docstring for the split and the pairs),
+    as one transaction (:func:`pddnet._files.atomic_directory`: the folder holds its previous
+    content until the new dataset is complete). Refuses a non-empty folder unless it holds a
+    previous synth output (whose files no longer listed are then removed) or ``overwrite`` is
+    set (other files there are left alone). Returns the paths, the initial Dice of every test
+    and validation pair and the timings.
     """
-    from tqdm import tqdm
-
-    from pddnet._files import atomic_write
-    from pddnet.data.io import save_nifti
+    from pddnet._files import atomic_directory, write_json
 
     p = _preset(preset)
     if int(subjects) != subjects:
@@ -1365,9 +1363,33 @@ def write_dataset(out_dir: str | Path, *, subjects: int, seed: int, preset: str 
         raise PddnetError(
             f"{out} is not empty and holds no previous `pddnet data synth` output; choose an "
             "empty or new folder, or pass --overwrite to write into it anyway")
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    json_name = f"{DATASET_NAME}_dataset.json"
+    # everything else in the folder is carried into the new version (hard links), then replaced
+    # file by file where this dataset writes
+    with atomic_directory(out, overwrite=True, keep=lambda name: name != json_name) as stage:
+        report = _write_subjects(stage, out, p, seed, names, split, progress)
+        doc = _dataset_json(p, seed, names, split, report)
+        write_json(stage / json_name, doc)
+        if previous is not None:  # files of the previous synth output that are no longer listed
+            listed = {e["image"] for e in doc["training"]} | {e["label"] for e in doc["training"]}
+            for e in previous.get("training", []):
+                for key in ("image", "label"):
+                    old = e.get(key) if isinstance(e, dict) else None
+                    if isinstance(old, str) and old not in listed and old.startswith("./") \
+                            and ".." not in old:
+                        (stage / old).unlink(missing_ok=True)
+    return report
 
+
+def _write_subjects(stage: Path, out: Path, p: SynthPreset, seed: int, names: list[str],
+                    split: dict, progress: bool) -> "SynthReport":
+    """Render and write every subject into ``stage`` (the staging folder of ``out``)."""
+    from tqdm import tqdm
+
+    from pddnet.data.io import save_nifti
+
+    (stage / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (stage / "labelsTr").mkdir(parents=True, exist_ok=True)
     keep = set(split["val"]) | set(split["test"])
     kept: dict[str, np.ndarray] = {}
     report = SynthReport(out, out / f"{DATASET_NAME}_dataset.json", p.name, int(seed), names,
@@ -1377,10 +1399,11 @@ def write_dataset(out_dir: str | Path, *, subjects: int, seed: int, preset: str 
         t0 = time.perf_counter()
         img, lab, aff = synthesize_subject(p, seed, i)
         t1 = time.perf_counter()
-        ip = out / "imagesTr" / f"{name}_0000.nii.gz"
-        lp = out / "labelsTr" / f"{name}_0000.nii.gz"
-        save_nifti(ip, img.astype(np.int16), aff)
-        save_nifti(lp, lab, aff)
+        ip = Path("imagesTr") / f"{name}_0000.nii.gz"
+        lp = Path("labelsTr") / f"{name}_0000.nii.gz"
+        save_nifti(stage / ip, img.astype(np.int16), aff)
+        save_nifti(stage / lp, lab, aff)
+        ip, lp = out / ip, out / lp
         report.synth_seconds.append(t1 - t0)
         report.write_seconds.append(time.perf_counter() - t1)
         report.images.append(ip)
@@ -1391,11 +1414,17 @@ def write_dataset(out_dir: str | Path, *, subjects: int, seed: int, preset: str 
     for key, pairs_out in (("test", report.test_pairs), ("val", report.val_pairs)):
         for f, m in ordered_pairs(split[key]):
             pairs_out.append(_pair_dice(kept[f], kept[m], f, m))
+    return report
+
+
+def _dataset_json(p: SynthPreset, seed: int, names: list[str], split: dict,
+                  report: "SynthReport") -> dict:
+    """The Learn2Reg dataset json of a synth output (with pddnet's own block)."""
 
     def rel(kind: str, name: str) -> str:
         return f"./{kind}/{name}_0000.nii.gz"
 
-    doc = {
+    return {
         "name": DATASET_NAME,
         "description": "Synthetic abdominal CT with the 13 Learn2Reg abdomen labels, "
                        "generated by pddnet.data.synth",
@@ -1436,15 +1465,3 @@ def write_dataset(out_dir: str | Path, *, subjects: int, seed: int, preset: str 
                              "val_mean": round(report.mean_val_dice, 6)},
         },
     }
-    with atomic_write(report.json_path) as tmp:
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-
-    if previous is not None:  # files of the previous synth output that are no longer listed
-        listed = {e["image"] for e in doc["training"]} | {e["label"] for e in doc["training"]}
-        for e in previous.get("training", []):
-            for key in ("image", "label"):
-                old = e.get(key) if isinstance(e, dict) else None
-                if isinstance(old, str) and old not in listed and old.startswith("./") \
-                        and ".." not in old:
-                    (out / old).unlink(missing_ok=True)
-    return report
