@@ -17,6 +17,7 @@ import onnx
 
 from pddnet.errors import PddnetError
 from pddnet.spec import contract as C
+from pddnet.spec.config import MAX_NUM_LABELS, PDDConfig, check_image_shape, is_int, is_real, show
 from pddnet.spec.metadata import metadata_value, raw_metadata
 
 #: ONNX domains that are standard (everything else must be defined as a local function).
@@ -211,9 +212,39 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
                               "file complete?") from exc
 
 
+#: the ``pddnet.config`` fields the runtime reads from a model (stages, refinement)
+RUNTIME_CONFIG_FIELDS = ("grid", "disp_size", "capture")
+_PDD_FIELDS = frozenset(PDDConfig.__dataclass_fields__)
+
+
+def _meta_value(meta: dict[str, str], key: str, where: str, **kw: Any) -> Any:
+    """:func:`metadata_value`, also refusing JSON nested too deeply to decode."""
+    try:
+        return metadata_value(meta, key, where=where, **kw)
+    except RecursionError:
+        raise PddnetError(f"{where}: metadata {key!r} is nested too deeply to be pddnet "
+                          "metadata; re-export the model with `pddnet export`") from None
+
+
+def _bad(where: str, key: str, value: Any, expected: str) -> PddnetError:
+    return PddnetError(f"{where}: metadata {key} is {show(value)}; expected {expected} -- the "
+                       "model was edited or not written by `pddnet export`; re-export it")
+
+
 def read_model_info(proto: onnx.ModelProto, *, path: Path | None = None,
                     sha256: str | None = None) -> ModelInfo:
-    """Parse and check the ``pddnet.*`` metadata of ``proto`` against its graph."""
+    """Parse and check the ``pddnet.*`` metadata of ``proto`` against its graph.
+
+    Every value is type-checked (one :class:`PddnetError` naming the key and what it should
+    be): ``pddnet.format`` the integer :data:`~pddnet.spec.contract.FORMAT_VERSION`;
+    ``pddnet.config`` a valid ``PDDConfig`` (:mod:`pddnet.spec.config` bounds) with ``grid``,
+    ``disp_size`` and ``capture``; ``pddnet.input``: ``image_shape`` three integers in
+    [6, 1024], ``spacing_mm`` ``null`` or three positive finite numbers, ``intensity``
+    ``{lower, upper, scale}`` finite numbers (upper > lower, scale != 0), ``orientation`` a
+    string, ``num_labels`` ``null`` or an integer in [0, 255]; ``pddnet.outputs`` a list of
+    strings; ``pddnet.precision`` / ``pddnet.source`` objects; the graph's inputs and its
+    ``disp`` output must have the shapes ``(1, 1, I, J, K)`` and ``(I, J, K, 3)``.
+    """
     where = str(path) if path else "model"
     meta = raw_metadata(proto)
     missing = [k for k in C.REQUIRED_META if k not in meta]
@@ -221,34 +252,62 @@ def read_model_info(proto: onnx.ModelProto, *, path: Path | None = None,
         raise PddnetError(f"{where}: the model lacks the pddnet metadata {missing}; it was not "
                           "written by `pddnet export` (or the file is truncated); export a "
                           "checkpoint with `pddnet export CKPT --out model.onnx`")
-    fmt = metadata_value(meta, C.META_FORMAT, where=where)
-    if fmt != C.FORMAT_VERSION:
-        raise PddnetError(f"{where}: model format {fmt!r}; this pddnet reads format "
-                          f"{C.FORMAT_VERSION}; re-export with this pddnet version")
-    config = metadata_value(meta, C.META_CONFIG, where=where)
-    inp = metadata_value(meta, C.META_INPUT, where=where)
+    fmt = _meta_value(meta, C.META_FORMAT, where)
+    if not is_int(fmt) or fmt != C.FORMAT_VERSION:
+        raise PddnetError(f"{where}: model format {show(fmt)} ({C.META_FORMAT}); this pddnet "
+                          f"reads format {C.FORMAT_VERSION}; re-export with this pddnet version")
+    config = _meta_value(meta, C.META_CONFIG, where)
+    inp = _meta_value(meta, C.META_INPUT, where)
     if not isinstance(config, dict) or not isinstance(inp, dict):
         raise PddnetError(f"{where}: metadata {C.META_CONFIG}/{C.META_INPUT} must be JSON objects")
+    _check_config(config, where)
+    for key in ("image_shape", "spacing_mm", "intensity"):
+        if key not in inp:
+            raise PddnetError(f"{where}: metadata {C.META_INPUT} lacks {key!r}; expected "
+                              "image_shape, spacing_mm and intensity {lower, upper, scale} -- "
+                              "re-export the model with `pddnet export`")
     try:
-        image_shape = tuple(int(n) for n in inp["image_shape"])
-        raw = inp["spacing_mm"]
-        spacing = None if raw is None else tuple(float(s) for s in raw)
-        intensity = {k: float(inp["intensity"][k]) for k in ("lower", "upper", "scale")}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PddnetError(f"{where}: metadata {C.META_INPUT} lacks or garbles {exc}; expected "
-                          "image_shape, spacing_mm and intensity {lower, upper, scale}") from exc
-    if len(image_shape) != 3 or min(image_shape) < 6 or (
-            spacing is not None and (len(spacing) != 3 or min(spacing) <= 0)):
-        raise PddnetError(f"{where}: metadata image_shape {image_shape} / spacing_mm {spacing} "
-                          "are not three positive sizes")
+        image_shape = check_image_shape(inp["image_shape"],
+                                        name=f"metadata {C.META_INPUT}.image_shape")
+    except PddnetError as exc:
+        raise PddnetError(f"{where}: {exc} -- re-export the model with `pddnet export`") \
+            from None
+    raw = inp["spacing_mm"]
+    if raw is not None and not (isinstance(raw, list) and len(raw) == 3 and all(
+            is_real(s) and s > 0 for s in raw)):
+        raise _bad(where, f"{C.META_INPUT}.spacing_mm", raw,
+                   "null or three positive finite numbers (mm per voxel)")
+    spacing = None if raw is None else tuple(float(s) for s in raw)
+    ints = inp["intensity"]
+    if not isinstance(ints, dict) or not all(is_real(ints.get(k)) for k in
+                                             ("lower", "upper", "scale")):
+        raise _bad(where, f"{C.META_INPUT}.intensity", ints,
+                   "an object {lower, upper, scale} of finite numbers")
+    intensity = {k: float(ints[k]) for k in ("lower", "upper", "scale")}
     if intensity["scale"] == 0 or intensity["upper"] <= intensity["lower"]:
         raise PddnetError(f"{where}: metadata intensity {intensity} is not a valid normalisation")
-    outputs = tuple(metadata_value(meta, C.META_OUTPUTS, where=where)) if C.META_OUTPUTS in meta else \
-        tuple(o.name for o in proto.graph.output)
-    precision = metadata_value(meta, C.META_PRECISION, where=where) if C.META_PRECISION in meta else \
+    orientation = inp.get("orientation", "RAS")
+    if not isinstance(orientation, str) or not 0 < len(orientation) <= 16:
+        raise _bad(where, f"{C.META_INPUT}.orientation", orientation, "a string such as 'RAS'")
+    if C.META_OUTPUTS in meta:
+        listed = _meta_value(meta, C.META_OUTPUTS, where)
+        if not isinstance(listed, list) or not all(isinstance(o, str) for o in listed):
+            raise _bad(where, C.META_OUTPUTS, listed, "a list of output names (strings)")
+        outputs = tuple(listed)
+    else:
+        outputs = tuple(o.name for o in proto.graph.output)
+    precision = _meta_value(meta, C.META_PRECISION, where) if C.META_PRECISION in meta else \
         {"mode": "fp32"}
-    source = metadata_value(meta, C.META_SOURCE, where=where) if C.META_SOURCE in meta else {}
+    if not isinstance(precision, dict) or not isinstance(precision.get("mode", ""), str):
+        raise _bad(where, C.META_PRECISION, precision, 'an object such as {"mode": "fp32"}')
+    source = _meta_value(meta, C.META_SOURCE, where) if C.META_SOURCE in meta else {}
+    if not isinstance(source, dict):
+        raise _bad(where, C.META_SOURCE, source, "an object")
+    key = f"{C.META_INPUT}.num_labels" if "num_labels" in inp else f"{C.META_CONFIG}.num_labels"
     num_labels = inp.get("num_labels", config.get("num_labels"))
+    if num_labels is not None and not (is_int(num_labels) and 0 <= num_labels <= MAX_NUM_LABELS):
+        raise _bad(where, key, num_labels,
+                   f"null or an integer in [0, {MAX_NUM_LABELS}] (the largest label value)")
 
     graph_inputs = {i.name: i for i in proto.graph.input}
     init_names = {i.name for i in proto.graph.initializer}
@@ -257,19 +316,45 @@ def read_model_info(proto: onnx.ModelProto, *, path: Path | None = None,
         raise PddnetError(f"{where}: graph inputs {real_inputs}; the pddnet contract has "
                           f"{[C.INPUT_FIXED, C.INPUT_MOVING]}")
     for name in (C.INPUT_FIXED, C.INPUT_MOVING):
-        dims = [d.dim_value if d.HasField("dim_value") else None
-                for d in graph_inputs[name].type.tensor_type.shape.dim]
+        dims = _dims(graph_inputs[name])
         declared = [1, 1, *image_shape]
         if len(dims) != 5 or any(d is not None and d != e for d, e in zip(dims, declared)):
             raise PddnetError(f"{where}: input {name!r} has shape {dims} but the metadata says "
                               f"image_shape {list(image_shape)} (expected {declared})")
-    graph_outputs = [o.name for o in proto.graph.output]
+    graph_outputs = {o.name: o for o in proto.graph.output}
     if C.OUTPUT_DISP not in graph_outputs:
         raise PddnetError(f"{where}: the model has no {C.OUTPUT_DISP!r} output (outputs: "
-                          f"{graph_outputs})")
+                          f"{list(graph_outputs)})")
+    dims = _dims(graph_outputs[C.OUTPUT_DISP])
+    declared = [*image_shape, 3]
+    if dims and (len(dims) != 4 or any(d is not None and d != e for d, e in zip(dims, declared))):
+        raise PddnetError(f"{where}: output {C.OUTPUT_DISP!r} has shape {dims} but the metadata "
+                          f"says image_shape {list(image_shape)} (expected {declared}: a "
+                          "displacement per voxel of the model grid)")
     return ModelInfo(
         path=path, format_version=int(fmt), config=config, image_shape=image_shape,
-        spacing_mm=spacing, intensity=intensity, orientation=str(inp.get("orientation", "RAS")),
+        spacing_mm=spacing, intensity=intensity, orientation=orientation,
         outputs=tuple(o for o in outputs if o in graph_outputs), precision=precision,
         source=source, num_labels=int(num_labels) if num_labels is not None else None,
         sha256=sha256)
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list[int | None]:
+    """The declared dimensions (``None`` for a symbolic or unknown one)."""
+    return [d.dim_value if d.HasField("dim_value") else None
+            for d in value_info.type.tensor_type.shape.dim]
+
+
+def _check_config(config: dict[str, Any], where: str) -> None:
+    """``pddnet.config`` must hold the fields the runtime reads and be a valid ``PDDConfig``
+    (other keys, such as ``num_labels``, are allowed)."""
+    lacking = [k for k in RUNTIME_CONFIG_FIELDS if k not in config]
+    if lacking:
+        raise PddnetError(f"{where}: metadata {C.META_CONFIG} lacks {lacking}; expected the "
+                          "PDDConfig of the export (grid, disp_size, capture, ...) -- re-export "
+                          "the model with `pddnet export`")
+    try:
+        PDDConfig.from_dict({k: v for k, v in config.items() if k in _PDD_FIELDS})
+    except PddnetError as exc:
+        raise PddnetError(f"{where}: metadata {C.META_CONFIG}: {exc} -- re-export the model "
+                          "with `pddnet export`") from None

@@ -5,6 +5,13 @@ needs unpickling of arbitrary objects):
 
 ``{"format": "pddnet-checkpoint", "version": 1, "config": {...}, "state_dict": {...},
 "image_shape": [I, J, K], "train": {...} | None, "metadata": {...}}``
+
+:func:`read_checkpoint` checks that structure before anything uses it: the config must be a
+valid :class:`~pddnet.spec.config.PDDConfig` (types and the bounds of :mod:`pddnet.spec.config`:
+``disp_size`` odd in [3, 31], ``grid`` in [2, 64] per axis, ``channels`` in [1, 256],
+``capture`` in (0, 1], a bounded cost volume), ``image_shape`` three integers in [6, 1024],
+``state_dict`` a dict of tensors. Anything else is one :class:`~pddnet.errors.PddnetError`
+naming the checkpoint and the field -- raised before any network is built.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import torch
 from pddnet._files import atomic_write
 from pddnet.errors import PddnetError
 from pddnet.model.network import PDDNet
-from pddnet.spec.config import PDDConfig
+from pddnet.spec.config import PDDConfig, check_image_shape, show
 
 FORMAT = "pddnet-checkpoint"
 VERSION = 1
@@ -62,18 +69,54 @@ def read_checkpoint(path) -> dict[str, Any]:
                           f"written by 'pddnet train'?") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise PddnetError(f"{path} is not a pddnet checkpoint (missing format tag {FORMAT!r})")
-    if ckpt.get("version", 0) > VERSION:
-        raise PddnetError(f"{path} has checkpoint version {ckpt['version']}; this pddnet reads "
+    version = ckpt.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise PddnetError(f"{path}: checkpoint version is {show(version)}; expected an integer "
+                          f"(this pddnet reads up to {VERSION}) -- the checkpoint is damaged")
+    if version > VERSION:
+        raise PddnetError(f"{path} has checkpoint version {version}; this pddnet reads "
                           f"up to {VERSION}. Upgrade pddnet.")
+    check_checkpoint(ckpt, where=str(path))
     return ckpt
+
+
+def check_checkpoint(ckpt: dict[str, Any], *, where: str = "checkpoint") -> PDDConfig:
+    """Check the fields of a checkpoint dict (module docstring) and return its config.
+
+    Raises a one-line :class:`PddnetError` naming the field; builds no network."""
+    if "config" not in ckpt:
+        raise PddnetError(f"{where}: the checkpoint has no config (the network's "
+                          "hyper-parameters); it was not written by `pddnet train` or is damaged")
+    try:
+        config = PDDConfig.from_dict(ckpt["config"])
+    except PddnetError as exc:
+        raise PddnetError(f"{where}: checkpoint config: {exc} -- the checkpoint is damaged or "
+                          "not written by `pddnet train`") from None
+    if "image_shape" in ckpt and ckpt["image_shape"] is not None:
+        try:
+            check_image_shape(ckpt["image_shape"], name="image_shape")
+        except PddnetError as exc:
+            raise PddnetError(f"{where}: checkpoint {exc} -- the checkpoint is damaged") \
+                from None
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise PddnetError(f"{where}: checkpoint state_dict is {show(state)}; expected a dict "
+                          "of named tensors -- the checkpoint is damaged")
+    return config
 
 
 def load_model(path, *, eval_mode: bool = True) -> tuple[PDDNet, dict[str, Any]]:
     """Rebuild the network from a checkpoint; returns ``(model, checkpoint dict)``."""
     ckpt = read_checkpoint(path)
-    config = PDDConfig.from_dict(ckpt["config"])
+    config = check_checkpoint(ckpt, where=str(path))
     model = PDDNet(config)
-    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        first = " ".join(str(exc).split())
+        raise PddnetError(f"checkpoint {path} does not match its config: "
+                          f"{first[:300]}") from None
     if missing or unexpected:
         raise PddnetError(f"checkpoint {path} does not match its config: missing "
                           f"{sorted(missing)}, unexpected {sorted(unexpected)}")

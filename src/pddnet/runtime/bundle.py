@@ -14,8 +14,19 @@ A bundle is a folder (or a ``.tar.gz`` of one) written by ``pddnet package``
 every listed file (exists, regular file, byte size, SHA-256), that every file in the bundle
 is listed, and that every model and engine the manifest names is a listed file. Any failure is
 a :class:`~pddnet.errors.PddnetError` naming the file and what is wrong; nothing is loaded.
-A ``.tar.gz`` is unpacked into a private temporary folder first (regular files and folders
-only; absolute names, ``..``, links and devices are refused) and verified there.
+The manifest's schema (:func:`check_manifest`: the type of every field the runtime reads, paths,
+nesting depth, numbers) is checked before any of its fields is used.
+
+A ``.tar.gz`` is checked member by member BEFORE anything is extracted (:func:`open_bundle`):
+its headers are read in one pass over the archive and ``manifest.json`` (at most
+:data:`MAX_MANIFEST_BYTES`) is read into memory from it; every other member must be a regular
+file or a folder (no links, devices, fifos, sparse files), stay inside the bundle folder, be
+listed in the manifest (a folder: lie on the way to a listed file) with exactly the manifest's
+byte size, appear once, and all members together must stay within a size budget
+(:data:`DEFAULT_MAX_BUNDLE_BYTES`, ``open_bundle(max_bytes=...)``). Only then is the archive
+unpacked into a private temporary folder (Python's ``data`` filter as a second guard) and
+verified there like a folder; the folder is removed on every failure (Ctrl-C included) and
+when the bundle is closed.
 
 :meth:`Bundle.select` then picks the backend and precision to run on this machine (or checks
 the one asked for) and says which and why (:class:`Selection`):
@@ -38,17 +49,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import shutil
 import tarfile
 import tempfile
 import weakref
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from pddnet._files import read_json, sha256_file
 from pddnet.errors import PddnetError
+from pddnet.spec.config import is_int, show
 
 SCHEMA = "pddnet.bundle/1"
 MANIFEST = "manifest.json"
@@ -58,6 +73,33 @@ PRECISION_ORDER_GPU = ("int8", "fp16", "fp32")     # TensorRT: lowest validated 
 PRECISION_ORDER_CUDA = ("fp16", "fp32", "int8")    # ONNX Runtime CUDA EP
 BACKEND_ALIASES = {"auto": "auto", "onnxruntime": "onnxruntime", "ort": "onnxruntime",
                    "tensorrt": "tensorrt", "trt": "tensorrt"}
+PRECISIONS = ("fp32", "fp16", "int8")
+MODEL_KINDS = ("onnx", "tensorrt")
+
+#: Default size budget of an unpacked ``.tar.gz`` bundle (the sum of its members' sizes):
+#: 4 GiB. A bundle holds graphs of a few MB (the paper's network has 120k weights) and TensorRT
+#: engines of tens to hundreds of MB, so this leaves room for every precision and several
+#: engine sets, while a compressed archive that claims more (a decompression bomb: 7.7 MB of
+#: gzip can hold a 4 GB member) is refused before a byte is written. ``open_bundle(max_bytes=)``
+#: changes it.
+DEFAULT_MAX_BUNDLE_BYTES = 4 * 1024 ** 3
+#: Largest ``manifest.json`` read (1 MiB; a real one is ~10 KB per model), from a folder or an
+#: archive: it is parsed in memory before anything else.
+MAX_MANIFEST_BYTES = 1024 ** 2
+#: Most members an archive may have (a bundle holds a few dozen files); headers are checked in
+#: memory before anything is extracted.
+MAX_ARCHIVE_MEMBERS = 100_000
+#: Largest GNU long-name / PAX extended header of an archive member (tarfile reads them into
+#: memory while listing the members).
+MAX_EXTENDED_HEADER_BYTES = 1024 ** 2
+#: Deepest nesting of the manifest's JSON (a real one nests 6 levels); deeper is refused, so no
+#: reader of the manifest can run out of recursion.
+MAX_MANIFEST_DEPTH = 32
+#: Longest path the manifest may list.
+MAX_PATH_CHARS = 1024
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.+-]{1,40}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,9 +117,13 @@ def is_bundle(path: str | os.PathLike) -> bool:
 def check_relative(rel: Any, *, where: str) -> PurePosixPath:
     """A manifest path must be a relative POSIX path without ``..``, ``.`` or empty parts."""
     if not isinstance(rel, str) or not rel:
-        raise PddnetError(f"{where}: the manifest lists a path {rel!r} that is not a non-empty "
-                          "string; the manifest is damaged -- re-create the bundle with "
-                          "`pddnet package`")
+        raise PddnetError(f"{where}: the manifest lists a path {show(rel)} that is not a "
+                          "non-empty string; the manifest is damaged -- re-create the bundle "
+                          "with `pddnet package`")
+    if len(rel) > MAX_PATH_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in rel):
+        raise PddnetError(f"{where}: the manifest lists {_q(rel)}, a path with control "
+                          f"characters or longer than {MAX_PATH_CHARS} characters; the "
+                          "manifest is damaged -- refusing the bundle")
     p = PurePosixPath(rel)
     if "\\" in rel or rel.startswith("/") or p.is_absolute() or (len(rel) > 1 and rel[1] == ":"):
         raise PddnetError(f"{where}: the manifest lists {rel!r}, an absolute path outside the "
@@ -88,6 +134,11 @@ def check_relative(rel: Any, *, where: str) -> PurePosixPath:
                           "(or is not normalised); refusing the bundle (every path must stay "
                           "inside it)")
     return p
+
+
+def _q(text: str, limit: int = 120) -> str:
+    """``repr(text)``, abridged past ``limit`` characters (messages stay one short line)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
 def _inside(root: Path, rel: PurePosixPath, *, where: str) -> Path:
@@ -208,27 +259,28 @@ class Bundle:
         """A few lines: what the bundle holds and how each model was validated."""
         m = self.manifest
         lines = [f"bundle {self.source}: {m.get('name')} (created {m.get('created')}, pddnet "
-                 f"{m.get('versions', {}).get('pddnet')}); {len(m.get('files', {}))} files "
+                 f"{_obj(m.get('versions')).get('pddnet')}); {len(_obj(m.get('files')))} files "
                  "verified (SHA-256)"]
-        pre = m.get("preprocessing", {})
+        pre = _obj(m.get("preprocessing"))
         lines.append(f"  input: {pre.get('image_shape')} voxels @ {pre.get('spacing_mm')} mm, "
                      f"{pre.get('orientation')}, intensity {pre.get('intensity')}")
         for mod in self.models:
-            v = mod.get("validation") or {}
+            v = _obj(mod.get("validation"))
             if not v:
                 val = "not validated"
             else:
                 best = _best_candidate(v)
                 val = ("validation PASSED" if v.get("passed") else "validation FAILED")
                 if best:
-                    val += (f" ({best['name']}: dDice {_fmt(best.get('delta_dice_points_max_abs'), '.3f')} "
+                    dd = _fmt(best.get('delta_dice_points_max_abs'), '.3f')
+                    val += (f" ({best.get('name')}: dDice {dd} "
                             f"pt, max|du| {_fmt(best.get('disp_diff_max_vox'), '.2e')} vox, p50 "
-                            f"{_fmt((best.get('latency') or {}).get('p50_ms'), '.0f')} ms)")
+                            f"{_fmt(_obj(best.get('latency')).get('p50_ms'), '.0f')} ms)")
             what = mod.get("file") if mod.get("kind") == "onnx" else \
-                ", ".join(sorted((mod.get("engines") or {}).values()))
+                ", ".join(sorted(str(e) for e in _obj(mod.get("engines")).values()))
             extra = ""
             if mod.get("kind") == "tensorrt":
-                env = mod.get("env") or {}
+                env = _obj(mod.get("env"))
                 extra = f" for {env.get('gpu_name')} / TensorRT {env.get('trt_version')}"
             lines.append(f"  {mod.get('id')}: {mod.get('kind')} {mod.get('precision')}{extra}: "
                          f"{what}; {val}")
@@ -266,7 +318,7 @@ class Bundle:
             env, problem = trt_environment()
         else:
             problem = None if env is not None else "no TensorRT environment given"
-        built = m.get("env") or {}
+        built = _obj(m.get("env"))
         built_desc = (f"built for {built.get('gpu_name')} (compute "
                       f"{built.get('compute_capability')}, {built.get('sm_count')} SMs), "
                       f"TensorRT {built.get('trt_version')}")
@@ -274,15 +326,22 @@ class Bundle:
             return False, f"TensorRT is not usable here ({problem}); engines {built_desc}"
         for part, rel in sorted((m.get("engines") or {}).items()):
             record = ec.read_record(self.path(_meta_rel(rel)))
+            if record is not None and (not isinstance(record, dict)
+                                       or not isinstance(record.get("key", {}), dict)):
+                return False, (f"engine {rel}: its metadata is damaged (not a JSON object with "
+                               "a key object)")
             key_fields = (record or {}).get("key", {})
             try:
                 key = ec.EngineKey(key_fields.get("model_sha256", ""),
                                    key_fields.get("precision", m.get("precision", "fp32")),
                                    key_fields.get("plugins", ""), env,
                                    key_fields.get("hardware_compat", "none"))
+                verdict = ec.compare(record, key, engine_path=self.path(rel), check_hash=False)
             except PddnetError as exc:
                 return False, f"engine {rel}: {exc}"
-            verdict = ec.compare(record, key, engine_path=self.path(rel), check_hash=False)
+            except (TypeError, ValueError, AttributeError, KeyError) as exc:
+                return False, (f"engine {rel}: its metadata is damaged "
+                               f"({type(exc).__name__})")
             if not verdict.usable:
                 return False, (f"engine {rel} ({part}) is {verdict.message()} -- engines run "
                                f"only on the GPU model and TensorRT version they were built for "
@@ -292,7 +351,9 @@ class Bundle:
     def select(self, backend: str = "auto", precision: str | None = None, *,
                providers: list[str] | str | None = None, env: Any = "probe") -> Selection:
         """Pick what to run (module docstring), or check the ``backend``/``precision`` asked
-        for. Raises :class:`PddnetError` when nothing asked for can run here."""
+        for. Raises :class:`PddnetError` when nothing asked for can run here (or when the
+        manifest does not pass :func:`check_manifest`)."""
+        check_manifest(self.manifest, where=f"bundle {self.source}")
         want = BACKEND_ALIASES.get(str(backend).lower())
         if want is None:
             raise PddnetError(f"bundle {self.source}: backend {backend!r} cannot run a bundle; use "
@@ -410,24 +471,41 @@ def _wants_cuda(providers: list[str] | None) -> bool:
 
 def _cpu_p50(m: dict[str, Any]) -> float | None:
     """The p50 of the model's ONNX Runtime CPU candidate in its validation, if any."""
-    v = m.get("validation") or {}
-    for c in v.get("candidates", []):
+    v = _obj(m.get("validation"))
+    for c in v.get("candidates") or []:
+        if not isinstance(c, dict):
+            continue
         if c.get("backend") == "onnxruntime" and c.get("passed") and \
                 c.get("device", "cpu") == "cpu" and not c.get("emulated") and \
                 c.get("mode", "ff") == "ff":
-            p50 = (c.get("latency") or {}).get("p50_ms")
-            if isinstance(p50, (int, float)):
+            p50 = _obj(c.get("latency")).get("p50_ms")
+            if _number(p50):
                 return float(p50)
     return None
 
 
 def _best_candidate(v: dict[str, Any]) -> dict[str, Any] | None:
     cands = v.get("candidates") or []
-    return cands[0] if cands else None
+    return cands[0] if isinstance(cands, list) and cands and isinstance(cands[0], dict) else None
+
+
+def _obj(v: Any) -> dict[str, Any]:
+    """``v`` when it is a dict, else ``{}`` (for the lenient summary)."""
+    return v if isinstance(v, dict) else {}
+
+
+def _number(v: Any) -> bool:
+    """A finite int or float (not a bool) that converts to float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def _fmt(v: Any, spec: str) -> str:
-    return "-" if not isinstance(v, (int, float)) else format(v, spec)
+    return format(v, spec) if _number(v) else "-"
 
 
 def _meta_rel(engine_rel: str) -> str:
@@ -454,10 +532,15 @@ def trt_environment(device: int = 0) -> tuple[Any, str | None]:
 # --------------------------------------------------------------------------------------------
 # opening and verifying
 # --------------------------------------------------------------------------------------------
-def open_bundle(path: str | os.PathLike, *, echo: Callable[[str], None] | None = None) -> Bundle:
+def open_bundle(path: str | os.PathLike, *, echo: Callable[[str], None] | None = None,
+                max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> Bundle:
     """Verify the bundle at ``path`` (folder or ``.tar.gz``) and return it (module docstring).
 
-    Nothing in the bundle is parsed as a model before every check has passed."""
+    Nothing in the bundle is parsed as a model before every check has passed. For an archive,
+    every member is checked against the manifest read from it before anything is extracted;
+    ``max_bytes`` is the size budget of its members together (default
+    :data:`DEFAULT_MAX_BUNDLE_BYTES`). The private temporary folder it is unpacked into is
+    removed on any failure (Ctrl-C included) and when the bundle is closed."""
     src = Path(path)
     if not src.exists():
         raise PddnetError(f"{src}: no such bundle (a folder or .tar.gz written by `pddnet "
@@ -467,54 +550,243 @@ def open_bundle(path: str | os.PathLike, *, echo: Callable[[str], None] | None =
         return Bundle(src, manifest, src)
     if not src.name.lower().endswith(TAR_SUFFIXES):
         raise PddnetError(f"{src} is neither a bundle folder nor a .tar.gz bundle")
-    tmp = Path(tempfile.mkdtemp(prefix="pddnet-bundle-"))
+    if not is_int(max_bytes) or max_bytes <= 0:
+        raise PddnetError(f"max_bytes must be a positive number of bytes, got {show(max_bytes)}")
+    tmp: Path | None = None
     try:
-        root = _unpack(src, tmp)
+        with _reading(src):
+            with tarfile.open(src, "r:*", tarinfo=_CheckedTarInfo) as tar:
+                prefix, members = check_archive(tar, src, max_bytes=max_bytes)
+                try:
+                    tmp = Path(tempfile.mkdtemp(prefix="pddnet-bundle-"))
+                except OSError as exc:
+                    raise PddnetError(f"{src}: cannot create a temporary folder to unpack it "
+                                      f"into ({exc}); set TMPDIR to a writable folder") from None
+                _unpack(tar, members, tmp, src)
+        root = tmp.joinpath(*prefix)
         manifest = verify_folder(root, where=str(src))
+        bundle = Bundle(root, manifest, src, tmpdir=tmp)
+        if echo:
+            echo(f"bundle {src}: unpacked into {root} and verified")
+        return bundle
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if echo:
-        echo(f"bundle {src}: unpacked into {root} and verified")
-    return Bundle(root, manifest, src, tmpdir=tmp)
 
 
-def _unpack(src: Path, dest: Path) -> Path:
-    """Extract regular files and folders only; refuse anything else before writing."""
+@contextlib.contextmanager
+def _reading(src: Path):
+    """Turn the errors of a damaged archive (tarfile, gzip, zlib, I/O) into one line."""
     try:
-        with tarfile.open(src, "r:*") as tar:
-            members = tar.getmembers()
-            for mem in members:
-                name = mem.name
-                if not (mem.isfile() or mem.isdir()):
-                    raise PddnetError(f"{src}: member {name!r} is a link or special file; a "
-                                      "bundle archive holds regular files only -- refusing it")
-                if name.startswith("/") or any(p == ".." for p in PurePosixPath(name).parts):
-                    raise PddnetError(f"{src}: member {name!r} would be written outside the "
-                                      "bundle folder; refusing the archive")
-            tar.extractall(dest, members=members, filter="data")
+        yield
     except PddnetError:
         raise
-    except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
-        raise PddnetError(f"{src}: not a readable bundle archive ({type(exc).__name__}: {exc}); "
-                          "it is truncated or not a .tar.gz written by `pddnet package --tar`") \
-            from exc
-    if (dest / MANIFEST).is_file():
-        return dest
-    tops = [p for p in dest.iterdir()]
-    if len(tops) == 1 and tops[0].is_dir() and (tops[0] / MANIFEST).is_file():
-        return tops[0]
-    raise PddnetError(f"{src}: the archive holds no {MANIFEST} (at its top or in its single "
-                      "top-level folder); it is not a pddnet bundle")
+    except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError,
+            RecursionError) as exc:
+        text = " ".join(str(exc).split())[:200]
+        raise PddnetError(f"{src}: not a readable bundle archive ({type(exc).__name__}: "
+                          f"{text}); it is truncated or not a .tar.gz written by `pddnet "
+                          "package --tar`") from None
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Refuses a GNU long-name or PAX extended header larger than
+    :data:`MAX_EXTENDED_HEADER_BYTES` before ``tarfile`` reads it into memory."""
+
+    def _check_size(self) -> None:
+        if self.size > MAX_EXTENDED_HEADER_BYTES or self.size < 0:
+            raise tarfile.ReadError(f"an extended header claims {self.size} bytes (at most "
+                                    f"{MAX_EXTENDED_HEADER_BYTES})")
+
+    def _proc_gnulong(self, tf):   # tarfile's hooks for those headers
+        self._check_size()
+        return super()._proc_gnulong(tf)
+
+    def _proc_pax(self, tf):
+        self._check_size()
+        return super()._proc_pax(tf)
+
+
+def _member_kind(mem: tarfile.TarInfo) -> str:
+    if mem.issym():
+        return f"a symbolic link to {_q(mem.linkname, 60)}"
+    if mem.islnk():
+        return f"a hard link to {_q(mem.linkname, 60)}"
+    if mem.ischr() or mem.isblk():
+        return "a device"
+    if mem.isfifo():
+        return "a fifo"
+    if mem.issparse():
+        return "a sparse file"
+    return f"of tar type {mem.type!r}"
+
+
+def _member_parts(mem: tarfile.TarInfo, where: str) -> tuple[str, ...]:
+    """The member's normalised path parts; refuses links, special files and escaping names."""
+    name = mem.name
+    if not (mem.isfile() or mem.isdir()) or mem.issparse():
+        raise PddnetError(f"{where}: member {_q(name)} is a link or special file "
+                          f"({_member_kind(mem)}); a bundle archive holds regular files and "
+                          "folders only -- refusing it before extracting anything")
+    if name.startswith("/") or ".." in name.split("/") or (len(name) > 1 and name[1] == ":"):
+        raise PddnetError(f"{where}: member {_q(name)} would be written outside the bundle "
+                          "folder; refusing the archive before extracting anything")
+    parts = PurePosixPath(name).parts
+    if mem.isfile() and not parts:
+        raise PddnetError(f"{where}: member {_q(name)} is a file without a name; refusing the "
+                          "archive")
+    if mem.size < 0:
+        raise PddnetError(f"{where}: member {_q(name)} has a negative size in its header; the "
+                          "archive is damaged -- refusing it")
+    return parts
+
+
+def check_archive(tar: tarfile.TarFile, src: Path, *,
+                  max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
+                  ) -> tuple[tuple[str, ...], list[tarfile.TarInfo]]:
+    """Check every member of the open archive ``tar`` without extracting anything.
+
+    One pass over the headers (``tar.next()``): each member must be a regular file or folder
+    with a name inside the bundle folder, appear once, and all files together stay within
+    ``max_bytes``; ``manifest.json`` (at the top or in the single top-level folder, at most
+    :data:`MAX_MANIFEST_BYTES`) is read into memory and checked (:func:`parse_manifest`); then
+    every other member must be listed in it (a folder: lie on the way to a listed file) with
+    exactly its ``bytes``, and every listed file must be present. Returns the bundle folder's
+    path parts inside the archive and the members to extract. Raises :class:`PddnetError`
+    naming the first member that is wrong."""
+    where = str(src)
+    seen: dict[str, bool] = {}          # normalised name -> is a folder
+    checked: list[tarfile.TarInfo] = []
+    pending: list[tuple[tarfile.TarInfo, tuple[str, ...]]] = []
+    files_in: set[str] = set()
+    manifest: dict[str, Any] | None = None
+    manifest_error: PddnetError | None = None
+    expected: tuple[dict[str, Any], set[str]] | None = None
+    prefix: tuple[str, ...] = ()
+    total = count = 0
+    while True:
+        mem = tar.next()
+        if mem is None:
+            break
+        count += 1
+        if count > MAX_ARCHIVE_MEMBERS:
+            raise PddnetError(f"{where}: the archive has more than {MAX_ARCHIVE_MEMBERS} "
+                              "members; a bundle holds a few dozen files -- refusing it")
+        parts = _member_parts(mem, where)
+        key = "/".join(parts)
+        if key in seen and not (mem.isdir() and seen[key]):
+            raise PddnetError(f"{where}: member {_q(mem.name)} appears twice in the archive "
+                              "(a later copy would replace the first); refusing it")
+        seen[key] = mem.isdir()
+        if mem.isfile():
+            total += mem.size
+            if mem.size > max_bytes:
+                raise PddnetError(
+                    f"{where}: member {_q(mem.name)} claims {mem.size} bytes, more than the "
+                    f"size budget of {max_bytes} bytes for an unpacked bundle (open_bundle "
+                    "max_bytes); refusing the archive before extracting anything")
+            if total > max_bytes:
+                raise PddnetError(
+                    f"{where}: with member {_q(mem.name)} ({mem.size} bytes) the archive "
+                    f"would unpack to {total} bytes, more than the size budget of {max_bytes} "
+                    "bytes (open_bundle max_bytes); refusing it before extracting anything")
+        if manifest is None and manifest_error is None and mem.isfile() and \
+                parts[-1] == MANIFEST and len(parts) <= 2:
+            if mem.size > MAX_MANIFEST_BYTES:
+                raise PddnetError(f"{where}: member {_q(mem.name)} is {mem.size} bytes, more "
+                                  f"than the {MAX_MANIFEST_BYTES} bytes a {MANIFEST} may have; "
+                                  "refusing the archive")
+            fh = tar.extractfile(mem)
+            data = fh.read(MAX_MANIFEST_BYTES + 1) if fh is not None else b""
+            prefix = parts[:-1]
+            checked.append(mem)
+            try:
+                manifest = parse_manifest(data, where=where)
+            except PddnetError as exc:   # raised after the remaining members' own checks
+                manifest_error = exc
+                continue
+            files = manifest["files"]
+            dirs = {"/".join(PurePosixPath(rel).parts[:i]) for rel in files
+                    for i in range(1, len(PurePosixPath(rel).parts))}
+            expected = (files, dirs)
+            continue
+        if expected is not None:
+            _check_member(mem, parts, prefix, expected, where)
+            checked.append(mem)
+            if mem.isfile():
+                files_in.add("/".join(parts[len(prefix):]))
+        else:
+            pending.append((mem, parts))
+    if manifest_error is not None:
+        raise manifest_error
+    if expected is None:
+        raise PddnetError(f"{where}: the archive holds no {MANIFEST} (at its top or in its "
+                          "single top-level folder); it is not a pddnet bundle")
+    for mem, parts in pending:
+        _check_member(mem, parts, prefix, expected, where)
+        checked.append(mem)
+        if mem.isfile():
+            files_in.add("/".join(parts[len(prefix):]))
+    for rel in expected[0]:
+        if rel not in files_in:
+            raise PddnetError(f"{where}: {rel} is listed in the manifest but missing; the "
+                              "bundle is incomplete (an interrupted copy?) -- copy it again")
+    checked.sort(key=lambda mem: mem.offset)   # archive order: one more pass to extract
+    return prefix, checked
+
+
+def _check_member(mem: tarfile.TarInfo, parts: tuple[str, ...], prefix: tuple[str, ...],
+                  expected: tuple[dict[str, Any], set[str]], where: str) -> None:
+    """One member against the manifest (``expected``: its files and the folders above them)."""
+    files, dirs = expected
+    name = _q(mem.name)
+    if parts[:len(prefix)] != prefix:
+        if mem.isdir() and parts == prefix[:len(parts)]:
+            return  # a folder above the bundle folder (``.``)
+        raise PddnetError(f"{where}: member {name} lies outside the bundle folder "
+                          f"{'/'.join(prefix)}/ that holds {MANIFEST}; refusing the archive "
+                          "before extracting anything")
+    rel = "/".join(parts[len(prefix):])
+    if mem.isdir():
+        if rel == "" or rel in dirs:
+            return
+        what = ("a folder, but the manifest lists a file of that name" if rel in files else
+                f"a folder that holds no file {MANIFEST} lists")
+        raise PddnetError(f"{where}: member {name} is {what}; refusing the archive before "
+                          "extracting anything (a bundle holds exactly the files its manifest "
+                          "lists)")
+    if rel not in files:
+        what = ("a file where the manifest has a folder" if rel == "" or rel in dirs else
+                f"not listed in {MANIFEST}")
+        raise PddnetError(f"{where}: member {name} is {what}; refusing the archive before "
+                          "extracting anything (a bundle holds exactly the files its manifest "
+                          "lists)")
+    want = files[rel]["bytes"]
+    if mem.size != want:
+        raise PddnetError(f"{where}: member {name} is {mem.size} bytes but {MANIFEST} says "
+                          f"{want}; it was modified or belongs to another bundle -- refusing "
+                          "the archive before extracting anything")
+
+
+def _unpack(tar: tarfile.TarFile, members: list[tarfile.TarInfo], dest: Path,
+            src: Path) -> None:
+    """Extract the checked ``members`` into ``dest`` (``data`` filter as a second guard)."""
+    try:
+        tar.extractall(dest, members=members, filter="data")
+    except tarfile.FilterError as exc:
+        raise PddnetError(f"{src}: refusing a member while unpacking ({exc})") from None
+    except OSError as exc:
+        raise PddnetError(f"{src}: cannot unpack into {dest} ({type(exc).__name__}: {exc}); "
+                          "is the temporary folder (TMPDIR) full or read-only?") from None
 
 
 def zlib_error() -> type:
-    import zlib
-
     return zlib.error
 
 
 def read_manifest(root: Path, *, where: str | None = None) -> dict[str, Any]:
+    """``root/manifest.json``, parsed and schema-checked (:func:`parse_manifest`)."""
     where = where or str(root)
     mpath = root / MANIFEST
     if mpath.is_symlink():
@@ -522,40 +794,221 @@ def read_manifest(root: Path, *, where: str | None = None) -> dict[str, Any]:
     if not mpath.is_file():
         raise PddnetError(f"{where}: no {MANIFEST}; this is not a bundle written by `pddnet "
                           "package` (give the bundle folder, its .tar.gz, or a .onnx model)")
+    size = mpath.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise PddnetError(f"{where}: {MANIFEST} is {size} bytes, more than the "
+                          f"{MAX_MANIFEST_BYTES} bytes a manifest may have; refusing the bundle")
+    with open(mpath, "rb") as fh:
+        data = fh.read(MAX_MANIFEST_BYTES + 1)
+    return parse_manifest(data, where=where)
+
+
+def parse_manifest(data: bytes, *, where: str) -> dict[str, Any]:
+    """The bytes of a ``manifest.json`` as a schema-checked dict: strict JSON (UTF-8; no
+    ``NaN``/``Infinity``, no number that overflows), at most :data:`MAX_MANIFEST_BYTES`, then
+    :func:`check_manifest`."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise PddnetError(f"{where}: {MANIFEST} is more than {MAX_MANIFEST_BYTES} bytes; "
+                          "refusing the bundle")
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"),
-                              parse_constant=_no_constant)
+        manifest = json.loads(data.decode("utf-8"), parse_constant=_no_constant,
+                              parse_float=_finite_float)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise PddnetError(f"{where}: {MANIFEST} is not valid JSON ({exc}); it is truncated or "
-                          "edited -- re-create the bundle with `pddnet package`") from exc
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        got = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
-        raise PddnetError(f"{where}: {MANIFEST} has schema {got!r}; this pddnet reads {SCHEMA!r}")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise PddnetError(f"{where}: {MANIFEST} lists no files; the manifest is damaged")
-    if not isinstance(manifest.get("models"), list) or not manifest["models"]:
-        raise PddnetError(f"{where}: {MANIFEST} lists no models; the manifest is damaged")
-    return manifest
+        text = " ".join(str(exc).split())[:200]
+        raise PddnetError(f"{where}: {MANIFEST} is not valid JSON ({text}); it is truncated or "
+                          "edited -- re-create the bundle with `pddnet package`") from None
+    except RecursionError:
+        raise PddnetError(f"{where}: {MANIFEST} nests deeper than JSON can be read (more than "
+                          f"{MAX_MANIFEST_DEPTH} levels); the manifest is damaged -- refusing "
+                          "the bundle") from None
+    return check_manifest(manifest, where=where)
 
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:30]} is out of range")
+    return value
+
+
+def check_manifest(manifest: Any, *, where: str) -> dict[str, Any]:
+    """The schema of ``manifest.json`` (``pddnet.bundle/1``, ``docs/bundle.md``), checked
+    before any field is used; returns ``manifest``.
+
+    - the whole document: at most :data:`MAX_MANIFEST_DEPTH` levels deep, only JSON values,
+      every integer within 64 bits, every float finite;
+    - ``schema``: ``"pddnet.bundle/1"``; ``versions``, ``preprocessing``: objects when present;
+    - ``files``: a non-empty object ``{relative path: {sha256: 64 hex digits, bytes: integer
+      >= 0}}``, every path relative, inside the bundle, without control characters, and not
+      ``manifest.json`` itself;
+    - ``models``: a non-empty list of objects, each with a unique ``id`` (letters, digits,
+      ``._+-``), ``kind`` ``onnx`` or ``tensorrt``, ``precision`` fp32/fp16/int8,
+      ``validation`` ``null`` or an object (its ``candidates`` a list of objects, their
+      ``latency`` an object); ONNX: ``file`` a path, ``stage2`` ``null`` or a path, ``sha256``
+      ``null`` or a string; TensorRT: ``engines`` a non-empty object ``{part: path}``, ``model``
+      the id of an ONNX entry, ``env`` ``null`` or an object of plain values.
+
+    Any violation is one :class:`PddnetError` naming the field and what it should be.
+    """
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        got = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
+        shown = _q(got) if isinstance(got, str) else show(got)
+        raise PddnetError(f"{where}: {MANIFEST} has schema {shown}; this pddnet reads {SCHEMA!r}")
+    _check_values(manifest, where)
+
+    def bad(field: str, value: Any, expected: str) -> PddnetError:
+        return PddnetError(f"{where}: {MANIFEST} field {field} is {show(value)}; it should be "
+                           f"{expected} -- the manifest is damaged (re-create the bundle with "
+                           "`pddnet package`)")
+
+    for key in ("versions", "preprocessing"):
+        if key in manifest and not isinstance(manifest[key], dict):
+            raise bad(key, manifest[key], "an object")
+    files = manifest.get("files")
+    if files is None or files == {}:
+        raise PddnetError(f"{where}: {MANIFEST} lists no files; the manifest is damaged")
+    if not isinstance(files, dict):
+        raise bad("files", files, "an object {relative path: {sha256, bytes}}")
+    for rel, entry in files.items():
+        check_relative(rel, where=where)
+        if rel == MANIFEST:
+            raise PddnetError(f"{where}: the manifest lists itself; it is damaged")
+        if not isinstance(entry, dict):
+            raise bad(f"files[{_q(rel)}]", entry, "an object {sha256, bytes}")
+        if not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
+            raise bad(f"files[{_q(rel)}].sha256", entry.get("sha256"),
+                      "a SHA-256 (64 lowercase hex digits)")
+        if not is_int(entry.get("bytes")) or entry["bytes"] < 0:
+            raise bad(f"files[{_q(rel)}].bytes", entry.get("bytes"),
+                      "the file's size (an integer >= 0)")
+    models = manifest.get("models")
+    if models is None or models == []:
+        raise PddnetError(f"{where}: {MANIFEST} lists no models; the manifest is damaged")
+    if not isinstance(models, list):
+        raise bad("models", models, "a list of model entries")
+    ids: dict[str, str] = {}
+    for i, m in enumerate(models):
+        f = f"models[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f, m, "an object {id, kind, precision, ...}")
+        mid = m.get("id")
+        if not isinstance(mid, str) or not _MODEL_ID.fullmatch(mid):
+            raise bad(f"{f}.id", mid, "a model id (letters, digits, '.', '_', '+', '-')")
+        if mid in ids:
+            raise bad(f"{f}.id", mid, "unique (another entry has this id)")
+        kind = m.get("kind")
+        if kind not in MODEL_KINDS:
+            raise PddnetError(f"{where}: {MANIFEST}: model {mid} has unknown kind {show(kind)}; "
+                              f"expected one of {list(MODEL_KINDS)} -- the manifest is damaged")
+        ids[mid] = kind
+        if m.get("precision") not in PRECISIONS:
+            raise bad(f"{f}.precision", m.get("precision"), f"one of {list(PRECISIONS)}")
+        val = m.get("validation")
+        if val is not None:
+            if not isinstance(val, dict):
+                raise bad(f"{f}.validation", val, "null or an object")
+            cands = val.get("candidates")
+            if cands is not None and not isinstance(cands, list):
+                raise bad(f"{f}.validation.candidates", cands, "a list of objects")
+            for j, c in enumerate(cands or []):
+                if not isinstance(c, dict):
+                    raise bad(f"{f}.validation.candidates[{j}]", c, "an object")
+                if c.get("latency") is not None and not isinstance(c["latency"], dict):
+                    raise bad(f"{f}.validation.candidates[{j}].latency", c["latency"],
+                              "null or an object")
+        if kind == "onnx":
+            check_relative(m.get("file"), where=where)
+            if m.get("stage2") is not None:
+                check_relative(m["stage2"], where=where)
+            if m.get("sha256") is not None and not isinstance(m["sha256"], str):
+                raise bad(f"{f}.sha256", m["sha256"], "null or a SHA-256 string")
+        else:
+            engines = m.get("engines")
+            if engines is None or engines == {}:
+                raise PddnetError(f"{where}: {MANIFEST}: model {mid} lists no engines; the "
+                                  "manifest is damaged")
+            if not isinstance(engines, dict):
+                raise bad(f"{f}.engines", engines, "an object {part: engine path}")
+            for part, rel in engines.items():
+                if not _MODEL_ID.fullmatch(part):
+                    raise bad(f"{f}.engines key", part, "a part name such as 'features'")
+                check_relative(rel, where=where)
+            if not isinstance(m.get("model"), str):
+                raise bad(f"{f}.model", m.get("model"), "the id of an ONNX model entry")
+            env = m.get("env")
+            if env is not None and not (isinstance(env, dict) and all(
+                    isinstance(v, (str, int, float, bool)) or v is None for v in env.values())):
+                raise bad(f"{f}.env", env, "null or an object of plain values")
+            if env and any(isinstance(v, str) and (len(v) > 200 or not v.isprintable())
+                           for v in env.values()):
+                raise bad(f"{f}.env", env, "printable values")
+    for i, m in enumerate(models):
+        if m["kind"] == "tensorrt" and ids.get(m["model"]) != "onnx":
+            raise bad(f"models[{i}].model", m["model"],
+                      f"the id of an ONNX model entry (one of "
+                      f"{[k for k, v in ids.items() if v == 'onnx']})")
+        for r in _model_refs(m):
+            check_relative(r, where=where)
+            if r not in files:
+                raise PddnetError(f"{where}: model {m['id']} names {r!r}, which the manifest "
+                                  "does not list with a checksum; refusing the bundle")
+    return manifest
+
+
+def _model_refs(m: dict[str, Any]) -> list[str]:
+    """The files a (schema-checked) model entry names: its graph and stage-two graph, or its
+    engines and their metadata records."""
+    if m["kind"] == "onnx":
+        return [m["file"]] + ([m["stage2"]] if m.get("stage2") else [])
+    engines = m["engines"]
+    return list(engines.values()) + [_meta_rel(v) for v in engines.values()]
+
+
+def _check_values(manifest: dict[str, Any], where: str) -> None:
+    """Depth and values of the whole document, without recursion."""
+    stack: list[tuple[Any, int, str]] = [(manifest, 0, "")]
+    while stack:
+        value, depth, at = stack.pop()
+        if depth > MAX_MANIFEST_DEPTH:
+            raise PddnetError(f"{where}: {MANIFEST} nests deeper than {MAX_MANIFEST_DEPTH} "
+                              f"levels (at {at[:80]}); the manifest is damaged -- refusing the "
+                              "bundle")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    raise PddnetError(f"{where}: {MANIFEST} has a key {show(k)} at "
+                                      f"{at[:80] or 'the top'}; JSON keys are strings")
+                part = (f".{k}" if at else k) if _PLAIN_KEY.fullmatch(k) else f"[{_q(k, 40)}]"
+                stack.append((v, depth + 1, at + part))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1, f"{at}[{i}]") for i, v in enumerate(value))
+        elif value is None or isinstance(value, (str, bool)):
+            continue
+        elif isinstance(value, int):
+            if abs(value) >= 2 ** 63:
+                raise PddnetError(f"{where}: {MANIFEST} field {at[:80]} is {show(value)}; "
+                                  "numbers in a manifest fit in 64 bits -- the manifest is "
+                                  "damaged")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise PddnetError(f"{where}: {MANIFEST} field {at[:80]} is {value}; numbers "
+                                  "in a manifest are finite -- the manifest is damaged")
+        else:
+            raise PddnetError(f"{where}: {MANIFEST} field {at[:80]} is {show(value)}, not a "
+                              "JSON value")
+
+
 def verify_folder(root: Path, *, where: str | None = None) -> dict[str, Any]:
     """Every check of :func:`open_bundle` on a folder; returns the manifest."""
     where = where or str(root)
-    manifest = read_manifest(root, where=where)
+    manifest = read_manifest(root, where=where)   # schema-checked: types, paths, numbers
     files: dict[str, Any] = manifest["files"]
     for rel, entry in files.items():
-        relp = check_relative(rel, where=where)
-        if rel == MANIFEST:
-            raise PddnetError(f"{where}: the manifest lists itself; it is damaged")
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or \
-                not isinstance(entry.get("bytes"), int):
-            raise PddnetError(f"{where}: the manifest entry of {rel} lacks sha256/bytes; it is "
-                              "damaged")
+        relp = PurePosixPath(rel)
         path = _inside(root, relp, where=where)
         if not path.exists():
             raise PddnetError(f"{where}: {rel} is listed in the manifest but missing; the bundle "
@@ -579,28 +1032,12 @@ def verify_folder(root: Path, *, where: str | None = None) -> dict[str, Any]:
         for name in filenames + [d for d in dirnames if (base / d).is_symlink()]:
             rel = (base / name).relative_to(root).as_posix()
             if rel not in listed:
-                raise PddnetError(f"{where}: {rel} is in the bundle but not in its manifest; "
-                                  "refusing the bundle (a bundle holds exactly the files its "
-                                  "manifest lists)")
-    for m in manifest["models"]:
-        if not isinstance(m, dict) or not isinstance(m.get("id"), str):
-            raise PddnetError(f"{where}: a model entry of the manifest is damaged: {m!r}")
-        refs = []
-        if m.get("kind") == "onnx":
-            refs = [m.get("file")] + ([m["stage2"]] if m.get("stage2") else [])
-        elif m.get("kind") == "tensorrt":
-            engines = m.get("engines")
-            if not isinstance(engines, dict) or not engines:
-                raise PddnetError(f"{where}: model {m['id']} lists no engines")
-            refs = [v for v in engines.values()] + [_meta_rel(v) for v in engines.values()]
-        else:
-            raise PddnetError(f"{where}: model {m['id']} has unknown kind {m.get('kind')!r}")
-        for r in refs:
-            check_relative(r, where=where)
-            if r not in files:
-                raise PddnetError(f"{where}: model {m['id']} names {r!r}, which the manifest "
-                                  "does not list with a checksum; refusing the bundle")
-        if m.get("kind") == "onnx":
+                shown = rel if rel.isprintable() and len(rel) <= 200 else _q(rel)
+                raise PddnetError(f"{where}: {shown} is in the bundle but not in its manifest; "
+                                  "refusing the bundle "
+                                  "(a bundle holds exactly the files its manifest lists)")
+    for m in manifest["models"]:   # every file they name is listed (check_manifest)
+        if m["kind"] == "onnx":
             _check_onnx_entry(root, m, files, where)
     return manifest
 
@@ -640,5 +1077,6 @@ def opened(path: str | os.PathLike):
 
 
 __all__ = ["Bundle", "Selection", "Option", "open_bundle", "opened", "is_bundle",
-           "verify_folder", "read_manifest", "check_relative", "trt_environment", "SCHEMA",
-           "MANIFEST", "PREPROCESSING"]
+           "verify_folder", "read_manifest", "parse_manifest", "check_manifest", "check_archive",
+           "check_relative", "trt_environment", "SCHEMA", "MANIFEST", "PREPROCESSING",
+           "DEFAULT_MAX_BUNDLE_BYTES", "MAX_MANIFEST_BYTES"]

@@ -11,12 +11,88 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from pddnet.errors import PddnetError
 
 MINCONV_MODES = ("approx", "exact")
+
+# --------------------------------------------------------------------------------------------
+# bounds: a config (from a checkpoint or a model's metadata) outside them is refused before any
+# network is built or any buffer is allocated
+# --------------------------------------------------------------------------------------------
+#: feature channels ``c``: 1..256. The paper uses 16; each channel adds a full-resolution
+#: feature volume per image, so hundreds of channels only cost memory.
+MIN_CHANNELS, MAX_CHANNELS = 1, 256
+#: control grid points per axis: 2..64. The paper uses 32 (its stage two 48); the cost volume
+#: grows with the cube of the grid.
+MIN_GRID, MAX_GRID = 2, 64
+#: displacements per axis ``L`` (odd): 3..31. The paper uses 15; the cost volume and every
+#: mean-field step grow with ``L^3`` (``disp_size`` 1001 would allocate for minutes and GBs).
+MIN_DISP_SIZE, MAX_DISP_SIZE = 3, 31
+#: largest cost volume ``G_i * G_j * G_k * L^3`` (elements; 4 GiB as float32). The paper's
+#: stage one is 32^3 * 15^3 = 1.1e8, its stage two 48^3 * 15^3 = 3.7e8.
+MAX_COST_VOLUME = 2 ** 30
+#: capture range ``q`` in normalised units: (0, 1] (1 is half the image extent).
+MAX_CAPTURE = 1.0
+#: model grid (``image_shape``) per axis: 6..1024 voxels (the features are sampled on a third of
+#: it, which needs >= 2 per axis); the paper's grid is 192 x 160 x 256.
+MIN_IMAGE_AXIS, MAX_IMAGE_AXIS = 6, 1024
+#: largest model grid in voxels (2^28: the displacement field alone is 3 GiB as float32).
+MAX_IMAGE_VOXELS = 2 ** 28
+#: largest ``num_labels``: the label maps the runtime reads hold values 0..255.
+MAX_NUM_LABELS = 255
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxstring, _repr.maxother = 2, 40, 40
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = 4
+
+
+def show(value: Any) -> str:
+    """A short one-line description of ``value`` for error messages: its (abridged) repr and
+    type; never raises (huge integers, deep nesting, odd objects)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and \
+            abs(int(value)).bit_length() > 64:
+        return f"an integer of {abs(int(value)).bit_length()} bits ({type(value).__name__})"
+    try:
+        text = _repr.repr(value)
+    except Exception:  # a huge int nested in a list, a broken __repr__, ...
+        text = "<unprintable>"
+    return f"{text} ({type(value).__name__})"
+
+
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (numpy integers count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """A finite real number that is not a bool (numpy numbers count)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (OverflowError, ValueError, TypeError):
+        return False
+
+
+def check_image_shape(value: Any, *, name: str = "image_shape") -> tuple[int, int, int]:
+    """``value`` as the model grid ``(I, J, K)``: three integers in
+    [:data:`MIN_IMAGE_AXIS`, :data:`MAX_IMAGE_AXIS`], at most :data:`MAX_IMAGE_VOXELS` in all.
+    Raises :class:`PddnetError` (``"{name} is ...; expected ..."``) otherwise."""
+    expected = (f"expected three integers in [{MIN_IMAGE_AXIS}, {MAX_IMAGE_AXIS}] (the model "
+                f"grid I J K in voxels, at most {MAX_IMAGE_VOXELS} voxels)")
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(
+            is_int(n) and MIN_IMAGE_AXIS <= n <= MAX_IMAGE_AXIS for n in value):
+        raise PddnetError(f"{name} is {show(value)}; {expected}")
+    shape = tuple(int(n) for n in value)
+    if math.prod(shape) > MAX_IMAGE_VOXELS:
+        raise PddnetError(f"{name} is {list(shape)} ({math.prod(shape)} voxels); {expected}")
+    return shape  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -26,6 +102,15 @@ class Intensity:
     lower: float = -1000.0
     upper: float = 1500.0
     scale: float = 500.0
+
+    def __post_init__(self) -> None:
+        bad = [f"{k} must be a finite number, got {show(getattr(self, k))}"
+               for k in ("lower", "upper", "scale") if not is_real(getattr(self, k))]
+        if not bad and (self.upper <= self.lower or self.scale == 0):
+            bad.append(f"needs upper > lower and scale != 0, got lower {self.lower}, upper "
+                       f"{self.upper}, scale {self.scale}")
+        if bad:
+            raise PddnetError("invalid intensity normalisation: " + "; ".join(bad))
 
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -63,21 +148,45 @@ class PDDConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.channels < 1:
-            problems.append(f"channels must be >= 1, got {self.channels}")
-        if len(self.grid) != 3 or any(int(g) < 2 for g in self.grid):
-            problems.append(f"grid must be three sizes >= 2, got {self.grid}")
-        if self.disp_size < 3 or self.disp_size % 2 == 0:
-            problems.append(f"disp_size must be odd and >= 3, got {self.disp_size}")
-        if not 0.0 < self.capture <= 1.0:
-            problems.append(f"capture must be in (0, 1], got {self.capture}")
-        if self.minconv not in MINCONV_MODES:
-            problems.append(f"minconv must be one of {MINCONV_MODES}, got {self.minconv!r}")
-        if len(self.alpha_init) != 6:
-            problems.append(f"alpha_init needs 6 values, got {len(self.alpha_init)}")
+        if not (is_int(self.channels) and MIN_CHANNELS <= self.channels <= MAX_CHANNELS):
+            problems.append(f"channels must be an integer in [{MIN_CHANNELS}, {MAX_CHANNELS}], "
+                            f"got {show(self.channels)}")
+        grid_ok = isinstance(self.grid, (list, tuple)) and len(self.grid) == 3 and all(
+            is_int(g) and MIN_GRID <= g <= MAX_GRID for g in self.grid)
+        if not grid_ok:
+            problems.append(f"grid must be three integers in [{MIN_GRID}, {MAX_GRID}], got "
+                            f"{show(self.grid)}")
+        disp_ok = is_int(self.disp_size) and MIN_DISP_SIZE <= self.disp_size <= MAX_DISP_SIZE \
+            and self.disp_size % 2 == 1
+        if not disp_ok:
+            problems.append(f"disp_size must be an odd integer in [{MIN_DISP_SIZE}, "
+                            f"{MAX_DISP_SIZE}], got {show(self.disp_size)}")
+        if not (is_real(self.capture) and 0.0 < self.capture <= MAX_CAPTURE):
+            problems.append(f"capture must be a number in (0, {MAX_CAPTURE:g}], got "
+                            f"{show(self.capture)}")
+        if not (isinstance(self.minconv, str) and self.minconv in MINCONV_MODES):
+            problems.append(f"minconv must be one of {MINCONV_MODES}, got {show(self.minconv)}")
+        if not isinstance(self.alpha_init, (list, tuple)) or len(self.alpha_init) != 6 or \
+                not all(is_real(a) for a in self.alpha_init):
+            problems.append(f"alpha_init must be 6 finite numbers, got {show(self.alpha_init)}")
+        if not is_real(self.penalty_init):
+            problems.append(f"penalty_init must be a finite number, got "
+                            f"{show(self.penalty_init)}")
+        if not isinstance(self.intensity, Intensity):
+            problems.append(f"intensity must be {{lower, upper, scale}}, got "
+                            f"{show(self.intensity)}")
+        if grid_ok and disp_ok:
+            volume = math.prod(int(g) for g in self.grid) * int(self.disp_size) ** 3
+            if volume > MAX_COST_VOLUME:
+                problems.append(f"grid {[int(g) for g in self.grid]} with disp_size "
+                                f"{self.disp_size} needs a cost volume of {volume:.3g} elements, "
+                                f"more than {MAX_COST_VOLUME:.3g} (use a coarser grid or fewer "
+                                "displacements)")
         if problems:
             raise PddnetError("invalid PDDConfig: " + "; ".join(problems))
+        object.__setattr__(self, "channels", int(self.channels))
         object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
+        object.__setattr__(self, "disp_size", int(self.disp_size))
         object.__setattr__(self, "alpha_init", tuple(float(a) for a in self.alpha_init))
 
     @property
@@ -102,18 +211,30 @@ class PDDConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PDDConfig":
+        """The config a checkpoint or a model's metadata stores (:meth:`as_dict`); wrong types,
+        unknown keys or values outside the bounds above raise :class:`PddnetError`."""
+        if not isinstance(d, dict):
+            raise PddnetError(f"invalid PDDConfig: expected a dict of its fields, got {show(d)}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        unknown = [k for k in d if k not in known]
         if unknown:
-            raise PddnetError(f"unknown PDDConfig keys {sorted(unknown)}; this pddnet knows "
+            names = sorted(_repr.repr(k) if not isinstance(k, str) else k for k in unknown)
+            raise PddnetError(f"unknown PDDConfig keys {_repr.repr(names)}; this pddnet knows "
                               f"{sorted(known)}")
         d = dict(d)
-        if "intensity" in d and isinstance(d["intensity"], dict):
-            d["intensity"] = Intensity(**d["intensity"])
-        if "grid" in d:
-            d["grid"] = tuple(d["grid"])
-        if "alpha_init" in d:
-            d["alpha_init"] = tuple(d["alpha_init"])
+        if isinstance(d.get("intensity"), dict):
+            ints = d["intensity"]
+            extra = [k for k in ints if k not in ("lower", "upper", "scale")]
+            if extra:
+                raise PddnetError(f"invalid PDDConfig: intensity has unknown keys "
+                                  f"{_repr.repr(extra)}; expected lower, upper, scale")
+            try:
+                d["intensity"] = Intensity(**ints)
+            except PddnetError as exc:
+                raise PddnetError(f"invalid PDDConfig: {exc}") from None
+        for key in ("grid", "alpha_init"):
+            if isinstance(d.get(key), list):
+                d[key] = tuple(d[key])
         return cls(**d)
 
     def to_json(self) -> str:
