@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -110,13 +111,14 @@ def _transaction(final: Path, overwrite: bool, report: Callable[[str], None],
     for note in recover_stale(final):
         report(note)
     _check_replaceable(final, overwrite, keep)
+    # the name is known before the folder exists, so an interrupt at any instant can remove it
+    stage = final.parent / f".{final.name}.{secrets.token_hex(4)}.partial"
     try:
-        stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial",
-                                      dir=final.parent))
-    except OSError as exc:
-        raise PddnetError(f"cannot create an output folder beside {final} ({exc.strerror}); "
-                          "choose a writable location for the output") from exc
-    try:
+        try:
+            os.mkdir(stage, 0o700)
+        except OSError as exc:
+            raise PddnetError(f"cannot create an output folder beside {final} ({exc.strerror}); "
+                              "choose a writable location for the output") from exc
         if keep is not None and final.is_dir():
             for entry in sorted(final.iterdir()):
                 if keep(entry.name):
@@ -154,35 +156,38 @@ def folder_lock(path: str | os.PathLike) -> Iterator[Path]:
 
     final = Path(path)
     lock = final.parent / f".{final.name}.lock"
-    while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise PddnetError(f"cannot create the lock file {lock} ({exc.strerror}); choose a "
-                              "writable location for the output") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise PddnetError(f"{final} is being written by another pddnet process (PID "
-                              f"{holder}); wait for it to finish or choose another output") \
-                from None
-        try:
-            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # locked a file its holder had just removed: take the lock again
+    fd = -1
+    held = False
     try:
+        while not held:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise PddnetError(f"cannot create the lock file {lock} ({exc.strerror}); choose "
+                                  "a writable location for the output") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise PddnetError(f"{final} is being written by another pddnet process (PID "
+                                  f"{holder}); wait for it to finish or choose another output") \
+                    from None
+            try:
+                held = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                held = False
+            if not held:  # locked a file its holder had just removed: take the lock again
+                os.close(fd)
+                fd = -1
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield lock
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
-        os.close(fd)  # releases the lock
+        if held:  # only the holder may remove the file (another writer may hold it otherwise)
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+        if fd >= 0:
+            os.close(fd)  # releases the lock
 
 
 def recover_stale(path: str | os.PathLike) -> list[str]:

@@ -36,22 +36,29 @@ OPTIONAL_PACKAGES = ("torch", "tensorrt", "triton", "tritonclient", "cuda", "mat
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the program is, so every writer cleans up as for
-    Ctrl-C."""
+    """SIGINT, SIGTERM or SIGHUP, raised where the program is, so every writer cleans up as
+    for Ctrl-C."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
+#: the signals received by this process (a signal inside a C extension's import can surface as
+#: an ImportError or another exception; it still ends the command as an interruption)
+_RECEIVED: list[int] = []
+
+
 def _raise_interrupted(signum, frame):
+    _RECEIVED.append(signum)
     raise Interrupted(signum)
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM (timeouts, systemd, ``docker stop``) and SIGHUP (a closed terminal) end a
-    command like Ctrl-C does. Only possible in the main thread; elsewhere nothing changes."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    """SIGINT (Ctrl-C), SIGTERM (timeouts, systemd, ``docker stop``) and SIGHUP (a closed
+    terminal) end a command alike, as an exception every writer cleans up after. Only possible
+    in the main thread; elsewhere nothing changes."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         try:
             signal.signal(sig, _raise_interrupted)
         except ValueError:  # not the main thread (e.g. a test runner's worker)
@@ -90,11 +97,10 @@ def friendly(fn):
             click.echo(f"error: {_one_line(exc)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt as exc:
-            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-            by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
-            click.echo(f"interrupted{by}: no partial outputs were left", err=True)
-            sys.exit(128 + int(signum))
+            _interrupted(exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
         except ImportError as exc:
+            if _RECEIVED:  # a signal during a C extension's import
+                _interrupted(_RECEIVED[-1])
             root = (exc.name or "").split(".")[0]
             if root not in OPTIONAL_PACKAGES:
                 raise _internal(exc) from exc
@@ -113,9 +119,17 @@ def friendly(fn):
         except click.ClickException:
             raise
         except Exception as exc:  # noqa: BLE001 - the contract: one line, never a traceback
+            if _RECEIVED:
+                _interrupted(_RECEIVED[-1])
             raise _internal(exc) from exc
 
     return wrapper
+
+
+def _interrupted(signum: int) -> None:
+    by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    click.echo(f"interrupted{by}: no partial outputs were left", err=True)
+    sys.exit(128 + int(signum))
 
 
 def _one_line(exc: BaseException) -> str:
