@@ -454,6 +454,11 @@ def _check_targets(out: str | os.PathLike | None, tar: bool,
     paths = targets.paths
     if len({p.resolve() for p in paths}) != len(paths):
         raise PddnetError(f"--out/--triton name the same path: {[str(p) for p in paths]}")
+    for a in paths:  # a bundle holds exactly its manifest's files: nothing may be written in it
+        for b in paths:
+            if a is not b and a.resolve() in b.resolve().parents:
+                raise PddnetError(f"{a} would be written inside {b}; the bundle folder, its "
+                                  "archive and the Triton repository must be separate paths")
     for p in paths:
         if p.exists() and not overwrite:
             raise PddnetError(f"{p} already exists; choose another path or pass --overwrite")

@@ -113,7 +113,10 @@ def check_movings(reg: Registrar, movings: Sequence[PathLike], labels: Sequence[
     the model's label set) before the first registration."""
     for i, m in enumerate(movings):
         role = f"moving scan {i + 1} of {len(movings)}"
-        vol = as_volume(m, kind="image", role=role, max_voxels=max_voxels)
+        try:
+            vol = as_volume(m, kind="image", role=role, max_voxels=max_voxels)
+        except PddnetError as exc:
+            raise PddnetError(f"{role}: {exc}") from None
         if labels:
             check_labels(labels[i], vol, reg.info, role=f"moving labels {i + 1} of {len(movings)}",
                          max_voxels=max_voxels)
