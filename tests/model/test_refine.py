@@ -699,3 +699,38 @@ def test_run_model_includes_refinement_and_stage_two(sharp_tiny):
     np.testing.assert_allclose(outs1["disp_network"], outs0["disp"], atol=1e-6)
     np.testing.assert_allclose(outs1["disp"], res.disp_model, atol=1e-5)
     assert ms1 > ms0 > 0
+
+
+def test_export_overwrite_of_a_stage_pair_is_all_or_nothing(sharp_tiny, tmp_path, monkeypatch):
+    """``export --stage2 --overwrite`` interrupted after the stage-two model was built and while
+    the stage-one model is saved leaves the previous pair exactly as it was (no temporary file,
+    no lock); an uninterrupted run replaces both and links them by SHA-256."""
+    import onnx
+
+    from pddnet._files import sha256_file
+    from pddnet.export.onnx_export import export_checkpoint
+
+    _, ckpt, _ = sharp_tiny
+    out = tmp_path / "m.onnx"
+    export_checkpoint(ckpt, out, outputs=("probs",), stage2=True)
+    second = tmp_path / "m.stage2.onnx"
+    before = {p.name: sha256_file(p) for p in (out, second)}
+    real = onnx.save_model
+    calls = []
+
+    def save_then_interrupt(model, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:  # the stage-one model, after the stage-two one was written
+            raise KeyboardInterrupt
+        return real(model, path, *a, **k)
+
+    monkeypatch.setattr(onnx, "save_model", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(ckpt, out, outputs=("probs", "entropy"), stage2=True, overwrite=True)
+    monkeypatch.setattr(onnx, "save_model", real)
+    assert len(calls) == 2
+    assert {p.name: sha256_file(p) for p in (out, second)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.stage2.onnx"]
+    export_checkpoint(ckpt, out, outputs=("probs", "entropy"), stage2=True, overwrite=True)
+    link = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}[C.META_STAGE2])
+    assert link["sha256"] == sha256_file(second) != before["m.stage2.onnx"]

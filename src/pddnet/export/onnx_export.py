@@ -19,7 +19,7 @@ import onnx
 from onnx import helper
 
 from pddnet import __version__
-from pddnet._files import atomic_write, sha256_file
+from pddnet._files import atomic_write, folder_lock, sha256_file
 from pddnet.errors import PddnetError
 from pddnet.graph import functions as fn
 from pddnet.graph.builder import Builder, value_info
@@ -457,30 +457,29 @@ def export_checkpoint(checkpoint, out, *, image_shape=None, outputs=(), overwrit
         except (PddnetError, ValueError, TypeError) as exc:
             raise PddnetError(f"export: invalid config overrides {ov}: {exc}") from exc
 
-    def write(net, path, meta):
+    def build(net, meta) -> onnx.ModelProto:
         onnx_model = export_model(net, shape, spacing_mm=spacing, outputs=outputs, source=source,
                                   metadata=meta, precision=precision, num_labels=num_labels)
         check_model(onnx_model)
-        with atomic_write(path, overwrite=overwrite) as tmp:
-            onnx.save_model(onnx_model, tmp)
+        return onnx_model
 
     base_cfg = model.config.as_dict()
     meta: dict = {}
     if overrides:
         model = variant(dict(overrides))
         meta[C.META_OVERRIDES] = {"overrides": dict(overrides), "base_config": base_cfg}
-    second = None
-    if stage2:
-        ov2 = R.stage2_overrides(model.config.as_dict()) if stage2 is True else dict(stage2)
-        second = stage2_path(out)
-        write(variant(ov2), second,
-              {C.META_OVERRIDES: {"overrides": ov2, "base_config": model.config.as_dict()}})
-        meta[C.META_STAGE2] = {"file": second.name, "sha256": sha256_file(second),
-                               "overrides": ov2}
-    try:
-        write(model, out, meta)
-    except BaseException:
-        if second is not None:
-            second.unlink(missing_ok=True)
-        raise
+    # both files are written under their lock to temporary names, and renamed only once both
+    # are complete: an interrupt leaves the previous pair as it was
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out), contextlib.ExitStack() as files:
+        if stage2:
+            ov2 = R.stage2_overrides(model.config.as_dict()) if stage2 is True else dict(stage2)
+            second = stage2_path(out)
+            tmp2 = files.enter_context(atomic_write(second, overwrite=overwrite))
+            onnx.save_model(build(variant(ov2), {C.META_OVERRIDES: {
+                "overrides": ov2, "base_config": model.config.as_dict()}}), tmp2)
+            meta[C.META_STAGE2] = {"file": second.name, "sha256": sha256_file(tmp2),
+                                   "overrides": ov2}
+        tmp = files.enter_context(atomic_write(out, overwrite=overwrite))
+        onnx.save_model(build(model, meta), tmp)
     return Path(out)
