@@ -639,3 +639,23 @@ def _floats(v):
     elif isinstance(v, list):
         for x in v:
             yield from _floats(x)
+
+
+def test_unpack_folders_of_dead_processes_are_removed(tmp_path):
+    """What a kill -9 during ``register`` from a .tar.gz leaves in the temporary folder is
+    removed by the next unpack; a live process's folder and other folders are left alone."""
+    import subprocess
+    import sys
+
+    from pddnet.runtime.bundle import UNPACK_PREFIX, remove_stale_unpacked
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f"{UNPACK_PREFIX}{dead}-abc"
+    live = tmp_path / f"{UNPACK_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{UNPACK_PREFIX}notapid-x"
+    for d in (stale, live, other):
+        (d / "b").mkdir(parents=True)
+        (d / "b" / "model.onnx").write_bytes(os.urandom(64))
+    assert remove_stale_unpacked(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()

@@ -557,8 +557,9 @@ def open_bundle(path: str | os.PathLike, *, echo: Callable[[str], None] | None =
         with _reading(src):
             with tarfile.open(src, "r:*", tarinfo=_CheckedTarInfo) as tar:
                 prefix, members = check_archive(tar, src, max_bytes=max_bytes)
+                remove_stale_unpacked()
                 try:
-                    tmp = Path(tempfile.mkdtemp(prefix="pddnet-bundle-"))
+                    tmp = Path(tempfile.mkdtemp(prefix=f"{UNPACK_PREFIX}{os.getpid()}-"))
                 except OSError as exc:
                     raise PddnetError(f"{src}: cannot create a temporary folder to unpack it "
                                       f"into ({exc}); set TMPDIR to a writable folder") from None
@@ -573,6 +574,31 @@ def open_bundle(path: str | os.PathLike, *, echo: Callable[[str], None] | None =
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+#: temporary folders of unpacked archives: ``pddnet-bundle-<pid>-<random>``
+UNPACK_PREFIX = "pddnet-bundle-"
+
+
+def remove_stale_unpacked(tmpdir: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the unpack folders of processes that no longer exist (a ``kill -9`` during
+    ``register`` from a ``.tar.gz`` leaves one); returns what was removed. A folder whose PID is
+    alive, or that is not ours by name, is never touched."""
+    removed = []
+    for d in Path(tmpdir or tempfile.gettempdir()).glob(f"{UNPACK_PREFIX}*-*"):
+        pid = d.name[len(UNPACK_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or not d.is_dir() or d.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or another user's: not ours to judge)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
 
 
 @contextlib.contextmanager
