@@ -251,3 +251,20 @@ def test_json_and_checksums(tmp_path):
     assert read_json(tmp_path / "x.json") == jsonable(obj)
     (tmp_path / "bad.json").write_text("{not json")
     assert read_json(tmp_path / "bad.json") is None and read_json(tmp_path / "none") is None
+
+
+def test_check_writable_refuses_a_folder_it_cannot_write(tmp_path):
+    from pddnet._files import check_writable
+
+    check_writable(tmp_path / "new" / "deeper" / "out")  # the nearest existing folder counts
+    assert list(tmp_path.iterdir()) == []  # the probe creates no folder and leaves no file
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("permission bits do not bind this user (root)")
+        with pytest.raises(PddnetError, match="not writable"):
+            check_writable(ro / "out")
+    finally:
+        ro.chmod(0o755)

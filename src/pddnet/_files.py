@@ -140,6 +140,20 @@ def _transaction(final: Path, overwrite: bool, report: Callable[[str], None],
         raise
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Refuse, before any long work, an output ``path`` whose folder cannot be written: a
+    probe file is created and removed beside it (creating no folder)."""
+    final = Path(path)
+    parent = next((p for p in (final.parent, *final.parent.parents) if p.exists()), Path("."))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PddnetError(f"cannot write the output {final}: {parent} is not writable "
+                          f"({exc.strerror}); choose a writable location") from exc
+
+
 def _stderr(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 

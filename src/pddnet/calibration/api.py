@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import onnx
 
-from pddnet._files import atomic_directory
+from pddnet._files import atomic_directory, check_writable
 from pddnet.calibration import graphs as G
 from pddnet.calibration.blocks import DEFAULT_INT8_BLOCKS, fp16_plan, profile_blocks, resolve_keep
 from pddnet.calibration.search import (
@@ -103,6 +103,7 @@ def calibrate(onnx_path, data_dir, out_dir, *, method: str = "minmax", pairs: in
     existing = [p for p in [target, *(out / f for f in RANGES_FILES)] if p.exists()]
     if existing and not overwrite:
         raise PddnetError(f"{existing[0]} already exists; pass --overwrite to replace it")
+    check_writable(out)
     reader = PairReader(data_dir, loaded.info, split=split, pairs=pairs, progress=progress)
     for n in reader.notes:
         say(f"note: {n}")

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pddnet._files import write_json
+from pddnet._files import check_writable, write_json
 from pddnet.errors import PddnetError
 
 REPORT_FILE = "report.json"
@@ -24,6 +24,7 @@ def check_out_dir(out_dir, *, overwrite: bool) -> Path:
     if (out / REPORT_FILE).exists() and not overwrite:
         raise PddnetError(f"{out / REPORT_FILE} already exists; pass --overwrite to replace it "
                           "or choose another --out")
+    check_writable(out)
     return out
 
 
