@@ -26,6 +26,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from helpers.deploy_helpers import build_bundle, environment
+from helpers.json_paths import DELETE, set_path
+from helpers.json_paths import paths as json_paths
 from pddnet.errors import PddnetError
 from pddnet.runtime import bundle as B
 
@@ -510,43 +512,17 @@ JSON_LEAVES = (st.none() | st.booleans()
 JSON_VALUES = st.recursive(JSON_LEAVES, lambda children: (
     st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)),
     max_leaves=12)
-DELETE = object()
-
-
-def _paths(obj, at=()):
-    yield at
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _paths(v, at + (k,))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _paths(v, at + (i,))
-
-
-def _mutate(doc, path, value):
-    """``doc`` with the value at ``path`` replaced (or deleted); the root path replaces all."""
-    if not path:
-        return None if value is DELETE else value
-    parent = doc
-    for k in path[:-1]:
-        parent = parent[k]
-    if value is DELETE:
-        del parent[path[-1]]
-    else:
-        parent[path[-1]] = value
-    return doc
-
 
 @st.composite
 def mutated_manifests(draw, manifest):
     doc = copy.deepcopy(manifest)
     for _ in range(draw(st.integers(1, 3))):
-        paths = list(_paths(doc))
+        paths = list(json_paths(doc))
         if not paths:
             break
         path = draw(st.sampled_from(paths))
         value = draw(st.just(DELETE) | JSON_VALUES) if path else draw(JSON_VALUES)
-        doc = _mutate(doc, path, value)
+        doc = set_path(doc, path, value)
         if doc is None or not isinstance(doc, (dict, list)):
             break
     return doc

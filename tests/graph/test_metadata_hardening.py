@@ -19,6 +19,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from helpers.fake_models import make_model, save_model
+from helpers.json_paths import DELETE, paths, set_path
 from pddnet.errors import PddnetError
 from pddnet.graph.model import load_model, read_model_info
 from pddnet.spec import config as CF
@@ -65,7 +66,7 @@ def _config(**kw):
     return {C.META_CONFIG: cfg}
 
 
-_DEL = object()
+_DEL = DELETE
 
 
 def _refused(fn, *needles):
@@ -349,29 +350,6 @@ TRIPLES = st.lists(st.one_of(st.integers(-2, 2000), st.floats(allow_nan=True), s
 FIELD_VALUES = VALUES | TRIPLES
 
 
-def _set_path(doc, path, value):
-    if not path:
-        return value
-    cur = doc
-    for k in path[:-1]:
-        cur = cur[k]
-    if value is _DEL:
-        del cur[path[-1]]
-    else:
-        cur[path[-1]] = value
-    return doc
-
-
-def _paths(obj, at=()):
-    yield at
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _paths(v, at + (k,))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _paths(v, at + (i,))
-
-
 @st.composite
 def mutated_metadata(draw):
     """A ``pddnet.*`` entry of the real model mutated: a field replaced or deleted, the whole
@@ -385,9 +363,9 @@ def mutated_metadata(draw):
     doc = copy.deepcopy(BASE_META[key])
     if how == "whole":
         return key, draw(FIELD_VALUES), False
-    path = draw(st.sampled_from(list(_paths(doc))[1:] or [()]))
+    path = draw(st.sampled_from(list(paths(doc))[1:] or [()]))
     value = draw(st.just(_DEL) | FIELD_VALUES) if path else draw(FIELD_VALUES)
-    return key, _set_path(doc, path, value), False
+    return key, set_path(doc, path, value), False
 
 
 @settings(max_examples=50, deadline=None, database=None)
@@ -427,10 +405,9 @@ def test_property_model_metadata_reads_or_refuses_with_one_line(changes, disp_di
 def mutated_configs(draw):
     cfg = copy.deepcopy(TINY)
     for _ in range(draw(st.integers(1, 3))):
-        paths = list(_paths(cfg))[1:]
-        path = draw(st.sampled_from(paths))
+        path = draw(st.sampled_from(list(paths(cfg))[1:]))
         value = draw(st.just(_DEL) | FIELD_VALUES)
-        cfg = _set_path(cfg, path, value)
+        cfg = set_path(cfg, path, value)
     if draw(st.booleans()):
         cfg[draw(st.text(max_size=6))] = draw(VALUES)
     return cfg
