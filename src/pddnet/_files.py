@@ -35,13 +35,12 @@ def atomic_write(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator
         raise PddnetError(f"{final} already exists; remove it or pass --overwrite")
     final.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(final.suffixes)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".partial{suffix}",
-                                    dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # the name is known before the file exists, so an interrupt at any instant can remove it
+    tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.partial{suffix}"
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         yield tmp
-        # mkstemp creates 0600; give the result the permissions a plain open() would
+        # created 0600; give the result the permissions a plain open() would
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
