@@ -46,24 +46,23 @@ def _with_meta(changes: dict, *, raw: bool = False, model: onnx.ModelProto = BAS
     return m
 
 
-def _input(**kw):
-    inp = copy.deepcopy(BASE_META[C.META_INPUT])
+def _edited(key: str, **kw) -> dict:
+    """``{key: the real model's value of key with the fields kw set (or removed by _DEL)}``."""
+    value = copy.deepcopy(BASE_META[key])
     for k, v in kw.items():
         if v is _DEL:
-            inp.pop(k, None)
+            value.pop(k, None)
         else:
-            inp[k] = v
-    return {C.META_INPUT: inp}
+            value[k] = v
+    return {key: value}
+
+
+def _input(**kw):
+    return _edited(C.META_INPUT, **kw)
 
 
 def _config(**kw):
-    cfg = copy.deepcopy(BASE_META[C.META_CONFIG])
-    for k, v in kw.items():
-        if v is _DEL:
-            cfg.pop(k, None)
-        else:
-            cfg[k] = v
-    return {C.META_CONFIG: cfg}
+    return _edited(C.META_CONFIG, **kw)
 
 
 _DEL = DELETE
