@@ -14,6 +14,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -105,8 +106,6 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False,
 def _transaction(final: Path, overwrite: bool, report: Callable[[str], None],
                  keep: Callable[[str], bool] | None) -> Iterator[Path]:
     """The body of :func:`atomic_directory`, run with the lock held."""
-    import shutil
-
     for note in recover_stale(final):
         report(note)
     _check_replaceable(final, overwrite, keep)
@@ -209,8 +208,6 @@ def recover_stale(path: str | os.PathLike) -> list[str]:
     Call with the lock held. A swap cut between its two renames (``path`` missing, its old
     version at ``.<name>.*.old``) is rolled back first; then every staging and old folder goes.
     """
-    import shutil
-
     final = Path(path)
     notes = []
     stale = sorted(final.parent.glob(f".{glob.escape(final.name)}.*.partial")) + \
@@ -248,8 +245,6 @@ def _link_tree(src: Path, dst: Path) -> None:
         try:
             os.link(src, dst)
         except OSError:  # a file system without hard links
-            import shutil
-
             shutil.copy2(src, dst)
 
 
