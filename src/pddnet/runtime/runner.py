@@ -27,11 +27,15 @@ class PairRun:
 
     ``features_ms`` is the time of the feature runs this call made (``None`` when the whole
     model ran); ``head_ms`` the head's (or the whole model's) time, both in milliseconds.
+    ``fixed_features`` / ``moving_features`` are the two feature maps the head ran on (``None``
+    when the whole model ran): refinement on image evidence works on them.
     """
 
     outputs: dict[str, np.ndarray]
     features_ms: float | None
     head_ms: float
+    fixed_features: np.ndarray | None = None
+    moving_features: np.ndarray | None = None
 
 
 class PairRunner:
@@ -107,7 +111,8 @@ class PairRunner:
         moving_features, ms = self.features(moving)
         outs = self._head.run({C.FIXED_FEATURES: fixed_features,
                                C.MOVING_FEATURES: moving_features})
-        return PairRun(outs, feat_ms + ms, self._head.last_run_ms)
+        return PairRun(outs, feat_ms + ms, self._head.last_run_ms, fixed_features,
+                       moving_features)
 
     def describe(self) -> dict[str, Any]:
         """The backend's description (the feature backend's when split)."""
