@@ -11,10 +11,11 @@ DEMO_OUT ?= demo-out
 .PHONY: setup demo test test-all clean
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "pddnet needs Python 3.11, got " + sys.version'
+	$(PYTHON) -c 'import sys; assert (3, 10) <= sys.version_info[:2] <= (3, 12), "pddnet needs Python 3.10-3.12, got " + sys.version'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[train,dev]'
+	$(BIN)/python -m pip install --quiet 'torch==2.13.0'
+	$(BIN)/python -m pip install --quiet -e '.[train,report,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)

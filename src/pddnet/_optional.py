@@ -11,7 +11,9 @@ from types import ModuleType
 from pddnet.errors import PddnetError
 
 _HINTS = {
-    "torch": "pip install 'pddnet[train]'  (pins torch==2.13.0; a CPU build is enough)",
+    "torch": ("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu && "
+              "pip install 'pddnet[train]'  (a CPU build is enough; tested with 2.13.0)"),
+    "matplotlib": "pip install 'pddnet[report]'",
     "tensorrt": ("pip install 'pddnet[gpu]'  (needs an NVIDIA GPU and CUDA 12; TensorRT >= 10.9 for "
                  "the AOT plugins, >= 10.0 for native engines, >= 11.2 for 5D GridSample)"),
     "triton": "pip install 'pddnet[dev]'  (or: pip install triton)",

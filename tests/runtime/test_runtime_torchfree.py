@@ -1,6 +1,7 @@
-"""The runtime never imports torch: a subprocess where `import torch` fails registers a pair
-end to end (Python API and the `pddnet register` command) and checks that neither torch nor
-the PyTorch side of pddnet (`pddnet.model`) was imported.
+"""The runtime never imports torch or matplotlib: a subprocess where `import torch` and
+`import matplotlib` fail registers a pair end to end (Python API and the `pddnet register`
+command) and checks that neither torch nor the PyTorch side of pddnet (`pddnet.model`) was
+imported (matplotlib is the `[report]` extra: only the validation report draws figures).
 
 Not tested here: an environment where torch is not installed at all (CI's edge-install job);
 blocking it through sys.modules is equivalent for import purposes.
@@ -18,6 +19,7 @@ from helpers.fake_models import ct_like, grid_affine, make_model, save_model, sa
 SCRIPT = textwrap.dedent(r"""
     import sys
     sys.modules["torch"] = None          # any `import torch` now raises ImportError
+    sys.modules["matplotlib"] = None     # the [report] extra: not installed on an edge box
     import pddnet.runtime
     from pddnet.runtime.session import Registrar
     from pddnet.cli import main
@@ -39,7 +41,8 @@ SCRIPT = textwrap.dedent(r"""
         pass
     assert sys.modules["torch"] is None
     leaked = sorted(m for m in sys.modules
-                    if m.startswith("torch.") or m == "pddnet.model" or m.startswith("pddnet.model."))
+                    if m.startswith(("torch.", "matplotlib.", "pddnet.model."))
+                    or m == "pddnet.model")
     assert not leaked, leaked
     print("TORCH-FREE OK", abs(res.disp).max())
 """)
