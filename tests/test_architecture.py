@@ -31,7 +31,7 @@ PKG = SRC / "pddnet"
 #: bottom to top; a package may import its own modules and those of lower layers only
 LAYERS: list[set[str]] = [
     {"errors"},
-    {"pddnet", "_optional", "_files"},
+    {"pddnet", "_optional", "_files", "_progress"},
     {"spec"},
     {"graph", "metrics"},
     {"data", "weights"},

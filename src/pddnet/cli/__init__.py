@@ -21,18 +21,28 @@ import click
 
 from pddnet.cli import data, demo, deploy, model, precision, register, trt, validate
 from pddnet.cli.errors import install_signal_handlers
+from pddnet.cli.output import NORMAL, QUIET, VERBOSE, set_verbosity
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pddnet")
+@click.option("-v", "--verbose", is_flag=True, help="More detail on stderr (backends, per-stage "
+              "timings).")
+@click.option("-q", "--quiet", is_flag=True, help="Only results and errors: no notes, no progress "
+              "bars.")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error (also: "
               "PDDNET_DEBUG=1).")
-def main(debug: bool) -> None:
+def main(verbose: bool, quiet: bool, debug: bool) -> None:
     """PDD-Net deformable registration: train, export, calibrate, build, register, validate.
+
+    Results go to stdout; notes, details (-v) and progress bars to stderr (-q hides them).
 
     Exit status: 0 success, 1 a check failed, 2 bad input or environment, 3 internal error,
     130/143/129 interrupted (SIGINT/SIGTERM/SIGHUP; outputs are left as they were).
     """
+    if verbose and quiet:
+        raise click.UsageError("-v and -q contradict each other; pass one of them")
+    set_verbosity(VERBOSE if verbose else QUIET if quiet else NORMAL)
     if debug:
         os.environ["PDDNET_DEBUG"] = "1"
     install_signal_handlers()
