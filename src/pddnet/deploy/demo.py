@@ -54,6 +54,7 @@ class DemoOptions:
     calib_pairs: int | None = 8          # calibration pairs (training split)
     figure_pairs: int = 2
     progress: bool = True
+    bundle_name: str = "pddnet-demo"
 
 
 @dataclass
@@ -228,7 +229,7 @@ def _step_package(s: DemoState) -> str:
                   int8=s.models.get("int8") if "int8" in ok else None,
                   engines=[s.paths["engines"]] if "engines" in s.paths else (),
                   out=s.opts.out / "bundle", tar=True, triton=s.opts.out / "triton",
-                  overwrite=True, name="pddnet-demo", echo=_say)
+                  overwrite=True, name=s.opts.bundle_name, echo=_say)
     s.paths.update(bundle=res.bundle, tar=res.tar, triton=res.triton)
     s.results["manifest"] = res.manifest
     return (f"{res.bundle} ({len(res.manifest['files'])} files, models "
