@@ -88,9 +88,7 @@ def voxels_to_itk(disp: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """pddnet field ``(i, j, k, 3)`` in voxels -> ITK vectors ``(i, j, k, 1, 3)`` float32, mm, LPS
     (``v = S L u``, see the module docstring)."""
     d = _check_disp(disp, "voxels_to_itk")
-    m = RAS_TO_LPS @ np.asarray(affine, np.float64)[:3, :3]
-    v = np.einsum("ab,...b->...a", m, d.astype(np.float64))
-    return v.astype(np.float32)[:, :, :, None, :]
+    return _linear_map(d, RAS_TO_LPS @ np.asarray(affine, np.float64)[:3, :3])[:, :, :, None, :]
 
 
 def itk_to_voxels(vectors: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -100,8 +98,20 @@ def itk_to_voxels(vectors: np.ndarray, affine: np.ndarray) -> np.ndarray:
     if v.ndim == 5 and v.shape[3] == 1:
         v = v[:, :, :, 0, :]
     v = _check_disp(v, "itk_to_voxels")
-    m = np.linalg.inv(np.asarray(affine, np.float64)[:3, :3]) @ RAS_TO_LPS
-    return np.einsum("ab,...b->...a", m, v.astype(np.float64)).astype(np.float32)
+    return _linear_map(v, np.linalg.inv(np.asarray(affine, np.float64)[:3, :3]) @ RAS_TO_LPS)
+
+
+def _linear_map(d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """``out[..., r] = sum_c m[r, c] d[..., c]`` in float32, one component at a time (no
+    float64 copy of a paper-size field: 3 x 94 MB would be 3 x 189 MB)."""
+    out = np.empty(d.shape, np.float32)
+    comps = [np.asarray(d[..., c], np.float32) for c in range(3)]
+    for r in range(3):
+        acc = out[..., r]
+        np.multiply(comps[0], np.float32(m[r, 0]), out=acc)
+        for c in (1, 2):
+            acc += np.float32(m[r, c]) * comps[c]
+    return out
 
 
 def itk_grid_problem(affine: np.ndarray) -> str | None:
