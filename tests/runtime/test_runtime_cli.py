@@ -87,7 +87,7 @@ def test_single_moving_writes_into_out(files, tmp_path):
     r = _run("register", "--model", files["model"], "--fixed", files["fixed"],
              "--moving", files["m1"], "--out", tmp_path, "--l2r-half")
     assert r.exit_code == 0, r.output
-    assert {"disp.nii.gz", "disp.npz", "disp_l2r2020.npz", "warped.nii.gz",
+    assert {"disp.nii.gz", "disp.npz", "disp_itk.nii.gz", "disp_l2r2020.npz", "warped.nii.gz",
             "summary.json"} == {p.name for p in tmp_path.iterdir()}
 
 

@@ -71,9 +71,11 @@ def test_known_translation_field_and_warped_blob(models, tmp_path):
     assert img.shape == SHAPE + (3,) and img.get_data_dtype() == np.float32
     np.testing.assert_allclose(img.affine, AFF4)
     np.testing.assert_allclose(np.asarray(img.dataobj), res.disp)
-    npz = np.load(tmp_path / "disp.npz")
-    np.testing.assert_array_equal(npz["disp"], res.disp)
-    np.testing.assert_allclose(npz["affine"], AFF4)
+    with np.load(tmp_path / "disp.npz") as npz:  # one array (Learn2Reg layout)
+        assert npz.files == ["arr_0"]
+        np.testing.assert_array_equal(npz["arr_0"], res.disp)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    np.testing.assert_allclose(summary["field"]["affine"], AFF4)  # the grid of disp.npz
     w = nib.load(tmp_path / "warped.nii.gz")
     np.testing.assert_allclose(np.asarray(w.dataobj), res.warped)
 
@@ -224,9 +226,9 @@ def test_outputs_summary_and_metrics(models, tmp_path):
         res = reg.register(Volume(ct_like(rng, SHAPE), AFF4), Volume(ct_like(rng, SHAPE), AFF4),
                            moving_labels=Volume(m_lab, AFF4), fixed_labels=Volume(f_lab, AFF4))
     paths = res.save(tmp_path / "out", l2r_half=True)
-    assert _files(tmp_path / "out") == sorted(["disp.nii.gz", "disp.npz", "disp_l2r2020.npz",
-                                               "summary.json", "warped.nii.gz",
-                                               "warped_labels.nii.gz"])
+    assert _files(tmp_path / "out") == sorted(["disp.nii.gz", "disp.npz", "disp_itk.nii.gz",
+                                               "disp_l2r2020.npz", "summary.json",
+                                               "warped.nii.gz", "warped_labels.nii.gz"])
     s = json.loads(paths["summary.json"].read_text())
     for k in ("load", "preprocess", "features", "head", "postprocess", "write"):
         assert isinstance(s["timings_ms"][k], float) and s["timings_ms"][k] >= 0, k
@@ -270,7 +272,7 @@ def test_interrupted_save_leaves_nothing(models, tmp_path, monkeypatch, exc):
 
     def flaky(path, *a, **k):
         calls.append(path)
-        if len(calls) == 2:  # after disp.nii.gz and disp.npz, while writing warped.nii.gz
+        if len(calls) == 2:  # after disp.nii.gz and disp.npz, while writing disp_itk.nii.gz
             raise exc("interrupted")
         return real(path, *a, **k)
 

@@ -2,6 +2,7 @@
 
 One module per command group, each listing its click commands in ``COMMANDS``:
 :mod:`~pddnet.cli.data` (data synth/info), :mod:`~pddnet.cli.register` (register),
+:mod:`~pddnet.cli.apply` (apply a displacement field),
 :mod:`~pddnet.cli.model` (train, evaluate, export), :mod:`~pddnet.cli.precision` (calibrate,
 sensitivity), :mod:`~pddnet.cli.validate` (validate, bench), :mod:`~pddnet.cli.trt` (check-trt,
 build, doctor), :mod:`~pddnet.cli.deploy` (package, verify), :mod:`~pddnet.cli.demo` (demo).
@@ -19,7 +20,7 @@ import os
 
 import click
 
-from pddnet.cli import data, demo, deploy, model, precision, register, trt, validate
+from pddnet.cli import apply, data, demo, deploy, model, precision, register, trt, validate
 from pddnet.cli.errors import install_signal_handlers
 from pddnet.cli.output import NORMAL, QUIET, VERBOSE, set_verbosity
 
@@ -48,7 +49,7 @@ def main(verbose: bool, quiet: bool, debug: bool) -> None:
     install_signal_handlers()
 
 
-for _module in (data, register, model, precision, validate, trt, deploy, demo):
+for _module in (data, register, apply, model, precision, validate, trt, deploy, demo):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 

@@ -83,8 +83,10 @@ def register(model, fixed, moving, moving_labels, fixed_labels, out, threads, ba
              stage2_model) -> None:
     """Register moving CT scan(s) to a fixed one with an exported model (no torch needed).
 
-    Writes disp.nii.gz (voxels of the fixed grid, warped(x) = moving(x + u(x))), disp.npz,
-    warped.nii.gz, warped_labels.nii.gz (with --moving-labels) and summary.json, and prints
+    Writes disp.nii.gz (voxels of the fixed grid, warped(x) = moving(x + u(x))), disp.npz
+    (the same array alone), disp_itk.nii.gz (the field for ITK, ANTs and 3D Slicer; see
+    `pddnet apply`), warped.nii.gz, warped_labels.nii.gz (with --moving-labels) and
+    summary.json, and prints
     per-stage times and Dice. The output folder is written as one transaction: it holds the
     previous result until the new one is complete, whatever interrupts the run.
     """

@@ -416,12 +416,14 @@ def _check_invertible(affine: np.ndarray, spacing, where: str) -> None:
 
 
 def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, *,
-               overwrite: bool = True) -> Path:
+               overwrite: bool = True, intent: str | None = None) -> Path:
     """Write ``array`` with ``affine`` to ``path`` (.nii or .nii.gz, gzip for the latter).
 
     Goes through :func:`atomic_write`. The sform and qform are both set (code 1, scanner) and
     the units to mm. Boolean arrays are written as uint8 and 64-bit integers as the smallest
-    integer type that holds them (NIfTI readers often reject int64).
+    integer type that holds them (NIfTI readers often reject int64). ``intent`` sets the
+    header's intent code by nibabel's name (``"vector"``: NIFTI_INTENT_VECTOR, 1007, what ITK
+    writes and reads for a displacement field of shape ``(i, j, k, 1, 3)``).
     """
     final = Path(path)
     if not _nifti_suffix(final):
@@ -441,6 +443,8 @@ def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, *
     img.header.set_xyzt_units("mm", "sec")
     img.set_sform(aff, code=1)
     img.set_qform(aff, code=1)
+    if intent is not None:
+        img.header.set_intent(intent)
     with atomic_write(final, overwrite=overwrite) as tmp:
         nib.save(img, str(tmp))
     return final
