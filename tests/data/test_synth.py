@@ -2,7 +2,9 @@
 
 Checks determinism, prefix stability, label statistics (presence, volumes, inside the body),
 HU ranges per tissue, the initial Dice of the inter-subject variation, the Learn2Reg layout and
-json, the folder-safety rules and the `pddnet data synth` command.
+json, the folder-safety rules and the `pddnet data synth` command; the MR-like contrast (same
+labels as the CT subject, deterministic, not HU, another tissue order, a bias field) and
+`pddnet train --intensity mr` on it.
 
 Not tested here: the `l2r` preset's speed (measured by hand, see the commit message) and its
 content beyond one smoke test of shape/affine, visual realism, byte-identical output across
@@ -308,10 +310,11 @@ def test_mr_bias_field_and_scale_vary_per_subject():
     assert max(scales) / min(scales) > 1.01
 
 
-def test_cli_synth_mr(tmp_path):
+def test_cli_synth_mr_and_train_an_mr_model(tmp_path):
+    """`pddnet data synth --contrast mr`, then `pddnet train --intensity mr` on it (1 step)."""
     seed = _fresh_seed()
     out = tmp_path / "mr"
-    res = CliRunner().invoke(main, ["data", "synth", "--out", str(out), "--subjects", "4",
+    res = CliRunner().invoke(main, ["data", "synth", "--out", str(out), "--subjects", "6",
                                     "--seed", str(seed), "--contrast", "mr", "--no-progress"])
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "PddnetSynth_dataset.json").read_text())
@@ -325,3 +328,14 @@ def test_cli_synth_mr(tmp_path):
     np.testing.assert_array_equal(np.asarray(lab.dataobj), ct_lab)
     with pytest.raises(PddnetError, match="unknown contrast"):
         synthesize_subject("small", 0, 0, contrast="pet")
+    pytest.importorskip("torch")
+    from pddnet.model.checkpoint import read_checkpoint
+
+    args = ["train", "--data", str(out), "--preset", "tiny", "--iterations", "1", "--threads", "1",
+            "--out", str(tmp_path / "mr.pt")]
+    res = CliRunner().invoke(main, args + ["--intensity", "mr"])
+    assert res.exit_code == 0, res.output
+    assert read_checkpoint(tmp_path / "mr.pt")["config"]["intensity"] == {
+        "mode": "mr", "z_lower": -2.0, "z_upper": 3.0}
+    res = CliRunner().invoke(main, args + ["--intensity", "pet"])
+    assert res.exit_code == 2 and "'pet' is not one of 'ct', 'mr'" in res.output

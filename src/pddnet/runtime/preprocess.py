@@ -319,10 +319,10 @@ def _check_content(vol: Volume, role: str, info: ModelInfo, notes: list[str]) ->
     if why:
         notes.append(f"{role}: warning: this image does not look like CT in Hounsfield units "
                      f"({why}), but the model's intensity normalisation is ct (HU window "
-                     f"[{it.lower:g}, {it.upper:g}]), so its input will be nearly constant and "
-                     "the registration meaningless; for MR or other images without an absolute "
-                     "scale use a model trained with `pddnet train --intensity mr`, or convert "
-                     "the scan to HU")
+                     f"[{it.lower:g}, {it.upper:g}]): it is normalised as if it were HU, which "
+                     "is not what the model learnt, and the result will be wrong; for MR or "
+                     "other images without an absolute scale use a model trained with `pddnet "
+                     "train --intensity mr`, or convert the scan to HU")
     elif hi <= it.lower or lo >= it.upper:
         notes.append(f"{role}: warning: intensities [{lo:g}, {hi:g}] lie outside the model's "
                      f"window [{it.lower:g}, {it.upper:g}] HU")
