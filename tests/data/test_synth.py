@@ -2,7 +2,9 @@
 
 Checks determinism, prefix stability, label statistics (presence, volumes, inside the body),
 HU ranges per tissue, the initial Dice of the inter-subject variation, the Learn2Reg layout and
-json, the folder-safety rules and the `pddnet data synth` command.
+json, the folder-safety rules and the `pddnet data synth` command; the MR-like contrast (same
+labels as the CT subject, deterministic, not HU, another tissue order, a bias field) and
+`pddnet train --intensity mr` on it.
 
 Not tested here: the `l2r` preset's speed (measured by hand, see the commit message) and its
 content beyond one smoke test of shape/affine, visual realism, byte-identical output across
@@ -265,3 +267,75 @@ def test_cli_synth_tiny(tmp_path):
                                "--subjects", "4", "--no-progress"])
     assert res.exit_code == 2
     assert "--overwrite" in res.output
+
+
+# ------------------------------------------------------------------ MR-like contrast
+def test_mr_same_anatomy_deterministic_and_not_hu():
+    seed = _fresh_seed()
+    index = int(np.random.default_rng(seed).integers(0, 6))
+    ct, lab, aff = synthesize_subject("small", seed, index)
+    mr, lab_mr, aff_mr = synthesize_subject("small", seed, index, contrast="mr")
+    again, _, _ = synthesize_subject("small", seed, index, contrast="mr")
+    assert mr.dtype == np.float32 and mr.shape == ct.shape
+    assert lab_mr.tobytes() == lab.tobytes()  # same subject, same labels
+    np.testing.assert_array_equal(aff_mr, aff)
+    assert again.tobytes() == mr.tobytes()  # deterministic per (seed, index)
+    other, _, _ = synthesize_subject("small", seed + 1, index, contrast="mr")
+    assert not np.array_equal(other, mr)
+    # no absolute unit: no air at about -1000, values not integer HU
+    p1, p99 = np.percentile(mr, [1, 99])
+    assert p1 > -0.05 * p99 and not np.array_equal(mr, np.rint(mr))
+    # another tissue order than CT's: fat brighter than the liver, bone darker
+    liver = lab == 6
+    fat = (lab == 0) & (ct > -130) & (ct < -70)
+    bone = ct > 500
+    assert np.median(ct[fat]) < np.median(ct[liver]) < np.median(ct[bone])
+    assert np.median(mr[fat]) > np.median(mr[liver]) > np.median(mr[bone])
+
+
+def test_mr_bias_field_and_scale_vary_per_subject():
+    """On a uniform tissue the MR image is ``a * (s * bias + noise) + b``: its smooth part
+    (a wide Gaussian filter) varies far more than averaged noise would, and ``a`` differs per
+    subject."""
+    p = PRESETS["small"]
+    uniform = np.full(p.shape, 60.0, np.float32)  # liver HU everywhere
+    scales = []
+    for k in range(3):
+        img = synth._mr_contrast(uniform, p, np.random.default_rng(_fresh_seed() + k))
+        smooth = ndimage.gaussian_filter(img.astype(np.float64), 4.0)
+        resid = img - smooth
+        # without a bias field std(smooth) would be ~ std(noise) / 35 (a 4-voxel Gaussian)
+        assert smooth.std() > 1.0 * resid.std(), (smooth.std(), resid.std())
+        scales.append(resid.std())
+    assert max(scales) / min(scales) > 1.01
+
+
+def test_cli_synth_mr_and_train_an_mr_model(tmp_path):
+    """`pddnet data synth --contrast mr`, then `pddnet train --intensity mr` on it (1 step)."""
+    seed = _fresh_seed()
+    out = tmp_path / "mr"
+    res = CliRunner().invoke(main, ["data", "synth", "--out", str(out), "--subjects", "6",
+                                    "--seed", str(seed), "--contrast", "mr", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "PddnetSynth_dataset.json").read_text())
+    assert doc["modality"] == {"0": "MR"} and doc["pddnet"]["contrast"] == "mr"
+    img = nib.load(out / "imagesTr" / "PddnetSynth_0001_0000.nii.gz")
+    lab = nib.load(out / "labelsTr" / "PddnetSynth_0001_0000.nii.gz")
+    mr, ct_lab = synthesize_subject("small", seed, 0, contrast="mr")[0], \
+        synthesize_subject("small", seed, 0)[1]
+    assert img.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(np.asarray(img.dataobj), mr)
+    np.testing.assert_array_equal(np.asarray(lab.dataobj), ct_lab)
+    with pytest.raises(PddnetError, match="unknown contrast"):
+        synthesize_subject("small", 0, 0, contrast="pet")
+    pytest.importorskip("torch")
+    from pddnet.model.checkpoint import read_checkpoint
+
+    args = ["train", "--data", str(out), "--preset", "tiny", "--iterations", "1", "--threads", "1",
+            "--out", str(tmp_path / "mr.pt")]
+    res = CliRunner().invoke(main, args + ["--intensity", "mr"])
+    assert res.exit_code == 0, res.output
+    assert read_checkpoint(tmp_path / "mr.pt")["config"]["intensity"] == {
+        "mode": "mr", "z_lower": -2.0, "z_upper": 3.0}
+    res = CliRunner().invoke(main, args + ["--intensity", "pet"])
+    assert res.exit_code == 2 and "'pet' is not one of 'ct', 'mr'" in res.output

@@ -27,7 +27,8 @@ def test_load_parses_metadata(tmp_path):
     lm = load_model(p)
     info = lm.info
     assert info.image_shape == SHAPE and info.spacing_mm == (4.0, 4.5, 5.0)
-    assert info.intensity == {"lower": -1000.0, "upper": 1500.0, "scale": 500.0}
+    # the fake metadata has no "mode" (written before modes existed): it reads as ct
+    assert info.intensity == {"mode": "ct", "lower": -1000.0, "upper": 1500.0, "scale": 500.0}
     assert info.outputs == ("disp", "grid_disp", "probs", "entropy")
     assert info.precision == {"mode": "fp32"} and info.num_labels == 13
     assert info.config["channels"] == 4 and len(info.sha256) == 64

@@ -117,6 +117,10 @@ METADATA_CASES = [
     ("intensity_list", _input(intensity=[1, 2, 3]), "intensity is [1, 2, 3]"),
     ("intensity_order", _input(intensity={"lower": 5, "upper": 1, "scale": 1}),
      "not a valid normalisation"),
+    ("intensity_mode", _input(intensity={"mode": "MR", "z_lower": -2, "z_upper": 3}),
+     "mode must be one of ['ct', 'mr']"),
+    ("intensity_mr_missing", _input(intensity={"mode": "mr", "z_lower": -2}),
+     "mode 'mr' needs z_lower, z_upper; missing z_upper"),
     ("orientation_int", _input(orientation=5), "orientation is 5 (int)"),
     # outputs / precision / source / format
     ("outputs_str", {C.META_OUTPUTS: "disp"}, "pddnet.outputs is 'disp' (str)"),
@@ -192,7 +196,7 @@ def test_disp_output_must_have_the_metadata_shape(dims, ok):
 def test_valid_metadata_reads_as_before(tmp_path):
     info = load_model(save_model(BASE, tmp_path / "m.onnx")).info
     assert info.image_shape == SHAPE and info.num_labels == 13 and info.orientation == "RAS"
-    assert info.intensity == {"lower": -1000.0, "upper": 1500.0, "scale": 500.0}
+    assert info.intensity == {"mode": "ct", "lower": -1000.0, "upper": 1500.0, "scale": 500.0}
     # null spacing / num_labels and a num_labels in the config are still fine
     info = read_model_info(_with_meta({**_input(spacing_mm=None, num_labels=_DEL),
                                        **_config(num_labels=4)}))
@@ -236,7 +240,12 @@ CONFIG_CASES = [
     ("alpha_str", {"alpha_init": "abcdef"}, "alpha_init must be 6 finite numbers"),
     ("alpha_nan", {"alpha_init": [1, 2, 3, 4, 5, float("nan")]}, "alpha_init must be 6"),
     ("penalty_str", {"penalty_init": "x"}, "penalty_init must be a finite number"),
-    ("intensity_str", {"intensity": "ct"}, "intensity must be {lower, upper, scale}"),
+    ("intensity_str", {"intensity": "ct"}, "intensity must be {mode, ...}"),
+    ("intensity_mode", {"intensity": {"mode": "pet"}}, "mode must be one of ['ct', 'mr']"),
+    ("intensity_mixed", {"intensity": {"mode": "mr", "z_lower": -2, "z_upper": 3, "scale": 5}},
+     "unknown keys ['scale'] for mode 'mr'"),
+    ("intensity_z_order", {"intensity": {"mode": "mr", "z_lower": 3, "z_upper": -2}},
+     "needs z_upper > z_lower"),
     ("intensity_extra", {"intensity": {"lower": 0, "upper": 1, "scale": 1, "gamma": 2}},
      "intensity has unknown keys"),
     ("intensity_nan", {"intensity": {"lower": float("nan"), "upper": 1, "scale": 1}},
@@ -388,8 +397,13 @@ def test_property_model_metadata_reads_or_refuses_with_one_line(changes, disp_di
     # what passed has the types the runtime relies on
     assert len(info.image_shape) == 3 and all(type(n) is int and 6 <= n <= 1024
                                               for n in info.image_shape)
-    assert all(math.isfinite(v) for v in info.intensity.values())
-    assert info.intensity["upper"] > info.intensity["lower"] and info.intensity["scale"] != 0
+    it = info.normalisation
+    assert it.mode in ("ct", "mr") and info.intensity == it.as_dict()
+    if it.mode == "ct":
+        assert all(math.isfinite(v) for v in (it.lower, it.upper, it.scale))
+        assert it.upper > it.lower and it.scale != 0
+    else:
+        assert math.isfinite(it.z_lower) and math.isfinite(it.z_upper) and it.z_upper > it.z_lower
     assert info.spacing_mm is None or all(math.isfinite(s) and s > 0 for s in info.spacing_mm)
     assert info.num_labels is None or (type(info.num_labels) is int and
                                        0 <= info.num_labels <= 255)

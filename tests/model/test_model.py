@@ -2,7 +2,7 @@
 
 Known-answer registration with identity-like features; the published size of the paper
 preset; checkpoint round trip and refusal of pickled objects; training determinism and
-resume. Not tested here: registration quality of trained weights (a benchmark:
+resume; an ``mr`` model's training is independent of the input intensity scale. Not tested here: registration quality of trained weights (a benchmark:
 ``pddnet evaluate``), the ops one by one (tests/model/test_ops.py).
 """
 
@@ -18,7 +18,7 @@ from pddnet.model import losses
 from pddnet.model.checkpoint import load_model, read_checkpoint, save_checkpoint
 from pddnet.model.network import PDDNet
 from pddnet.model.train import TrainOptions, train
-from pddnet.spec.config import PDDConfig, preset
+from pddnet.spec.config import Intensity, PDDConfig, preset
 
 
 @pytest.fixture
@@ -194,3 +194,25 @@ def test_diffusion_penalty_known_value():
     g[..., 0] = torch.arange(4, dtype=torch.float64).view(4, 1, 1) * 0.1  # slope 0.1 along i
     # mean over every element, the three displacement components included
     assert float(losses.diffusion_penalty(g)) == pytest.approx(0.01 / 3, abs=1e-12)
+
+
+def test_mr_training_does_not_depend_on_the_intensity_scale(tmp_path, rng):
+    """An ``mr`` model trained on ``a * image + b`` (a > 0) is the model trained on ``image``:
+    training normalises with the contract's z-score; a ``ct`` model is not (the control)."""
+    subjects = _toy_subjects(rng)
+    a, b = float(10 ** rng.uniform(-2, 2)), float(rng.uniform(-50, 50))
+    scaled = [((img.astype(np.float64) * a + b * a).astype(np.float32), lab)
+              for img, lab in subjects]
+    opts = TrainOptions(iterations=2, checkpoint_every=2, seed=int(rng.integers(1000)))
+    weights = {}
+    for mode in ("mr", "ct"):
+        cfg = preset("tiny", intensity=Intensity(mode=mode))
+        for name, data in (("plain", subjects), ("scaled", scaled)):
+            torch.manual_seed(0)
+            train(data, cfg, tmp_path / f"{mode}_{name}.pt", opts, progress=False)
+            ckpt = read_checkpoint(tmp_path / f"{mode}_{name}.pt")
+            assert ckpt["config"]["intensity"]["mode"] == mode
+            weights[mode, name] = ckpt["state_dict"]["features.conv1.weight"]
+    torch.testing.assert_close(weights["mr", "plain"], weights["mr", "scaled"], atol=1e-4,
+                               rtol=1e-3)
+    assert not torch.allclose(weights["ct", "plain"], weights["ct", "scaled"], atol=1e-3)

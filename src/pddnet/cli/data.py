@@ -29,9 +29,12 @@ def data() -> None:
 @click.option("--overwrite", is_flag=True,
               help="Write into a non-empty folder that is not a previous synth output.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--contrast", type=click.Choice(["ct", "mr"]), default="ct", show_default=True,
+              help="ct: int16 HU; mr: the same subjects and labels as MR-like float32 images "
+                   "(other tissue order, bias field, arbitrary scale and offset per subject).")
 @friendly
 def data_synth(out_dir: Path, subjects: int, seed: int, preset: str, overwrite: bool,
-               no_progress: bool) -> None:
+               no_progress: bool, contrast: str) -> None:
     """Write a synthetic abdominal CT dataset (images, 13 labels, dataset json).
 
     Prints the initial Dice (no registration) of every test and validation pair and the time
@@ -40,7 +43,7 @@ def data_synth(out_dir: Path, subjects: int, seed: int, preset: str, overwrite: 
     from pddnet.data.synth import write_dataset
 
     report = write_dataset(out_dir, subjects=subjects, seed=seed, preset=preset,
-                           progress=not no_progress, overwrite=overwrite)
+                           progress=not no_progress, overwrite=overwrite, contrast=contrast)
     click.echo(report.summary())
 
 

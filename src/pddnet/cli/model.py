@@ -32,17 +32,24 @@ from pddnet.errors import PddnetError
 @click.option("--threads", type=click.IntRange(min=1), help="torch intra-op threads.")
 @click.option("--device", default="cpu", show_default=True,
               help="torch device to train on ('cuda' with a CUDA build of torch and a GPU).")
+@click.option("--intensity", "intensity_mode", type=click.Choice(["ct", "mr"]), default="ct",
+              show_default=True,
+              help="Intensity normalisation, part of the model: ct = the HU window; mr = z-score "
+                   "within the foreground (MR or any image without an absolute scale).")
 @friendly
 def train_cmd(data_dir, preset_name, iterations, out, init, grid, resume, lr, diffusion_weight,
-              minconv, seed, no_augment, checkpoint_every, threads, device) -> None:
+              minconv, seed, no_augment, checkpoint_every, threads, device,
+              intensity_mode) -> None:
     """Train PDD-Net (non-local label loss + diffusion penalty) and write a checkpoint."""
     from pddnet.model.train import TrainOptions, load_training_subjects, train
-    from pddnet.spec.config import preset
+    from pddnet.spec.config import Intensity, preset
 
     subjects, meta = load_training_subjects(data_dir)
     overrides = {"minconv": minconv} if minconv else {}
     if grid:
         overrides["grid"] = (grid, grid, grid)
+    if intensity_mode != "ct":
+        overrides["intensity"] = Intensity(mode=intensity_mode)
     cfg = preset(preset_name, **overrides)
     opts = TrainOptions(iterations=iterations, lr=lr, diffusion_weight=diffusion_weight,
                         seed=seed, augment=not no_augment, checkpoint_every=checkpoint_every,

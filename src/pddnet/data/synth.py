@@ -20,6 +20,10 @@ the back and psoas muscles, so labels cannot overlap and always lie inside the b
 
 Labels are the 13 of the Learn2Reg abdomen CT-CT task, numbered as there (see :data:`LABELS`).
 
+``contrast="mr"`` renders the same subject (same labels) as an MR-like image instead: another
+tissue order, a smooth multiplicative bias field, noise, and an arbitrary intensity scale and
+offset per subject (:func:`_mr_contrast`), for models with the ``mr`` intensity normalisation.
+
 Dataset layout and splits (:func:`write_dataset`): Learn2Reg's ``imagesTr/`` (int16 HU),
 ``labelsTr/`` (uint8) and ``PddnetSynth_dataset.json``. With N >= 8 subjects the last 4 are
 the test subjects, the 2 before them validation and the rest training. With 4 <= N < 8 the
@@ -1164,12 +1168,49 @@ def _acquire(img: np.ndarray, preset: SynthPreset, nrng: np.random.Generator,
     return img
 
 
-def _render(preset: SynthPreset, seed: int, index: int):
+#: The contrasts :func:`synthesize_subject` renders.
+CONTRASTS = ("ct", "mr")
+
+#: MR-like tissue contrast: piecewise-linear map from the painted (noise-free) HU to a relative
+#: signal in [0, 1], T1-weighted-like: fat bright, fluid and bone dark, liver brighter than
+#: spleen and muscle, enhanced vessels bright, air dark. The order of the tissues differs from
+#: CT's (fat is darker than every soft tissue in CT, bone the brightest).
+_MR_KNOTS_HU = (-1024.0, -300.0, -120.0, -80.0, 0.0, 15.0, 30.0, 45.0, 60.0, 120.0, 250.0,
+                400.0, 3071.0)
+_MR_KNOTS_SIGNAL = (0.02, 0.05, 0.95, 0.9, 0.12, 0.15, 0.35, 0.4, 0.62, 0.8, 0.85, 0.25, 0.15)
+
+
+def _mr_contrast(hu: np.ndarray, preset: SynthPreset, mrng: np.random.Generator
+                 ) -> np.ndarray:
+    """An MR-like image of the painted HU image ``hu`` (float32, before blur and noise).
+
+    Tissue contrast (:data:`_MR_KNOTS_HU` -> :data:`_MR_KNOTS_SIGNAL`), a smooth multiplicative
+    bias field ``exp(b(x))`` (a low-frequency Fourier field, about 15% RMS: coil sensitivity),
+    the scanner blur, Gaussian noise of 2% of the tissue range, then an arbitrary intensity
+    scale ``a`` (log-uniform in [0.5, 5000]) and offset ``b`` (uniform in [-0.02, 0.2] * a,
+    so air stays near 0 as in magnitude images): MR has no absolute unit. Everything random
+    comes from ``mrng``."""
+    sig = np.interp(hu, _MR_KNOTS_HU, _MR_KNOTS_SIGNAL).astype(np.float32)
+    field = _Field(mrng, 3, (300.0, 700.0), 0.15)
+    axes = [(np.arange(n, dtype=np.float32) - (n - 1) / 2.0) * np.float32(preset.spacing)
+            for n in preset.shape]
+    sig *= np.exp(field(*axes)).astype(np.float32)
+    sig = ndimage.gaussian_filter(sig, sigma=0.6 * 2.0 / preset.spacing + 0.25,
+                                  mode="nearest", truncate=3.0)
+    sig += mrng.standard_normal(sig.shape, dtype=np.float32) * np.float32(0.02)
+    scale = float(np.exp(mrng.uniform(np.log(0.5), np.log(5000.0))))
+    offset = float(mrng.uniform(-0.02, 0.2)) * scale
+    return (sig * np.float32(scale) + np.float32(offset)).astype(np.float32)
+
+
+def _render(preset: SynthPreset, seed: int, index: int, contrast: str = "ct"):
     """Render subject ``(seed, index)`` on ``preset``'s grid: ``(image, labels, affine)`` as
     returned by :func:`synthesize_subject`.
 
     Two random streams: one for the anatomy (subject parameters, then every structure, in a
-    fixed order) and one for the image noise, so the anatomy is the same at every preset.
+    fixed order) and one for the image noise, so the anatomy is the same at every preset. The
+    MR contrast draws from a third stream, so the anatomy (and the labels) are those of the CT
+    subject and the CT images do not depend on whether MR is rendered.
     """
     rng = np.random.default_rng(np.random.SeedSequence([0x5D7A, seed, index, 0]))
     nrng = np.random.default_rng(np.random.SeedSequence([0x5D7A, seed, index, 1]))
@@ -1194,6 +1235,9 @@ def _render(preset: SynthPreset, seed: int, index: int):
     cv.lab[~cavity] = 0
     cv.lab[bone] = 0
     del cavity, bone, ok_all, cv.t
+    if contrast == "mr":
+        mrng = np.random.default_rng(np.random.SeedSequence([0x5D7A, seed, index, 2]))
+        return _mr_contrast(cv.img, preset, mrng), cv.lab, preset_affine(preset)
     img = _acquire(cv.img, preset, nrng, subj.noise_sd)
     return img, cv.lab, preset_affine(preset)
 
@@ -1212,21 +1256,25 @@ def _union_box(*boxes):
 # Public API
 # --------------------------------------------------------------------------------------------
 
-def synthesize_subject(preset: str | SynthPreset, seed: int, index: int
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def synthesize_subject(preset: str | SynthPreset, seed: int, index: int, *,
+                       contrast: str = "ct") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render subject ``index`` of the dataset with ``seed``.
 
-    Returns ``(image, labels, affine)``: float32 HU (integer-valued, in [-1024, 3071]),
-    uint8 labels (:data:`LABELS`), and the 4x4 RAS+ affine of the preset grid. The content
-    depends only on ``(seed, index)`` (the anatomy is the same at every preset; only the
-    resolution and the noise differ).
+    Returns ``(image, labels, affine)``: float32 HU (integer-valued, in [-1024, 3071]) for
+    ``contrast="ct"``, an MR-like float32 image in arbitrary units for ``"mr"``
+    (:func:`_mr_contrast`: other tissue order, bias field, per-subject scale and offset);
+    uint8 labels (:data:`LABELS`, the same for both contrasts), and the 4x4 RAS+ affine of the
+    preset grid. The content depends only on ``(seed, index)`` (the anatomy is the same at
+    every preset; only the resolution and the noise differ).
     """
     p = _preset(preset)
+    if contrast not in CONTRASTS:
+        raise PddnetError(f"unknown contrast {contrast!r}; choose one of {list(CONTRASTS)}")
     if int(seed) != seed or seed < 0:
         raise PddnetError(f"seed must be a non-negative integer, got {seed!r}")
     if int(index) != index or index < 0:
         raise PddnetError(f"subject index must be a non-negative integer, got {index!r}")
-    return _render(p, int(seed), int(index))
+    return _render(p, int(seed), int(index), contrast)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1335,10 +1383,12 @@ def _pair_dice(fixed: np.ndarray, moving: np.ndarray, fname: str, mname: str) ->
 
 
 def write_dataset(out_dir: str | Path, *, subjects: int, seed: int, preset: str = "small",
-                  progress: bool = True, overwrite: bool = False) -> SynthReport:
+                  progress: bool = True, overwrite: bool = False,
+                  contrast: str = "ct") -> SynthReport:
     """Render ``subjects`` subjects and write them in the Learn2Reg layout under ``out_dir``.
 
-    Writes ``imagesTr/<name>_0000.nii.gz`` (int16 HU), ``labelsTr/<name>_0000.nii.gz`` (uint8)
+    Writes ``imagesTr/<name>_0000.nii.gz`` (int16 HU; float32 arbitrary units for
+    ``contrast="mr"``, :func:`synthesize_subject`), ``labelsTr/<name>_0000.nii.gz`` (uint8)
     and ``PddnetSynth_dataset.json`` (see the module docstring for the split and the pairs),
     as one transaction (:func:`pddnet._files.atomic_directory`: the folder holds its previous
     content until the new dataset is complete). Refuses a non-empty folder unless it holds a
@@ -1349,6 +1399,8 @@ def write_dataset(out_dir: str | Path, *, subjects: int, seed: int, preset: str 
     from pddnet._files import atomic_directory, write_json
 
     p = _preset(preset)
+    if contrast not in CONTRASTS:
+        raise PddnetError(f"unknown contrast {contrast!r}; choose one of {list(CONTRASTS)}")
     if int(subjects) != subjects:
         raise PddnetError(f"subjects must be an integer, got {subjects!r}")
     if int(seed) != seed or seed < 0:
@@ -1367,8 +1419,8 @@ def write_dataset(out_dir: str | Path, *, subjects: int, seed: int, preset: str 
     # everything else in the folder is carried into the new version (hard links), then replaced
     # file by file where this dataset writes
     with atomic_directory(out, overwrite=True, keep=lambda name: name != json_name) as stage:
-        report = _write_subjects(stage, out, p, seed, names, split, progress)
-        doc = _dataset_json(p, seed, names, split, report)
+        report = _write_subjects(stage, out, p, seed, names, split, progress, contrast)
+        doc = _dataset_json(p, seed, names, split, report, contrast)
         write_json(stage / json_name, doc)
         if previous is not None:  # files of the previous synth output that are no longer listed
             listed = {e["image"] for e in doc["training"]} | {e["label"] for e in doc["training"]}
@@ -1382,7 +1434,7 @@ def write_dataset(out_dir: str | Path, *, subjects: int, seed: int, preset: str 
 
 
 def _write_subjects(stage: Path, out: Path, p: SynthPreset, seed: int, names: list[str],
-                    split: dict, progress: bool) -> "SynthReport":
+                    split: dict, progress: bool, contrast: str = "ct") -> "SynthReport":
     """Render and write every subject into ``stage`` (the staging folder of ``out``)."""
     from tqdm import tqdm
 
@@ -1397,11 +1449,11 @@ def _write_subjects(stage: Path, out: Path, p: SynthPreset, seed: int, names: li
     for i, name in enumerate(tqdm(names, desc=f"synth {p.name}", unit="subject",
                                   disable=not progress)):
         t0 = time.perf_counter()
-        img, lab, aff = synthesize_subject(p, seed, i)
+        img, lab, aff = synthesize_subject(p, seed, i, contrast=contrast)
         t1 = time.perf_counter()
         ip = Path("imagesTr") / f"{name}_0000.nii.gz"
         lp = Path("labelsTr") / f"{name}_0000.nii.gz"
-        save_nifti(stage / ip, img.astype(np.int16), aff)
+        save_nifti(stage / ip, img.astype(np.int16) if contrast == "ct" else img, aff)
         save_nifti(stage / lp, lab, aff)
         ip, lp = out / ip, out / lp
         report.synth_seconds.append(t1 - t0)
@@ -1418,23 +1470,24 @@ def _write_subjects(stage: Path, out: Path, p: SynthPreset, seed: int, names: li
 
 
 def _dataset_json(p: SynthPreset, seed: int, names: list[str], split: dict,
-                  report: "SynthReport") -> dict:
-    """The Learn2Reg dataset json of a synth output (with pddnet's own block)."""
+                  report: "SynthReport", contrast: str = "ct") -> dict:
+    """The Learn2Reg dataset json of a synth output (with pddnet's own block; an MR output
+    says so in ``modality``, ``description`` and ``pddnet.contrast``)."""
 
     def rel(kind: str, name: str) -> str:
         return f"./{kind}/{name}_0000.nii.gz"
 
-    return {
+    doc = {
         "name": DATASET_NAME,
-        "description": "Synthetic abdominal CT with the 13 Learn2Reg abdomen labels, "
-                       "generated by pddnet.data.synth",
+        "description": f"Synthetic abdominal {contrast.upper()}{'-like' if contrast == 'mr' else ''}"
+                       " with the 13 Learn2Reg abdomen labels, generated by pddnet.data.synth",
         "release": GENERATOR_VERSION,
         "licence": "synthetic data, no restrictions",
         "reference": "pddnet",
         "pairings": "unpaired",
         "provided_data": {"0": ["image", "label"]},
         "registration_direction": {"fixed": 0, "moving": 0},
-        "modality": {"0": "CT"},
+        "modality": {"0": contrast.upper()},
         "img_shift": {"fixed": "Patient_A", "moving": "Patient_B"},
         "labels": {"0": {str(k): v for k, v in LABELS.items()}},
         "tensorImageSize": {"0": "3D"},
@@ -1465,3 +1518,6 @@ def _dataset_json(p: SynthPreset, seed: int, names: list[str], split: dict,
                              "val_mean": round(report.mean_val_dice, 6)},
         },
     }
+    if contrast != "ct":  # CT outputs stay byte-identical to those written before MR existed
+        doc["pddnet"]["contrast"] = contrast
+    return doc

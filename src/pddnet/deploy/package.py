@@ -43,6 +43,7 @@ from pddnet.errors import PddnetError
 from pddnet.graph.model import LoadedModel, load_model
 from pddnet.runtime.bundle import MANIFEST, PREPROCESSING, SCHEMA, verify_folder
 from pddnet.spec import contract as C
+from pddnet.spec.config import INTENSITY_FORMULAS, Intensity
 from pddnet.spec.metadata import metadata_value
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -153,7 +154,7 @@ def check_contract(models: Sequence[SourceModel]) -> dict[str, Any]:
         "inputs": [C.INPUT_FIXED, C.INPUT_MOVING], "dtype": "float32",
         "shape": [1, 1, *want["image_shape"]],
         **want,
-        "normalisation": "clip(HU, intensity.lower, intensity.upper) / intensity.scale",
+        "normalisation": INTENSITY_FORMULAS[Intensity.from_dict(want["intensity"]).mode],
         "resampling": "the model grid is image_shape voxels over the fixed scan's field of view "
                       "(RAS+ after reorientation, voxel faces aligned, align_corners=False); "
                       "trilinear; the moving scan through the affines when on another grid",

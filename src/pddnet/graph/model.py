@@ -17,7 +17,15 @@ import onnx
 
 from pddnet.errors import PddnetError
 from pddnet.spec import contract as C
-from pddnet.spec.config import MAX_NUM_LABELS, PDDConfig, check_image_shape, is_int, is_real, show
+from pddnet.spec.config import (
+    MAX_NUM_LABELS,
+    Intensity,
+    PDDConfig,
+    check_image_shape,
+    is_int,
+    is_real,
+    show,
+)
 from pddnet.spec.metadata import metadata_value, raw_metadata
 
 #: ONNX domains that are standard (everything else must be defined as a local function).
@@ -32,7 +40,10 @@ class ModelInfo:
         image_shape: the model grid ``(I, J, K)`` in voxels (RAS+ axes).
         spacing_mm: voxel size in mm the model was trained at, per axis (``None`` when the
             exporter did not know it; the runtime then cannot check input spacing).
-        intensity: ``{"lower", "upper", "scale"}``: input is ``clip(HU, lower, upper) / scale``.
+        intensity: the normalisation, :meth:`~pddnet.spec.config.Intensity.as_dict`:
+            ``{"mode": "ct", "lower", "upper", "scale"}`` or ``{"mode": "mr", "z_lower",
+            "z_upper"}`` (metadata without ``mode``, written before modes existed, reads as
+            ``ct``); :meth:`normalisation` gives the :class:`Intensity`.
         outputs: output names present (``disp``, ``grid_disp`` and optionally ``probs``,
             ``entropy``).
         precision: ``{"mode": "fp32" | "fp16" | "int8", ...}``.
@@ -46,13 +57,19 @@ class ModelInfo:
     config: dict[str, Any]
     image_shape: tuple[int, int, int]
     spacing_mm: tuple[float, float, float] | None
-    intensity: dict[str, float]
+    intensity: dict[str, Any]
     orientation: str
     outputs: tuple[str, ...]
     precision: dict[str, Any]
     source: dict[str, Any] = field(default_factory=dict)
     num_labels: int | None = None
     sha256: str | None = None
+
+    @property
+    def normalisation(self) -> Intensity:
+        """The intensity contract as the :class:`Intensity` that
+        :func:`~pddnet.spec.config.normalise_intensity` applies."""
+        return Intensity.from_dict(self.intensity)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -240,7 +257,7 @@ def read_model_info(proto: onnx.ModelProto, *, path: Path | None = None,
     ``pddnet.config`` a valid ``PDDConfig`` (:mod:`pddnet.spec.config` bounds) with ``grid``,
     ``disp_size`` and ``capture``; ``pddnet.input``: ``image_shape`` three integers in
     [6, 1024], ``spacing_mm`` ``null`` or three positive finite numbers, ``intensity``
-    ``{lower, upper, scale}`` finite numbers (upper > lower, scale != 0), ``orientation`` a
+    an :class:`Intensity` dict (``mode`` ct or mr, default ct, with that mode's finite numbers), ``orientation`` a
     string, ``num_labels`` ``null`` or an integer in [0, 255]; ``pddnet.outputs`` a list of
     strings; ``pddnet.precision`` / ``pddnet.source`` objects; the graph's inputs and its
     ``disp`` output must have the shapes ``(1, 1, I, J, K)`` and ``(I, J, K, 3)``.
@@ -279,13 +296,16 @@ def read_model_info(proto: onnx.ModelProto, *, path: Path | None = None,
                    "null or three positive finite numbers (mm per voxel)")
     spacing = None if raw is None else tuple(float(s) for s in raw)
     ints = inp["intensity"]
-    if not isinstance(ints, dict) or not all(is_real(ints.get(k)) for k in
-                                             ("lower", "upper", "scale")):
-        raise _bad(where, f"{C.META_INPUT}.intensity", ints,
-                   "an object {lower, upper, scale} of finite numbers")
-    intensity = {k: float(ints[k]) for k in ("lower", "upper", "scale")}
-    if intensity["scale"] == 0 or intensity["upper"] <= intensity["lower"]:
-        raise PddnetError(f"{where}: metadata intensity {intensity} is not a valid normalisation")
+    expected = ('an object {"mode": "ct", lower, upper, scale} or {"mode": "mr", z_lower, '
+                "z_upper} of finite numbers (no mode: ct)")
+    if not isinstance(ints, dict):
+        raise _bad(where, f"{C.META_INPUT}.intensity", ints, expected)
+    try:
+        intensity = Intensity.from_dict(ints).as_dict()
+    except PddnetError as exc:
+        raise PddnetError(f"{where}: metadata {C.META_INPUT}.intensity is {show(ints)}, not a "
+                          f"valid normalisation ({exc}); expected {expected} -- re-export the "
+                          "model with `pddnet export`") from None
     orientation = inp.get("orientation", "RAS")
     if not isinstance(orientation, str) or not 0 < len(orientation) <= 16:
         raise _bad(where, f"{C.META_INPUT}.orientation", orientation, "a string such as 'RAS'")

@@ -16,15 +16,17 @@ import torch.nn.functional as F
 
 from pddnet.errors import PddnetError
 from pddnet.model import ops
-from pddnet.spec.config import PDDConfig
+from pddnet.spec.config import Intensity, PDDConfig
+from pddnet.spec.config import normalise_intensity as spec_normalise
 
 Tensor = torch.Tensor
 
 
-def normalise_intensity(hu, intensity) -> np.ndarray:
-    """Preprocessing contract: ``clip(HU, lower, upper) / scale`` as float32 (numpy)."""
-    return (np.clip(np.asarray(hu, dtype=np.float32), intensity.lower, intensity.upper)
-            / np.float32(intensity.scale)).astype(np.float32)
+def normalise_intensity(image, intensity: Intensity) -> np.ndarray:
+    """The preprocessing contract (:class:`~pddnet.spec.config.Intensity`, ``ct`` or ``mr``)
+    as float32 numpy: :func:`pddnet.spec.config.normalise_intensity`, the function the runtime
+    applies too."""
+    return spec_normalise(image, intensity)
 
 
 class ObeliskFeatures(nn.Module):

@@ -7,7 +7,11 @@ For the fixed scan (:func:`prepare_fixed`):
 3. define the *model grid*: ``image_shape`` voxels covering the fixed scan's field of view
    (voxel faces aligned, ``align_corners=False``), in the canonical axes; its spacing must be
    within ``spacing_tolerance`` (relative, per axis) of the spacing the model was trained at;
-4. resample the scan onto it (trilinear) and normalise: ``clip(HU, lower, upper) / scale``.
+4. resample the scan onto it (trilinear) and normalise its intensities on the model grid with
+   the model's contract (:func:`pddnet.spec.config.normalise_intensity`, the function training
+   used: ``ct`` ``clip(HU, lower, upper) / scale``, or ``mr`` a z-score within the foreground).
+   A ``ct`` model given an image that is clearly not in HU gets a warning note (and the hint to
+   use an ``mr`` model).
 
 For a moving scan (:func:`prepare_moving`): validate, reorient, and resample it onto the same
 model grid -- when it shares the fixed scan's grid with exactly the same map as the fixed scan,
@@ -39,6 +43,7 @@ from pddnet.data.io import DEFAULT_MAX_VOXELS, Volume, load_nifti, to_canonical
 from pddnet.errors import PddnetError
 from pddnet.graph.model import ModelInfo
 from pddnet.runtime.resample import resample, resize_map
+from pddnet.spec.config import normalise_intensity
 
 DEFAULT_SPACING_TOLERANCE = 0.30
 AFFINE_ATOL_MM = 1e-3
@@ -307,12 +312,42 @@ def _check_content(vol: Volume, role: str, info: ModelInfo, notes: list[str]) ->
     if lo == hi:
         raise PddnetError(f"{role} scan{_of(vol)}: the image is constant (every voxel is "
                           f"{lo:g}); there is nothing to register -- is it the right file?")
-    if hi - lo < 10.0:
-        notes.append(f"{role}: warning: intensities span only [{lo:g}, {hi:g}]; the model "
-                     "expects CT in Hounsfield units")
-    elif hi <= info.intensity["lower"] or lo >= info.intensity["upper"]:
+    it = info.normalisation
+    if it.mode != "ct":
+        return
+    why = not_hu_reason(vol.array)
+    if why:
+        notes.append(f"{role}: warning: this image does not look like CT in Hounsfield units "
+                     f"({why}), but the model's intensity normalisation is ct (HU window "
+                     f"[{it.lower:g}, {it.upper:g}]): it is normalised as if it were HU, which "
+                     "is not what the model learnt, and the result will be wrong; for MR or "
+                     "other images without an absolute scale use a model trained with `pddnet "
+                     "train --intensity mr`, or convert the scan to HU")
+    elif hi <= it.lower or lo >= it.upper:
         notes.append(f"{role}: warning: intensities [{lo:g}, {hi:g}] lie outside the model's "
-                     f"window [{info.intensity['lower']:g}, {info.intensity['upper']:g}] HU")
+                     f"window [{it.lower:g}, {it.upper:g}] HU")
+
+
+#: Heuristics of :func:`not_hu_reason`: CT in HU has air at about -1000 and tissue spanning
+#: hundreds of HU, so an image whose range is this narrow, whose maximum is this low or whose
+#: 1st percentile is this high is not HU.
+NOT_HU_MAX_SPAN, NOT_HU_MAX_TOP, NOT_HU_MIN_P1 = 10.0, 100.0, -500.0
+
+
+def not_hu_reason(image: np.ndarray) -> str:
+    """Why ``image`` is clearly not CT in Hounsfield units (``""`` when it may be): a span of
+    under :data:`NOT_HU_MAX_SPAN`, a maximum under :data:`NOT_HU_MAX_TOP` (no soft tissue or
+    bone), or no air: the 1st percentile above :data:`NOT_HU_MIN_P1`."""
+    lo, hi = float(image.min()), float(image.max())
+    if hi - lo < NOT_HU_MAX_SPAN:
+        return f"its values span only [{lo:g}, {hi:g}]"
+    if hi < NOT_HU_MAX_TOP:
+        return f"its maximum is {hi:g}, below {NOT_HU_MAX_TOP:g} (soft tissue is 0-100 HU)"
+    p1 = float(np.percentile(image, 1))
+    if p1 > NOT_HU_MIN_P1:
+        return (f"its 1st percentile is {p1:g}, above {NOT_HU_MIN_P1:g}: no air (about "
+                "-1000 HU) around the body")
+    return ""
 
 
 def _reorient(vol: Volume, role: str, notes: list[str]) -> Volume:
@@ -349,16 +384,13 @@ def _to_grid(array: np.ndarray, shape, vmap: np.ndarray) -> np.ndarray:
 
 
 def _normalise(arr: np.ndarray, info: ModelInfo) -> np.ndarray:
-    it = info.intensity
-    out = np.clip(arr, it["lower"], it["upper"]).astype(np.float32, copy=False)
-    out /= np.float32(it["scale"])
+    out = normalise_intensity(arr, info.normalisation)
     return out.reshape((1, 1) + out.shape)
 
 
 def _intensity_note(info: ModelInfo) -> str:
-    it = info.intensity
-    return (f"intensity: clipped to [{it['lower']:g}, {it['upper']:g}] HU and divided by "
-            f"{it['scale']:g} (the model's normalisation)")
+    it = info.normalisation
+    return f"intensity: {it.mode}, {it.describe()} (the model's normalisation)"
 
 
 def _resample_note(canon: Volume, grid_shape, grid_affine) -> str:

@@ -17,6 +17,8 @@ import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from pddnet.errors import PddnetError
 
 MINCONV_MODES = ("approx", "exact")
@@ -95,25 +97,125 @@ def check_image_shape(value: Any, *, name: str = "image_shape") -> tuple[int, in
     return shape  # type: ignore[return-value]
 
 
+#: Intensity normalisation modes: ``ct`` (a fixed Hounsfield window) and ``mr`` (a z-score
+#: within the image's own foreground, for images without an absolute intensity unit).
+INTENSITY_MODES = ("ct", "mr")
+_MODE_KEYS = {"ct": ("lower", "upper", "scale"), "mr": ("z_lower", "z_upper")}
+#: The formula of each mode, in the names of its fields (bundles' ``preprocessing.json``).
+INTENSITY_FORMULAS = {
+    "ct": "clip(HU, intensity.lower, intensity.upper) / intensity.scale",
+    "mr": "clip((v - mean_F) / std_F, intensity.z_lower, intensity.z_upper), F = the voxels "
+          "above the image mean",
+}
+
+
 @dataclass(frozen=True)
 class Intensity:
-    """CT intensity normalisation: ``x = clip(HU, lower, upper) / scale``."""
+    """Intensity normalisation, part of the model contract (chosen at training, recorded in the
+    checkpoint and the exported metadata, applied by :func:`normalise_intensity` in training and
+    in the runtime alike).
+
+    ``mode="ct"``: ``x = clip(HU, lower, upper) / scale`` (defaults map [-1000, 1500] HU onto
+    [-2, 3]).
+
+    ``mode="mr"``: ``x = clip((v - mean_F) / std_F, z_lower, z_upper)``, where ``F`` is the
+    image's foreground, the voxels brighter than the image's mean, and ``mean_F``/``std_F`` are
+    the mean and standard deviation of ``v`` over ``F``. Unchanged by any ``a * v + b`` with
+    ``a > 0`` (``F`` too is), so MR in arbitrary units needs no hand rescaling; the default clip
+    range [-2, 3] is the numeric range of the ``ct`` default. Chosen over a foreground
+    percentile window because the same tissue lands at more similar values across subjects with
+    bias fields (docs/benchmarks.md, "MR intensity normalisation").
+    """
 
     lower: float = -1000.0
     upper: float = 1500.0
     scale: float = 500.0
+    mode: str = "ct"
+    z_lower: float = -2.0
+    z_upper: float = 3.0
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.mode, str) and self.mode in INTENSITY_MODES):
+            raise PddnetError(f"invalid intensity normalisation: mode must be one of "
+                              f"{list(INTENSITY_MODES)} (ct: Hounsfield units; mr: MR or any "
+                              f"image without an absolute scale), got {show(self.mode)}")
+        keys = _MODE_KEYS[self.mode]
         bad = [f"{k} must be a finite number, got {show(getattr(self, k))}"
-               for k in ("lower", "upper", "scale") if not is_real(getattr(self, k))]
-        if not bad and (self.upper <= self.lower or self.scale == 0):
+               for k in keys if not is_real(getattr(self, k))]
+        if not bad and self.mode == "ct" and (self.upper <= self.lower or self.scale == 0):
             bad.append(f"needs upper > lower and scale != 0, got lower {self.lower}, upper "
                        f"{self.upper}, scale {self.scale}")
+        if not bad and self.mode == "mr" and self.z_upper <= self.z_lower:
+            bad.append(f"needs z_upper > z_lower, got z_lower {self.z_lower}, z_upper "
+                       f"{self.z_upper}")
+        other = [k for m, ks in _MODE_KEYS.items() if m != self.mode for k in ks
+                 if getattr(self, k) != _DEFAULTS[k]]
+        if other:
+            bad.append(f"{', '.join(other)} belong to another mode than {self.mode!r} (mode "
+                       f"{self.mode!r} uses {', '.join(keys)})")
         if bad:
             raise PddnetError("invalid intensity normalisation: " + "; ".join(bad))
+        for k in keys:
+            object.__setattr__(self, k, float(getattr(self, k)))
 
-    def as_dict(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
+    def as_dict(self) -> dict[str, Any]:
+        """``{"mode", ...}`` with the fields of this mode only (the metadata form)."""
+        return {"mode": self.mode, **{k: getattr(self, k) for k in _MODE_KEYS[self.mode]}}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Intensity":
+        """The inverse of :meth:`as_dict`; a dict without ``mode`` (written before modes
+        existed) is ``ct``. Keys of another mode, unknown keys or bad values raise
+        :class:`PddnetError`."""
+        if not isinstance(d, dict):
+            raise PddnetError(f"invalid intensity normalisation: expected an object {{mode, "
+                              f"...}}, got {show(d)}")
+        mode = d.get("mode", "ct")
+        if not (isinstance(mode, str) and mode in INTENSITY_MODES):
+            return cls(mode=mode)  # raises with the list of modes
+        allowed = ("mode",) + _MODE_KEYS[mode]
+        extra = [k for k in d if k not in allowed]
+        if extra:
+            raise PddnetError(f"invalid intensity normalisation: intensity has unknown keys "
+                              f"{_repr.repr(extra)} for mode {mode!r}; expected "
+                              f"{', '.join(allowed)}")
+        missing = [k for k in _MODE_KEYS[mode] if k not in d]
+        if missing:
+            raise PddnetError(f"invalid intensity normalisation: mode {mode!r} needs "
+                              f"{', '.join(_MODE_KEYS[mode])}; missing {', '.join(missing)}")
+        return cls(**d)
+
+    def describe(self) -> str:
+        """The formula in words, for notes and bundle descriptions."""
+        if self.mode == "ct":
+            return (f"clipped to [{self.lower:g}, {self.upper:g}] HU and divided by "
+                    f"{self.scale:g}")
+        return (f"z-score within the foreground (voxels above the image mean), clipped to "
+                f"[{self.z_lower:g}, {self.z_upper:g}]")
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Intensity)}
+
+
+def normalise_intensity(image: Any, intensity: Intensity) -> np.ndarray:
+    """The one implementation of the intensity contract (:class:`Intensity`): ``image`` (any
+    real array, on the model grid) -> float32 array of the same shape. Training and the runtime
+    both call this."""
+    if not isinstance(intensity, Intensity):
+        raise PddnetError(f"normalise_intensity: expected an Intensity, got {show(intensity)}")
+    if intensity.mode == "ct":
+        return (np.clip(np.asarray(image, dtype=np.float32), intensity.lower, intensity.upper)
+                / np.float32(intensity.scale)).astype(np.float32)
+    v = np.asarray(image, dtype=np.float64)  # statistics in float64, the result float32
+    fg = v[v > v.mean()] if v.size else v
+    std = float(fg.std()) if fg.size else 0.0
+    if not std > 0 or not math.isfinite(std):
+        raise PddnetError(
+            f"normalise_intensity (mr): the image has no foreground spread (values "
+            f"{float(v.min()) if v.size else 'none'}..{float(v.max()) if v.size else 'none'}); "
+            "a constant or two-valued image cannot be normalised -- is it the right scan?")
+    z = (v - float(fg.mean())) / std
+    return np.clip(z, intensity.z_lower, intensity.z_upper).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -134,7 +236,7 @@ class PDDConfig:
             and the softmax temperature.
         penalty_init: initial quadratic penalty (cost per squared displacement step) of the
             exact min-convolution; unused by ``approx``.
-        intensity: preprocessing contract for CT input.
+        intensity: the intensity normalisation (:class:`Intensity`: ``ct`` or ``mr``).
     """
 
     channels: int = 16
@@ -173,7 +275,8 @@ class PDDConfig:
             problems.append(f"penalty_init must be a finite number, got "
                             f"{show(self.penalty_init)}")
         if not isinstance(self.intensity, Intensity):
-            problems.append(f"intensity must be {{lower, upper, scale}}, got "
+            problems.append(f"intensity must be {{mode, ...}} (mode ct: lower, upper, scale; "
+                            f"mr: z_lower, z_upper), got "
                             f"{show(self.intensity)}")
         if grid_ok and disp_ok:
             volume = math.prod(int(g) for g in self.grid) * int(self.disp_size) ** 3
@@ -205,6 +308,7 @@ class PDDConfig:
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["intensity"] = self.intensity.as_dict()
         d["grid"] = list(self.grid)
         d["alpha_init"] = list(self.alpha_init)
         return d
@@ -223,13 +327,8 @@ class PDDConfig:
                               f"{sorted(known)}")
         d = dict(d)
         if isinstance(d.get("intensity"), dict):
-            ints = d["intensity"]
-            extra = [k for k in ints if k not in ("lower", "upper", "scale")]
-            if extra:
-                raise PddnetError(f"invalid PDDConfig: intensity has unknown keys "
-                                  f"{_repr.repr(extra)}; expected lower, upper, scale")
             try:
-                d["intensity"] = Intensity(**ints)
+                d["intensity"] = Intensity.from_dict(d["intensity"])
             except PddnetError as exc:
                 raise PddnetError(f"invalid PDDConfig: {exc}") from None
         for key in ("grid", "alpha_init"):
