@@ -225,6 +225,10 @@ class Registrar:
         self.info = self.loaded.info
         self.spacing_tolerance = float(spacing_tolerance)
         self.max_voxels = max_voxels
+        #: the labels Dice and HD95 are averaged over (``None``: every non-zero label of the
+        #: fixed or moving map); set it to a task's label list (the official evaluation
+        #: takes it from the task's config) to average over exactly those
+        self.metric_labels: list[int] | None = None
         opts = dict(backend_options or {})
         if threads is not None:
             opts["threads"] = threads
@@ -354,7 +358,7 @@ class Registrar:
         post_ms = (time.perf_counter() - t0) * 1e3
 
         t0 = time.perf_counter()
-        metrics = _metrics(disp, fixed, mov.labels, warped_labels)
+        metrics = _metrics(disp, fixed, mov.labels, warped_labels, self.metric_labels)
         metrics_ms = (time.perf_counter() - t0) * 1e3
 
         first = state.uses == 0
@@ -411,13 +415,14 @@ def _describe_volume(vol: Volume, given: Any) -> dict[str, Any]:
 
 
 def _metrics(disp: np.ndarray, fixed: PreparedFixed, moving_labels: Volume | None,
-             warped_labels: np.ndarray | None) -> dict[str, Any]:
+             warped_labels: np.ndarray | None, labels: list[int] | None = None
+             ) -> dict[str, Any]:
     """Field statistics (SDlogJ, % folding) always; Learn2Reg label metrics with both labels."""
     from pddnet import metrics as M
 
     if fixed.labels is None or moving_labels is None or warped_labels is None:
         return {"sdlogj": M.sdlogj(disp), **M.folding_counts(disp)}
     before = labels_on_fixed_grid(moving_labels, fixed.volume)
-    out = M.pair_metrics(fixed.labels.array, before, warped_labels, disp)
-    out["dice_mean_before"] = M.mean_dice(fixed.labels.array, before, before)
+    out = M.pair_metrics(fixed.labels.array, before, warped_labels, disp, labels=labels)
+    out["dice_mean_before"] = M.mean_dice(fixed.labels.array, before, before, labels=labels)
     return out
