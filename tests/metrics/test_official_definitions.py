@@ -6,7 +6,8 @@ scipy's default ``mode='constant', cval=0``: zero outside the grid), scores Dice
 NaN for labels absent from fixed or moving, SDlogJ as ``std(log(clip(J + 3, 1e-9, 1e9)))`` on
 the Jacobian cropped by 2 voxels, ``num_foldings`` as the count of ``clip(J + 3, ...) <= 0``,
 and aggregates cases by ``mean``, ``std`` and ``np.quantile`` at 0.3 (Dice, HD95) or 0.7
-(SDlogJ). The reference below is written from those definitions without pddnet's code: the
+(SDlogJ). The reference (tests/helpers/l2r_reference.py) is written from those definitions without
+pddnet's code: the
 warp as an explicit rule (inside ``0 <= c <= n - 1`` on every axis, index ``floor(c + 0.5)``),
 checked once against the literal official call, Dice by boolean masks, the Jacobian by
 ``np.gradient`` and ``np.linalg.det``.
@@ -27,6 +28,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from helpers.l2r_reference import official_warp_literal, ref_dice, ref_field_metrics, ref_warp
 from pddnet import metrics as M
 from pddnet.errors import PddnetError
 
@@ -36,58 +38,6 @@ def rng():
     seed = int(np.random.SeedSequence().entropy % (2**32))
     print(f"random seed {seed}")
     return np.random.default_rng(seed)
-
-
-# --------------------------------------------------------------------------- the reference
-def ref_warp(moving: np.ndarray, disp: np.ndarray) -> np.ndarray:
-    """Nearest neighbour with zero outside: the point x + u(x) must satisfy 0 <= c <= n - 1
-    on every axis (scipy's 'constant' mode), and is rounded half up."""
-    c = np.indices(disp.shape[:3], dtype=np.float64) + np.moveaxis(disp.astype(np.float64), -1, 0)
-    inside = np.ones(disp.shape[:3], bool)
-    idx = []
-    for a in range(3):
-        inside &= (c[a] >= 0) & (c[a] <= moving.shape[a] - 1)
-        idx.append(np.clip(np.floor(c[a] + 0.5).astype(np.int64), 0, moving.shape[a] - 1))
-    return np.where(inside, moving[tuple(idx)], 0).astype(moving.dtype)
-
-
-def official_warp_literal(moving: np.ndarray, disp: np.ndarray) -> np.ndarray:
-    """The official line itself, on float64 maps as nibabel's get_fdata gives them."""
-    D, H, W = disp.shape[:3]
-    identity = np.meshgrid(np.arange(D), np.arange(H), np.arange(W), indexing="ij")
-    return ndimage.map_coordinates(moving.astype(np.float64),
-                                   identity + disp.astype(np.float64).transpose(3, 0, 1, 2),
-                                   order=0)
-
-
-def ref_dice(fixed, moving, warped, labels):
-    out = []
-    for lab in labels:
-        f, w = fixed == lab, warped == lab
-        if not f.any() or not (moving == lab).any():
-            out.append(math.nan)
-        else:
-            out.append(2.0 * np.logical_and(f, w).sum() / (f.sum() + w.sum()))
-    return out
-
-
-def ref_jacobian(disp):
-    u = disp.astype(np.float64)
-    jac = np.empty(u.shape[:3] + (3, 3))
-    for comp in range(3):
-        grads = np.gradient(u[..., comp], axis=(0, 1, 2))  # central differences inside
-        for axis in range(3):
-            jac[..., comp, axis] = grads[axis] + (comp == axis)
-    return np.linalg.det(jac[2:-2, 2:-2, 2:-2])
-
-
-def ref_field_metrics(disp):
-    j = ref_jacobian(disp)
-    shifted = np.clip(j + 3.0, 1e-9, 1e9)
-    return {"sdlogj": float(np.log(shifted).std()),
-            "num_foldings": float((shifted <= 0).sum()),
-            "folding_voxels": int((j <= 0).sum()),
-            "folding_percent": 100.0 * float((j <= 0).sum()) / j.size}
 
 
 def smooth_labels(rng, shape, n_labels):
