@@ -80,7 +80,9 @@ class _ManyValuesCommand(click.Command):
               help="Largest scan accepted, in voxels (default 268435456 = 512x512x1024), "
                    "checked from each file's header before it is read.")
 @click.option("--l2r-half", is_flag=True,
-              help="Also write disp_l2r2020.npz (Learn2Reg 2020: half resolution, float16).")
+              help="Also write disp_l2r2020.npz (the Learn2Reg 2020 format: half resolution, "
+                   "float16). Evaluators since 2022 read full-resolution disp_*.nii.gz: use "
+                   "--data for a submission.")
 @click.option("--overwrite", is_flag=True,
               help="Replace existing output files (with --data: register every pair again).")
 @click.option("--json", "as_json", is_flag=True,
