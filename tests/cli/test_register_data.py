@@ -242,3 +242,42 @@ def _as_submission(folder):
     sub.mkdir()
     (sub / "disp_0005_0000_0006_0000.nii.gz").write_bytes((folder / "disp.nii.gz").read_bytes())
     return sub
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+def test_a_stopped_run_leaves_complete_files_and_resumes(dataset, tmp_path, sig):
+    """Stopped after its first file (kill -9 or Ctrl-C), a run leaves only complete fields (and
+    whole log lines); the next run skips them and registers the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "src"
+    out = tmp_path / "sub"
+    slow = ("import sys, time, nibabel; real = nibabel.save\n"
+            "def save(*a, **k):\n    r = real(*a, **k); time.sleep(1.5); return r\n"
+            "nibabel.save = save\nfrom pddnet.cli import main\nmain(sys.argv[1:])\n")
+    p = subprocess.Popen([sys.executable, "-c", slow, "register", "--model",
+                          str(dataset["model"]), "--data", str(dataset["root"]), "--out",
+                          str(out), "--threads", "1", "--no-progress"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "PYTHONPATH": str(src)})
+    t0 = time.time()
+    while not list(out.glob(".disp_*.partial*")) and not list(out.glob("disp_*")):
+        assert p.poll() is None, p.communicate()[0]
+        assert time.time() - t0 < 120
+        time.sleep(0.01)
+    p.send_signal(getattr(signal, sig))     # inside the first file's write (save sleeps after)
+    text, _ = p.communicate(timeout=120)
+    assert p.returncode in ((-9,) if sig == "SIGKILL" else (130,)), text
+    done = sorted(q.name for q in out.glob("disp_*"))
+    assert len(done) <= 1
+    res = _register(dataset, out, "--json", "--no-progress")
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert [r["status"] == "registered" for r in got["pairs"]].count(True) == 3 - len(done)
+    assert _files(out) == EXPECTED and not list(out.glob(".*"))
+    assert all(json.loads(line) for line in (out / "log.jsonl").read_text().splitlines())
