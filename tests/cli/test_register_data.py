@@ -181,6 +181,12 @@ def test_refusals(dataset, tmp_path):
              "--out", tmp_path / "v")
     assert r.exit_code == 2 and "no 'registration_val' list" in r.output
     assert not (tmp_path / "v").exists()
+    # a model that cannot be loaded: refused, and no empty submission folder is left
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not a model")
+    r = _run("register", "--model", bad, "--data", dataset["root"], "--out", tmp_path / "n" / "s")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "n").exists()
 
 
 def test_image_names_the_evaluation_cannot_read(dataset, tmp_path):

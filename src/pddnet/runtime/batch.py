@@ -216,9 +216,6 @@ def register_dataset(model: PathLike, data: PathLike, *, out: PathLike, split: s
     """
     import time
 
-    from tqdm import tqdm
-
-    from pddnet._files import folder_lock, sha256_file
     from pddnet.data.learn2reg import Learn2RegDataset, submission_name
 
     t_start = time.perf_counter()
@@ -240,10 +237,37 @@ def register_dataset(model: PathLike, data: PathLike, *, out: PathLike, split: s
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PddnetError(f"{out} exists and is not a folder; choose another output path")
+    created = [p for p in (out, *out.parents) if not p.exists()]  # removed again if unused
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PddnetError(f"cannot create {out} ({exc.strerror}); choose a writable location")
+    try:
+        return _register_pairs(ds, pairs, files, labels, model, out, split=split, names=names,
+                               threads=threads, backend=backend, providers=providers,
+                               overwrite=overwrite, spacing_tolerance=spacing_tolerance,
+                               echo=echo, progress=progress, refine=refine, stages=stages,
+                               stage2_model=stage2_model, precision=precision,
+                               max_voxels=max_voxels, t_start=t_start, data=data)
+    except BaseException:
+        for d in created:  # innermost first; rmdir refuses a folder that holds anything
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _register_pairs(ds, pairs, files, labels, model, out, *, split, names, threads, backend,
+                    providers, overwrite, spacing_tolerance, echo, progress, refine, stages,
+                    stage2_model, precision, max_voxels, t_start, data) -> dict[str, Any]:
+    """The body of :func:`register_dataset` once the inputs are checked and ``out`` exists."""
+    import time
+
+    from tqdm import tqdm
+
+    from pddnet._files import folder_lock, sha256_file
+
     records: list[dict[str, Any]] = []
     with folder_lock(out), \
             Registrar(model, backend, threads,
