@@ -215,3 +215,34 @@ def test_subject_name():
     assert subject_name("./imagesTr/AbdomenCTCT_0001_0000.nii.gz") == "AbdomenCTCT_0001"
     assert subject_name("NLST_0001_0001.nii.gz") == "NLST_0001_0001"
     assert subject_name("/x/case.nii") == "case"
+
+
+def test_images_ts_take_their_labels_from_labels_ts(tmp_path, rng):
+    """Learn2Reg ships test scans in imagesTs/ with labels in labelsTs/: the reader finds them
+    where the official evaluation looks (``images`` -> ``labels`` in the json's path), checks
+    their geometry, and counts labelled pairs."""
+    root, aff, doc = _make(tmp_path, rng, test=None)
+    ts = []
+    for n in ("Tiny_0006", "Tiny_0007"):
+        save_nifti(tmp_path / "imagesTs" / f"{n}_0000.nii.gz",
+                   rng.normal(0, 200, SHAPE).astype(np.float32), aff)
+        ts.append(f"./imagesTs/{n}_0000.nii.gz")
+    save_nifti(tmp_path / "labelsTs" / "Tiny_0006_0000.nii.gz",
+               rng.integers(0, 4, SHAPE).astype(np.uint8), aff)
+    doc["registration_test"] = [{"fixed": ts[0], "moving": ts[1]}]
+    (root / "Tiny_dataset.json").write_text(json.dumps(doc))
+    ds = Learn2RegDataset(root)
+    (pair,) = ds.pairs("test")
+    assert pair.fixed.label == tmp_path / "labelsTs" / "Tiny_0006_0000.nii.gz"
+    assert pair.moving.label is None                 # no label map: registered, not scored
+    info = ds.info()
+    assert info["splits"]["test"] == {"pairs": 1, "pairs_with_labels": 0}
+    assert info["problems"] == []
+    # a labelsTs map on another grid is a problem
+    save_nifti(tmp_path / "labelsTs" / "Tiny_0007_0000.nii.gz",
+               rng.integers(0, 4, (5, 5, 5)).astype(np.uint8), aff)
+    ds = Learn2RegDataset(root)
+    assert ds.info()["splits"]["test"] == {"pairs": 1, "pairs_with_labels": 1}
+    assert any("Tiny_0007 image vs label: shapes differ" in p for p in ds.problems())
+    r = CliRunner().invoke(main, ["data", "info", "--json", str(root)])
+    assert r.exit_code == 1 and json.loads(r.stdout)["problems"]

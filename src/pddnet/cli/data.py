@@ -49,18 +49,29 @@ def data_synth(out_dir: Path, subjects: int, seed: int, preset: str, overwrite: 
 
 @data.command("info")
 @click.argument("dataset", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (counts, geometry, labels, pairs per split, "
+                   "problems) instead of the text.")
 @friendly
-def data_info(dataset: Path) -> None:
+def data_info(dataset: Path, as_json: bool) -> None:
     """Describe a Learn2Reg dataset (a folder with one *_dataset.json, or the json itself).
 
-    Prints counts, geometry, label names, pairs per split and every problem found (missing
-    files, geometry mismatches); exits with status 1 when there are problems.
+    Prints counts, geometry, label names, pairs per split (and how many have label maps for
+    both scans, imagesTs/labelsTs included) and every problem found (missing files, geometry
+    mismatches); exits with status 1 when there are problems.
     """
+    import json
+
+    from pddnet._files import jsonable
     from pddnet.data.learn2reg import Learn2RegDataset
 
     ds = Learn2RegDataset(dataset)
-    click.echo(ds.describe())
-    if ds.problems():
+    info = ds.info()
+    if as_json:
+        click.echo(json.dumps(jsonable(info), indent=1, allow_nan=False))
+    else:
+        click.echo(ds.describe(info))
+    if info["problems"]:
         sys.exit(1)
 
 

@@ -4,7 +4,12 @@ Layout: a folder with ``imagesTr/*.nii.gz``, ``labelsTr/*.nii.gz`` and one ``*_d
 whose ``training`` list holds ``{"image": "./imagesTr/...", "label": "./labelsTr/..."}``
 entries and whose ``registration_val`` / ``registration_test`` lists hold
 ``{"fixed": "./imagesTr/...", "moving": "./imagesTr/..."}`` pairs. Paths are resolved relative
-to the folder holding the json.
+to the folder holding the json. Test images may live elsewhere (``imagesTs/``, listed under
+``test`` or only in the pairs): an image that no ``training`` entry lists takes its label map
+where the official evaluation looks for it, the image path with ``images`` replaced by
+``labels`` (``./imagesTs/X_0000.nii.gz`` -> ``./labelsTs/X_0000.nii.gz``), else
+``labelsTr/<file name>``; a missing label map is no problem (the pair is registered, not
+scored).
 
 A subject's *name* is its image file name without ``.nii``/``.nii.gz`` and without a trailing
 ``_0000`` (Learn2Reg's channel suffix): ``./imagesTr/AbdomenCTCT_0001_0000.nii.gz`` is
@@ -133,12 +138,21 @@ class Learn2RegDataset:
         p = Path(rel)
         return p if p.is_absolute() else (self.root / p)
 
+    def _label_for(self, rel: str) -> Path | None:
+        """Where the official evaluation looks for an image's label map (``images`` ->
+        ``labels`` in the path as the json writes it), else ``labelsTr/<file name>``; ``None``
+        when neither exists."""
+        guesses = []
+        if "images" in rel:
+            guesses.append(self._resolve(rel.replace("images", "labels")))
+        guesses.append(self.root / "labelsTr" / Path(rel).name)
+        return next((g for g in guesses if g.exists()), None)
+
     def _subject_for(self, rel: str) -> Subject:
         path = self._resolve(rel)
         if path in self._by_image:
             return self._by_image[path]
-        guess = self.root / "labelsTr" / path.name
-        subj = Subject(subject_name(path), path, guess if guess.exists() else None)
+        subj = Subject(subject_name(path), path, self._label_for(rel))
         self._by_image[path] = subj
         return subj
 
@@ -300,14 +314,15 @@ class Learn2RegDataset:
             lines = "\n".join(f"  - {p}" for p in problems)
             raise PddnetError(f"{self.json_path}: {len(problems)} problem(s):\n{lines}")
 
-    def describe(self) -> str:
-        """A human-readable summary: counts, geometry, labels, pairs per split, problems."""
+    def info(self) -> dict:
+        """What :meth:`describe` prints, as a JSON-ready dict (``pddnet data info --json``):
+        ``name``, ``json``, ``subjects``, ``subjects_with_labels``, ``geometry`` (``{"192x160x256
+        voxels at 2 x 2 x 2 mm": count}``), ``labels`` (``{label: name}``, string keys),
+        ``pddnet`` (the generator block or ``None``), ``splits`` (per split: ``pairs``, the
+        number of pairs or ``None`` without a list, and ``pairs_with_labels``, the pairs whose
+        fixed and moving label maps both exist) and ``problems`` (:meth:`problems`)."""
         import nibabel as nib
 
-        lines = [f"dataset {self.name}", f"json: {self.json_path}"]
-        n_lab = sum(1 for s in self.subjects if s.label is not None)
-        lines.append(f"subjects: {len(self.subjects)} listed under 'training' ({n_lab} with "
-                     "label maps)")
         geoms: dict[str, int] = {}
         for s in self.subjects:
             try:
@@ -318,25 +333,99 @@ class Learn2RegDataset:
             except Exception:
                 key = "unreadable or missing"
             geoms[key] = geoms.get(key, 0) + 1
-        lines.append("geometry: " + "; ".join(f"{k} ({v})" for k, v in geoms.items()))
-        names = self.label_names
-        lines.append("labels: " + (", ".join(f"{k} {v}" for k, v in names.items())
-                                   if names else "(none listed)"))
-        block = self.doc.get("pddnet")
-        if isinstance(block, dict):
-            lines.append(f"pddnet: generator {block.get('generator')} {block.get('version')}, "
-                         f"preset {block.get('preset')}, seed {block.get('seed')}")
+        splits: dict[str, dict] = {}
         for split in SPLITS:
             try:
                 ps = self.pairs(split)
-                lines.append(f"{split} pairs: {len(ps)}")
             except PddnetError:
+                splits[split] = {"pairs": None, "pairs_with_labels": None}
+                continue
+            labelled = sum(1 for p in ps if p.fixed.label is not None and p.fixed.label.exists()
+                           and p.moving.label is not None and p.moving.label.exists())
+            splits[split] = {"pairs": len(ps), "pairs_with_labels": labelled}
+        block = self.doc.get("pddnet")
+        return {
+            "name": self.name,
+            "json": str(self.json_path),
+            "subjects": len(self.subjects),
+            "subjects_with_labels": sum(1 for s in self.subjects if s.label is not None),
+            "geometry": geoms,
+            "labels": {str(k): v for k, v in self.label_names.items()},
+            "pddnet": ({k: block.get(k) for k in ("generator", "version", "preset", "seed")}
+                       if isinstance(block, dict) else None),
+            "splits": splits,
+            "problems": self.problems(),
+        }
+
+    def describe(self, info: dict | None = None) -> str:
+        """A human-readable summary: counts, geometry, labels, pairs per split, problems."""
+        d = info if info is not None else self.info()
+        lines = [f"dataset {d['name']}", f"json: {d['json']}"]
+        lines.append(f"subjects: {d['subjects']} listed under 'training' "
+                     f"({d['subjects_with_labels']} with label maps)")
+        lines.append("geometry: " + "; ".join(f"{k} ({v})" for k, v in d["geometry"].items()))
+        lines.append("labels: " + (", ".join(f"{k} {v}" for k, v in d["labels"].items())
+                                   if d["labels"] else "(none listed)"))
+        block = d["pddnet"]
+        if block is not None:
+            lines.append(f"pddnet: generator {block.get('generator')} {block.get('version')}, "
+                         f"preset {block.get('preset')}, seed {block.get('seed')}")
+        for split in SPLITS:
+            sp = d["splits"][split]
+            if sp["pairs"] is None:
                 lines.append(f"{split} pairs: none (no "
                              f"{'registration_' + split if split != 'train' else 'train'} list)")
-        problems = self.problems()
+            else:
+                lines.append(f"{split} pairs: {sp['pairs']} ({sp['pairs_with_labels']} with "
+                             "label maps for both scans)")
+        problems = d["problems"]
         if problems:
             lines.append(f"problems ({len(problems)}):")
             lines += [f"  - {p}" for p in problems]
         else:
             lines.append("problems: none found")
         return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------
+# the official evaluation's file names
+# -------------------------------------------------------------------------------------------
+#: ``long``: ``disp_FFFF_mmmm_MMMM_nnnn``, ``short``: ``disp_FFFF_MMMM`` (see
+#: :func:`submission_name`)
+NAME_STYLES = ("long", "short")
+
+
+def case_id(image: str | os.PathLike) -> tuple[str, str]:
+    """``(subject, modality)`` of an image as the official evaluation reads them: the four
+    characters at ``[-16:-12]`` and ``[-11:-7]`` of its path, i.e. ``0001`` and ``0000`` of
+    ``.../AbdomenCTCT_0001_0000.nii.gz``."""
+    name = Path(image).name
+    if not name.endswith(".nii.gz") or len(name) < 17 or name[-12] != "_":
+        raise PddnetError(f"{name}: the Learn2Reg evaluation reads the subject and modality "
+                          "from image names of the form NAME_SSSS_MMMM.nii.gz (e.g. "
+                          "AbdomenCTCT_0001_0000.nii.gz); rename the images (and the json "
+                          "entries) that way to make a submission")
+    return name[-16:-12], name[-11:-7]
+
+
+def submission_name(pair: Pair, style: str = "long") -> str:
+    """The file name the official evaluation looks for, for ``pair``'s displacement field.
+
+    * ``long`` (default): ``disp_FFFF_mmmm_MMMM_nnnn.nii.gz`` (fixed subject and modality,
+      moving subject and modality). The current evaluation (``MDL-UzL/L2R``
+      ``evaluation/evaluation.py`` since February 2025) accepts it for every pair.
+    * ``short``: ``disp_FFFF_MMMM.nii.gz``. The only name of the 2022 evaluation (May 2022 -
+      June 2023); from June 2023 to February 2025 the required name when both scans share a
+      modality (or fixed 0000, moving 0001), the long one otherwise; the current evaluation
+      accepts it only for fixed 0000, moving 0001.
+
+    Both read the field ``(i, j, k, 3)`` in voxels of the fixed image at full resolution
+    (``nib.load(...).get_fdata()``). The 2020 and 2021 challenges took half-resolution float16
+    ``.npz`` files instead (``pddnet register --l2r-half``).
+    """
+    if style not in NAME_STYLES:
+        raise PddnetError(f"unknown submission name style {style!r}; choose one of "
+                          f"{', '.join(NAME_STYLES)}")
+    fs, fm = case_id(pair.fixed.image)
+    ms, mm = case_id(pair.moving.image)
+    return f"disp_{fs}_{ms}.nii.gz" if style == "short" else f"disp_{fs}_{fm}_{ms}_{mm}.nii.gz"

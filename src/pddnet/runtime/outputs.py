@@ -14,7 +14,9 @@ Files (in ``out_dir``):
 ``disp_l2r2020.npz`` (``l2r_half=True``)
     Learn2Reg 2020 submission layout: ``arr_0`` ``(3, i/2, j/2, k/2)`` float16.
 ``warped.nii.gz``, ``warped_labels.nii.gz`` (when moving labels were given)
-    the moving image (float32 HU) and labels (uint8) warped onto the fixed grid.
+    the moving image (float32 HU, trilinear) and labels (uint8) warped onto the fixed grid; the
+    labels as the Learn2Reg evaluation warps them (nearest, 0 where the sample falls outside
+    the moving grid: :func:`pddnet.metrics.warp_labels`).
 ``summary.json``
     inputs, notes, model, backend, timings (ms), reuse saving, metrics; written last.
 

@@ -63,9 +63,23 @@ def moving_voxel_map(fixed: Volume, moving: Volume) -> np.ndarray | None:
 def warp_to_fixed(moving: Volume, disp: np.ndarray, fixed: Volume, *, order: int) -> np.ndarray:
     """``warped(x) = moving(A_m^-1 A_f (x + disp(x)))`` on the fixed grid (border clamp).
 
-    ``order=1`` (trilinear, float32) for images, ``order=0`` (nearest, uint8) for labels.
+    ``order=1`` (trilinear, float32) for images. Label maps go through
+    :func:`warp_labels_to_fixed` instead (the official evaluation's warp); ``order=0`` here is
+    a border-clamped nearest-neighbour warp, kept for callers that want it.
     """
     return warp(moving.array, disp, voxel_map=moving_voxel_map(fixed, moving), order=order)
+
+
+def warp_labels_to_fixed(moving_labels: Volume, disp: np.ndarray, fixed: Volume) -> np.ndarray:
+    """Moving labels warped onto the fixed grid as the Learn2Reg evaluation warps them:
+    nearest neighbour, **0 (background) where ``x + disp(x)`` falls outside the moving grid**
+    (:func:`pddnet.metrics.warp_labels`), so pddnet's Dice and HD95 are the leaderboard's. For
+    a moving map on another grid the sample point is first mapped through the world
+    coordinates (the official code assumes one grid; this is its natural extension)."""
+    from pddnet.metrics import warp_labels
+
+    return warp_labels(moving_labels.array, disp,
+                       voxel_map=moving_voxel_map(fixed, moving_labels))
 
 
 def labels_on_fixed_grid(moving_labels: Volume, fixed: Volume) -> np.ndarray:

@@ -34,7 +34,12 @@ from pddnet.data.io import DEFAULT_MAX_VOXELS, Volume
 from pddnet.errors import PddnetError
 from pddnet.graph.model import load_model
 from pddnet.runtime.bundle import is_bundle, open_bundle
-from pddnet.runtime.postprocess import field_to_fixed_grid, labels_on_fixed_grid, warp_to_fixed
+from pddnet.runtime.postprocess import (
+    field_to_fixed_grid,
+    labels_on_fixed_grid,
+    warp_labels_to_fixed,
+    warp_to_fixed,
+)
 from pddnet.runtime.preprocess import (
     DEFAULT_SPACING_TOLERANCE,
     PreparedFixed,
@@ -58,7 +63,9 @@ class RegistrationResult:
         disp: ``(i, j, k, 3)`` float32 displacement in voxels of the fixed file's grid.
         affine: the fixed file's 4x4 affine (the grid of ``disp``, ``warped``...).
         warped: the moving image warped onto the fixed grid, float32 HU (trilinear, border).
-        warped_labels: the moving labels warped (nearest), uint8, or ``None``.
+        warped_labels: the moving labels warped as the Learn2Reg evaluation warps them
+            (nearest, 0 outside the moving grid: :func:`pddnet.metrics.warp_labels`), the map
+            Dice and HD95 are computed on, or ``None``.
         disp_model: ``(I, J, K, 3)`` the model's own output on the model grid (RAS+ voxels);
             with refinement or two stages the final (refined, composed) model-grid field.
         model_outputs: the other outputs (``grid_disp``, optionally ``probs``, ``entropy``;
@@ -68,7 +75,9 @@ class RegistrationResult:
             ``stage2``, ``postprocess``, ``metrics``, ``write``; ``None`` where not run).
         stages: with ``refine``/``stages=2``: the refinement and stage-two details
             (:meth:`pddnet.runtime.stages.StagePipeline.run`), else ``None``.
-        metrics: field statistics always; Dice/HD95 (Learn2Reg) with fixed and moving labels.
+        metrics: field statistics always (SDlogJ, ``num_foldings``, ``folding_voxels``,
+            ``folding_percent``: :func:`pddnet.metrics.folding_counts`); Dice/HD95 with fixed
+            and moving labels; all as the official Learn2Reg evaluation computes them.
         reuse: whether the fixed features were reused and the time that saved.
     """
 
@@ -216,6 +225,10 @@ class Registrar:
         self.info = self.loaded.info
         self.spacing_tolerance = float(spacing_tolerance)
         self.max_voxels = max_voxels
+        #: the labels Dice and HD95 are averaged over (``None``: every non-zero label of the
+        #: fixed or moving map); set it to a task's label list (the official evaluation
+        #: takes it from the task's config) to average over exactly those
+        self.metric_labels: list[int] | None = None
         opts = dict(backend_options or {})
         if threads is not None:
             opts["threads"] = threads
@@ -340,12 +353,12 @@ class Registrar:
         t0 = time.perf_counter()
         disp = field_to_fixed_grid(outs[C.OUTPUT_DISP], fixed)
         warped = warp_to_fixed(mov.volume, disp, fixed.volume, order=1)
-        warped_labels = (warp_to_fixed(mov.labels, disp, fixed.volume, order=0)
+        warped_labels = (warp_labels_to_fixed(mov.labels, disp, fixed.volume)
                          if mov.labels is not None else None)
         post_ms = (time.perf_counter() - t0) * 1e3
 
         t0 = time.perf_counter()
-        metrics = _metrics(disp, fixed, mov.labels, warped_labels)
+        metrics = _metrics(disp, fixed, mov.labels, warped_labels, self.metric_labels)
         metrics_ms = (time.perf_counter() - t0) * 1e3
 
         first = state.uses == 0
@@ -402,13 +415,14 @@ def _describe_volume(vol: Volume, given: Any) -> dict[str, Any]:
 
 
 def _metrics(disp: np.ndarray, fixed: PreparedFixed, moving_labels: Volume | None,
-             warped_labels: np.ndarray | None) -> dict[str, Any]:
+             warped_labels: np.ndarray | None, labels: list[int] | None = None
+             ) -> dict[str, Any]:
     """Field statistics (SDlogJ, % folding) always; Learn2Reg label metrics with both labels."""
     from pddnet import metrics as M
 
     if fixed.labels is None or moving_labels is None or warped_labels is None:
-        return {"sdlogj": M.sdlogj(disp), "folding_percent": M.folding_percent(disp)}
+        return {"sdlogj": M.sdlogj(disp), **M.folding_counts(disp)}
     before = labels_on_fixed_grid(moving_labels, fixed.volume)
-    out = M.pair_metrics(fixed.labels.array, before, warped_labels, disp)
-    out["dice_mean_before"] = M.mean_dice(fixed.labels.array, before, before)
+    out = M.pair_metrics(fixed.labels.array, before, warped_labels, disp, labels=labels)
+    out["dice_mean_before"] = M.mean_dice(fixed.labels.array, before, before, labels=labels)
     return out
