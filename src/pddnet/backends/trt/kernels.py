@@ -691,30 +691,33 @@ def head_block(grid_k: int, block: int | None = None) -> tuple[int, int]:
 
 
 def displacement_head(m, scale: float, capture: float, *, probs: bool = False,
-                      block: int | None = None):
+                      block: int | None = None, out=None):
     """Grid smoothing + softmax + expectation + entropy of ``m`` ``(G_i, G_j, G_k, L, L, L)``.
 
     ``m`` is the second mean-field step's min-convolution (before its grid smoothing); the
     logits are ``scale * smooth3_grid(m)``. Returns ``(grid_disp (G_i, G_j, G_k, 3),
     entropy (G_i, G_j, G_k))`` and, with ``probs=True``, ``probs (G_i, G_j, G_k, L^3)`` too,
     all in ``m``'s dtype. Reference: ``ops.displacement_probabilities(ops.smooth_grid(m),
-    -scale)``, ``ops.expected_displacement``, ``ops.displacement_entropy``.
+    -scale)``, ``ops.expected_displacement``, ``ops.displacement_entropy``. ``out``
+    (optional): a tuple of tensors of those shapes to fill.
     """
     _triton()
-    torch = _torch()
     _check_float("displacement_head m", m)
     if m.dim() != 6 or not (m.shape[3] == m.shape[4] == m.shape[5]):
         raise PddnetError(f"displacement_head: expected (G_i, G_j, G_k, L, L, L), got "
                           f"{tuple(m.shape)}")
     m = m.contiguous()
     gi, gj, gk, L = (int(n) for n in m.shape[:4])
-    kw = dict(dtype=m.dtype, device=m.device)
-    disp = torch.empty(gi, gj, gk, 3, **kw)
-    ent = torch.empty(gi, gj, gk, **kw)
+    shapes = [(gi, gj, gk, 3), (gi, gj, gk)] + ([(gi, gj, gk, L ** 3)] if probs else [])
+    if out is not None and len(out) != len(shapes):
+        raise PddnetError(f"displacement_head: out must hold {len(shapes)} tensors, got "
+                          f"{len(out)}")
+    res = [_output(None if out is None else out[i], shp, m) for i, shp in enumerate(shapes)]
+    disp, ent = res[0], res[1]
     bk, bd = head_block(gk, block)
     args = (m, gi, gj, gk, float_bits(scale), float_bits(capture), disp, ent)
     if probs:
-        p = torch.empty(gi, gj, gk, L ** 3, **kw)
+        p = res[2]
         _head_probs_kernel[(gi * gj,)](*args, p, L=L, BLOCK_K=bk, BLOCK_D=bd,
                                        num_warps=SMOOTH_WARPS)
         return disp, ent, p
