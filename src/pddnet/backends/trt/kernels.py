@@ -16,6 +16,15 @@ input's dtype, every kernel accumulates in float32):
 - :func:`minconv` — ``MinConv``, modes ``approx`` and ``exact``
 - :func:`mean_field_step` — ``MeanFieldStep`` (two kernels: min-convolution, grid smoothing)
 
+The fused head (:mod:`pddnet.backends.trt.head`, TensorRT-only ops, one kernel each):
+
+- :func:`minconv_affine` — ``MinConvAffine``: ``MinConv(a x + b y + c)``, the mean-field input
+  combination formed in the load
+- :func:`grid_smooth` — ``GridSmooth``: the grid smoothing alone
+- :func:`displacement_head` — ``DisplacementHead[Probs]``: the last grid smoothing, softmax,
+  expectation and entropy (and optionally the probabilities) in one online-softmax sweep
+- :func:`fused_head` — the four launches together (what the rewritten engine head runs)
+
 Importing this module never fails for a missing triton: the kernels are then plain functions
 that are never run, and every launcher raises :class:`~pddnet.errors.PddnetError` naming the
 extra to install. ``import pddnet.export`` does not import this module.

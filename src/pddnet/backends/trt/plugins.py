@@ -36,8 +36,10 @@ Deviations from the ONNX op signatures that the exporter's TensorRT preparation 
 - ``MeanFieldStep`` has no AOT implementation: an AOT plugin is exactly one kernel launch, and
   the step needs two (the grid smoothing couples every control point's min-convolution, so no
   single launch can do both without a grid-wide barrier). For Python-free engines, do not bind
-  ``MeanFieldStep`` to the plugin: keep its local function, which TensorRT inlines into the
-  ``MinConv`` plugin (AOT) plus native MatMuls.
+  ``MeanFieldStep`` to the plugin: the fused head (:mod:`pddnet.backends.trt.head`) rewrites it
+  into ``MinConvAffine`` + ``GridSmooth`` and the softmax into ``DisplacementHead`` (the
+  TensorRT-only plugins of :data:`HEAD_OPS`, all AOT), or keep its local function, which
+  TensorRT inlines into the ``MinConv`` plugin (AOT) plus native MatMuls.
 - AOT kernels take no attributes at run time (TensorRT does not serialize attributes of AOT
   plugins): they are compiled in (``tl.constexpr``) or passed as int32 scalar arguments
   (``trtp.SymInt32``); the float ``capture`` travels as its float32 bit pattern.
