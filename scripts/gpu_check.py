@@ -133,27 +133,29 @@ def check_kernels(repeats: int) -> None:
             note("kernels", "FAIL", f"{name}: {type(exc).__name__}: {exc}")
 
 
-def check_fused_head(repeats: int) -> None:
+def check_fused_head(repeats: int, device: str = "cuda", cfg=None, timer=None) -> None:
     """The fused-head kernels (docs/tensorrt.md, "Fused head") on CUDA at the paper geometry:
     each against the float64 reference, the four-launch head against the model's literal head
     (``PDDNet.regularise`` + softmax + expectation + entropy), and its time next to the unfused
     path (two ``mean_field_step`` calls, the input combination, softmax, MatMul and
     entropy in torch: what an engine without the fusion runs, give or take TensorRT's own
-    kernels)."""
+    kernels). ``device``/``cfg``/``timer`` exist for a dry run of this function on the CPU
+    under ``TRITON_INTERPRET=1`` at a tiny geometry (how it was checked without a GPU)."""
     missing = have("torch") or have("triton")
     if missing:
         return note("fused head", "skipped", missing)
     import torch
 
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         return note("fused head", "skipped", "torch has no CUDA device")
     from pddnet.backends.trt import kernels as K
     from pddnet.model import ops
     from pddnet.spec.config import preset
 
-    cfg = preset("paper")
+    cfg = cfg or preset("paper")
+    timer = timer or cuda_times_ms
     L, q = cfg.disp_size, float(cfg.capture)
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(2)
     ssd = torch.rand(*cfg.grid, L, L, L, device=dev, generator=g) * 10
     other = torch.rand(*cfg.grid, L, L, L, device=dev, generator=g) * 10
@@ -176,14 +178,14 @@ def check_fused_head(repeats: int) -> None:
         for dt, label, tol in ((torch.float32, "fp32", 1e-5), (torch.float16, "fp16", 2e-2)):
             got = K.minconv_affine(ssd.to(dt), other.to(dt), (0.7, -0.3, 1.5))
             e = err(got, ref)
-            ms = cuda_times_ms(lambda: K.minconv_affine(ssd.to(dt), other.to(dt),
+            ms = timer(lambda: K.minconv_affine(ssd.to(dt), other.to(dt),
                                                         (0.7, -0.3, 1.5)), repeats)[1]
             t = tol * max(1.0, float(ref.abs().max()))
             note("fused head", "ok" if e <= t else "FAIL",
                  f"MinConvAffine {label}: max err {e:.3g} (tol {t:.3g}), {ms:.3f} ms")
         ref = ops.smooth_grid(ssd.double())
         e = err(K.grid_smooth(ssd), ref)
-        ms = cuda_times_ms(lambda: K.grid_smooth(ssd), repeats)[1]
+        ms = timer(lambda: K.grid_smooth(ssd), repeats)[1]
         note("fused head", "ok" if e <= 1e-4 else "FAIL",
              f"GridSmooth fp32: max err {e:.3g} (tol 1e-4), {ms:.3f} ms")
         del ref
@@ -198,20 +200,20 @@ def check_fused_head(repeats: int) -> None:
         rdisp = ops.expected_displacement(probs, L, q)
         rent = ops.displacement_entropy(probs)
         del probs
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         for dt, label, tol in ((torch.float32, "fp32", 1e-4), (torch.float16, "fp16", 2e-2)):
             x = ssd.to(dt)
             disp, ent = K.fused_head(x, alpha, q)
             ed, ee = err(disp, rdisp), err(ent, rent)
             ok = ed <= tol * q and ee <= tol * max(1.0, float(rent.abs().max()))
-            ms = cuda_times_ms(lambda: K.fused_head(x, alpha, q), repeats)[1]
-            ums = cuda_times_ms(lambda: unfused(x), repeats)[1]
+            ms = timer(lambda: K.fused_head(x, alpha, q), repeats)[1]
+            ums = timer(lambda: unfused(x), repeats)[1]
             note("fused head", "ok" if ok else "FAIL",
                  f"fused head {label} (4 launches): grid_disp max err {ed:.3g} (tol "
                  f"{tol * q:.3g}), entropy {ee:.3g}; {ms:.3f} ms vs {ums:.3f} ms unfused "
                  f"(mean_field_step kernels + torch softmax/expectation/entropy), median of "
                  f"{repeats}")
-        torch.cuda.empty_cache()
     except Exception as exc:
         note("fused head", "FAIL", f"{type(exc).__name__}: {exc}")
 
