@@ -178,6 +178,33 @@ def test_chains_it_cannot_fuse_are_left_alone():
     assert FuseHead().call(plain)[1] is False
 
 
+def test_broadcast_operands_are_not_folded_into_the_load():
+    """``Add(D, b)`` with ``b`` not a cost-sized custom-op output stays a node of its own."""
+    f = helper.make_tensor_value_info
+    nodes = [helper.make_node("Correlation", ["ff", "fm"], ["ssd"], domain=C.DOMAIN,
+                              grid=[2, 2, 2], disp_size=3, capture=0.3),
+             helper.make_node("Add", ["ssd", "b"], ["x"]),
+             helper.make_node("Mul", ["x", "two"], ["x2"]),
+             helper.make_node("MeanFieldStep", ["x2"], ["y"], domain=C.DOMAIN, mode="exact")]
+    graph = helper.make_graph(
+        nodes, "g", [f("ff", TensorProto.FLOAT, [1, 2, 4, 4, 4]),
+                     f("fm", TensorProto.FLOAT, [1, 2, 4, 4, 4]),
+                     f("b", TensorProto.FLOAT, [1, 1, 1, 1, 1, 1])],
+        [f("y", TensorProto.FLOAT, [2, 2, 2, 3, 3, 3])],
+        initializer=[onnx.numpy_helper.from_array(np.array(2.0, np.float32), "two")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
+                                                    helper.make_opsetid(C.DOMAIN, 1)])
+    fuse = FuseHead()
+    out, changed = fuse.call(model)
+    mca = next(n for n in out.graph.node if n.op_type == "MinConvAffine")
+    assert changed and list(mca.input[:2]) == ["x2", "x2"]
+    np.testing.assert_array_equal(_attrs(mca)["coeffs"], [1, 0, 0])
+    assert _attrs(mca)["mode"] == b"exact" and mca.input[2] == "pddnet/head_penalty_unused"
+    assert [n.op_type for n in out.graph.node] == ["Correlation", "Add", "Mul", "MinConvAffine",
+                                                   "GridSmooth"]
+    assert any("softmax left unfused" in line for line in fuse.log)
+
+
 def test_displacement_table_is_the_reference_set():
     from pddnet.model import ops
 

@@ -108,6 +108,16 @@ def _affine(G: _Graph, name: str, depth: int = 0):
     return out, c + sign * c2
 
 
+def _cost_sized(G: _Graph, name: str) -> bool:
+    """Whether ``name`` is certainly ``(G_i, G_j, G_k, L, L, L)``: the output of a custom op
+    (``Correlation``, ``MeanFieldStep`` or a fused one), possibly through one ``Cast``; an
+    ``Add`` operand of another shape would broadcast, which the kernel's load cannot."""
+    n = G.producer.get(name)
+    if n is not None and n.op_type == "Cast" and n.domain == "":
+        n = G.producer.get(n.input[0])
+    return n is not None and n.domain == C.DOMAIN
+
+
 def _node(op, inputs, outputs, name, **attrs):
     n = helper.make_node(op, inputs, outputs, name=name, domain=C.DOMAIN)
     for k, v in attrs.items():  # in the given order (aot_impl may receive them positionally)
@@ -139,7 +149,7 @@ class FuseHead:
             x = mfs.input[0]
             terms, c = _affine(G, x)
             terms = {t: v for t, v in terms.items() if v != 0.0}
-            if not 1 <= len(terms) <= 2:
+            if not 1 <= len(terms) <= 2 or not all(_cost_sized(G, t) for t in terms):
                 terms, c = {x: 1.0}, 0.0
             (u, a), *rest = terms.items()
             v, b = rest[0] if rest else (u, 0.0)
@@ -192,9 +202,12 @@ class FuseHead:
         scale = None if mul is None else G.scalar(mul.input[1] if mul.input[0] == t
                                                    else mul.input[0])
         reshape = None if scale is None else single(mul.output[0], "Reshape")
+        shape = None if reshape is None else G.const(reshape.input[1])
         why = None
         if reshape is None:
             why = "the last grid smoothing is not followed by Mul(scalar) -> Reshape"
+        elif shape is None or shape.size != 4 or (np.asarray(shape) <= 0).any():
+            why = "the Reshape before the softmax is not to (G_i, G_j, G_k, L^3)"
         else:
             logits = reshape.output[0]
             cons = G.consumers(logits)
@@ -214,6 +227,9 @@ class FuseHead:
             round(table.shape[0] ** (1 / 3))
         if L is None or L ** 3 != table.shape[0]:
             self.log.append("softmax left unfused: no MatMul with an (L^3, 3) displacement table")
+            return False
+        if int(np.asarray(shape).reshape(-1)[3]) != L ** 3:
+            self.log.append(f"softmax left unfused: the logits' last axis is not L^3 = {L ** 3}")
             return False
         q = -float(table[0, 0])
         if not np.allclose(table, displacement_table(L, q), rtol=1e-6, atol=1e-7):
