@@ -5,6 +5,8 @@ Sections, each skipped with a printed reason when its requirements are missing:
 1. ``kernels``: every Triton kernel of the TensorRT plugins on CUDA (torch CUDA tensors) against
    the PyTorch reference (``pddnet.model.ops``) at the Learn2Reg/paper geometry, float32 and
    float16, at the tolerances of docs/ops.md; median time per kernel (CUDA events).
+   ``fused head``: the fused-head kernels (MinConvAffine, GridSmooth, the four-launch head
+   against the model's literal head in float64) and the head's time next to the unfused path.
 2. ``reference``: PyTorch eager latency of the whole model on CUDA at the same geometry (FP32 and
    FP16 autocast), the baseline for the engines.
 3. ``engines``: with tensorrt importable, ``pddnet build`` of every precision graph given
@@ -16,7 +18,8 @@ Sections, each skipped with a printed reason when its requirements are missing:
    pairs (max |disp difference|, Dice difference), printed.
 
 Exit status 1 when a check that ran failed, else 0. Sections 1 and 2 ran on an H200 without
-TensorRT (2026-12-04, all kernels passed; figures in docs/tensorrt.md); 3 and 4 have not run.
+TensorRT (2026-12-04, all kernels passed; figures in docs/tensorrt.md); the ``fused head`` part
+of 1 (added 2026-12-07) and sections 3 and 4 have not run.
 """
 
 from __future__ import annotations
@@ -128,6 +131,91 @@ def check_kernels(repeats: int) -> None:
             torch.cuda.empty_cache()
         except Exception as exc:
             note("kernels", "FAIL", f"{name}: {type(exc).__name__}: {exc}")
+
+
+def check_fused_head(repeats: int, device: str = "cuda", cfg=None, timer=None) -> None:
+    """The fused-head kernels (docs/tensorrt.md, "Fused head") on CUDA at the paper geometry:
+    each against the float64 reference, the four-launch head against the model's literal head
+    (``PDDNet.regularise`` + softmax + expectation + entropy), and its time next to the unfused
+    path (two ``mean_field_step`` calls, the input combination, softmax, MatMul and
+    entropy in torch: what an engine without the fusion runs, give or take TensorRT's own
+    kernels). ``device``/``cfg``/``timer`` exist for a dry run of this function on the CPU
+    under ``TRITON_INTERPRET=1`` at a tiny geometry (how it was checked without a GPU)."""
+    missing = have("torch") or have("triton")
+    if missing:
+        return note("fused head", "skipped", missing)
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return note("fused head", "skipped", "torch has no CUDA device")
+    from pddnet.backends.trt import kernels as K
+    from pddnet.model import ops
+    from pddnet.spec.config import preset
+
+    cfg = cfg or preset("paper")
+    timer = timer or cuda_times_ms
+    L, q = cfg.disp_size, float(cfg.capture)
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(2)
+    ssd = torch.rand(*cfg.grid, L, L, L, device=dev, generator=g) * 10
+    other = torch.rand(*cfg.grid, L, L, L, device=dev, generator=g) * 10
+    alpha = [float(a) for a in cfg.alpha_init]
+
+    def err(a, b):
+        return float((a.double() - b).abs().max())
+
+    def unfused(x):
+        a0, a1, a2, a3, a4, a5 = alpha
+        cost = a1 + a0 * x
+        first = K.mean_field_step(cost)
+        second = K.mean_field_step(a4 + a2 * cost + a3 * first)
+        p = torch.softmax(-a5 * second.reshape(*cfg.grid, -1), -1)
+        disp = p @ ops.displacement_set(L, q, dtype=x.dtype, device=x.device).reshape(-1, 3)
+        return disp, -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+
+    try:
+        ref = ops.minconv(0.7 * ssd.double() - 0.3 * other.double() + 1.5, "approx")
+        for dt, label, tol in ((torch.float32, "fp32", 1e-5), (torch.float16, "fp16", 2e-2)):
+            got = K.minconv_affine(ssd.to(dt), other.to(dt), (0.7, -0.3, 1.5))
+            e = err(got, ref)
+            ms = timer(lambda: K.minconv_affine(ssd.to(dt), other.to(dt),
+                                                        (0.7, -0.3, 1.5)), repeats)[1]
+            t = tol * max(1.0, float(ref.abs().max()))
+            note("fused head", "ok" if e <= t else "FAIL",
+                 f"MinConvAffine {label}: max err {e:.3g} (tol {t:.3g}), {ms:.3f} ms")
+        ref = ops.smooth_grid(ssd.double())
+        e = err(K.grid_smooth(ssd), ref)
+        ms = timer(lambda: K.grid_smooth(ssd), repeats)[1]
+        note("fused head", "ok" if e <= 1e-4 else "FAIL",
+             f"GridSmooth fp32: max err {e:.3g} (tol 1e-4), {ms:.3f} ms")
+        del ref
+        # the whole head after the correlation, against the literal model head in float64
+        a0, a1, a2, a3, a4, a5 = alpha
+        cost = a1 + a0 * ssd.double()
+        first = ops.mean_field_step(cost)
+        second = ops.mean_field_step(a4 + a2 * cost + a3 * first)
+        del cost, first
+        probs = ops.displacement_probabilities(second, a5)
+        del second
+        rdisp = ops.expected_displacement(probs, L, q)
+        rent = ops.displacement_entropy(probs)
+        del probs
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        for dt, label, tol in ((torch.float32, "fp32", 1e-4), (torch.float16, "fp16", 2e-2)):
+            x = ssd.to(dt)
+            disp, ent = K.fused_head(x, alpha, q)
+            ed, ee = err(disp, rdisp), err(ent, rent)
+            ok = ed <= tol * q and ee <= tol * max(1.0, float(rent.abs().max()))
+            ms = timer(lambda: K.fused_head(x, alpha, q), repeats)[1]
+            ums = timer(lambda: unfused(x), repeats)[1]
+            note("fused head", "ok" if ok else "FAIL",
+                 f"fused head {label} (4 launches): grid_disp max err {ed:.3g} (tol "
+                 f"{tol * q:.3g}), entropy {ee:.3g}; {ms:.3f} ms vs {ums:.3f} ms unfused "
+                 f"(mean_field_step kernels + torch softmax/expectation/entropy), median of "
+                 f"{repeats}")
+    except Exception as exc:
+        note("fused head", "FAIL", f"{type(exc).__name__}: {exc}")
 
 
 def check_reference(shape, repeats: int) -> None:
@@ -305,6 +393,7 @@ def main() -> int:
         note("kernels", "skipped", "--skip-kernels")
     else:
         check_kernels(args.repeats)
+        check_fused_head(args.repeats)
     graphs = check_engines(args, work)
     check_validate(args, graphs, work)
     print("\n==== summary ({:.0f} s) ====".format(time.time() - t0))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the TensorRT path: Triton kernels on CUDA vs the PyTorch reference (timed),
+# GPU check of the TensorRT path: Triton kernels (and the fused head) on CUDA vs the PyTorch reference (timed),
 # TensorRT engines (pddnet build) for the precision graphs with their latency at 192x160x256
 # (FP16 target < 15 ms on an H100-class GPU), and validation of the TensorRT backend.
 # Degrades gracefully: every section that cannot run here says why and is skipped; the summary

@@ -142,9 +142,18 @@ def test_real_export_binding_and_readiness():
     assert custom_ops_in(model) == ["DeformableSample3D", "Correlation", "MinConv",
                                     "MeanFieldStep"]
     plan = plan_binding("auto", model, trt_version=(10, 9), triton_available=True)
+    assert plan.ops == ("DeformableSample3D", "Correlation") and plan.fused  # the fused head
     out, _ = BindPlugins(plan.ops).call(model)
-    assert sorted(f.name for f in out.functions) == ["MeanFieldStep"]
+    assert sorted(f.name for f in out.functions) == ["MeanFieldStep", "MinConv"]
     onnx.checker.check_model(out)
+    from pddnet.backends.trt.head import FuseHead
+
+    fused, _ = FuseHead().call(out)
+    assert list(fused.functions) == []  # tests/backends/test_trt_head.py checks the rest
+    nofuse = plan_binding("auto", model, trt_version=(10, 9), triton_available=True,
+                          fuse_head=False)
+    out, _ = BindPlugins(nofuse.ops).call(model)
+    assert sorted(f.name for f in out.functions) == ["MeanFieldStep"]
     report = check_trt_readiness(model)
     assert report.findings == []
     assert all(not any(st.needs_plugin.values()) for st in report.custom_ops.values())

@@ -20,6 +20,8 @@ from pddnet.spec import contract as C
 AOT_OPS = ("DeformableSample3D", "Correlation", "MinConv")
 #: Plugins with a JIT implementation only (the engine needs Python, torch and triton to run).
 JIT_ONLY_OPS = ("MeanFieldStep",)
+#: The fused head's TensorRT-only ops (AOT; :mod:`pddnet.backends.trt.head` creates the nodes).
+HEAD_OPS = ("MinConvAffine", "GridSmooth", "DisplacementHead", "DisplacementHeadProbs")
 PLUGIN_MODES = ("auto", "native", "none")
 
 
@@ -38,14 +40,18 @@ class BindingPlan:
     ops: tuple[str, ...] | None
     aot: bool
     notes: tuple[str, ...] = ()
+    #: fused-head plugins to register after :class:`~pddnet.backends.trt.head.FuseHead`
+    #: rewrote the mean-field steps and the softmax (``()``: no fusion)
+    fused: tuple[str, ...] = ()
 
     def describe(self) -> str:
         if self.ops is None:
             return "none (graph parsed as is, no plugins registered)"
-        if not self.ops:
+        if not self.ops and not self.fused:
             return "native (every custom op inlined from its local function)"
-        return f"plugins {', '.join(self.ops)}" + (" (AOT: no Python at run time)" if self.aot
-                                                    else " (JIT: Python at run time)")
+        head = " + fused head" if self.fused else ""
+        return f"plugins {', '.join(self.ops)}{head}" + (
+            " (AOT: no Python at run time)" if self.aot else " (JIT: Python at run time)")
 
 
 def custom_ops_in(model: onnx.ModelProto) -> list[str]:
@@ -57,14 +63,17 @@ def custom_ops_in(model: onnx.ModelProto) -> list[str]:
 
 
 def plan_binding(mode: str, model: onnx.ModelProto, *, trt_version: tuple[int, int] | None,
-                 triton_available: bool, ops: Sequence[str] | None = None) -> BindingPlan:
+                 triton_available: bool, ops: Sequence[str] | None = None,
+                 fuse_head: bool = True) -> BindingPlan:
     """Decide which ops to bind.
 
     ``auto``: the AOT-capable plugins (:data:`AOT_OPS`) of the ops the model uses, when
     TensorRT >= 10.9 (``tensorrt.plugin.aot_impl``) and triton (PTX compilation at build time)
     are available; otherwise native, with a note saying why. ``MeanFieldStep`` is never bound
-    by ``auto`` (its plugin is JIT only). ``native``: bind nothing. ``none``: no rewrite.
-    ``ops`` overrides the choice (library use, e.g. to try the JIT ``MeanFieldStep``).
+    by ``auto`` (its plugin is JIT only): with ``fuse_head`` (default) the fused head replaces
+    it (:data:`HEAD_OPS`, all AOT; :mod:`pddnet.backends.trt.head`), otherwise TensorRT inlines
+    its function. ``native``: bind nothing. ``none``: no rewrite. ``ops`` overrides the choice
+    (library use, e.g. to try the JIT ``MeanFieldStep``; no fused head then).
     """
     if mode not in PLUGIN_MODES:
         raise PddnetError(f"plugins must be one of {PLUGIN_MODES}, got {mode!r}")
@@ -91,6 +100,13 @@ def plan_binding(mode: str, model: onnx.ModelProto, *, trt_version: tuple[int, i
                 "triton is not importable, so the plugin kernels cannot be compiled to PTX: "
                 "every custom op is inlined (pip install triton)",))
         chosen = tuple(o for o in AOT_OPS if o in used)
+        if "MeanFieldStep" in used and fuse_head:
+            # MinConv used only inside MeanFieldStep's function disappears with the fusion
+            direct = {n.op_type for n in model.graph.node if n.domain == C.DOMAIN}
+            chosen = tuple(o for o in chosen if o != "MinConv" or o in direct)
+            notes.append("MeanFieldStep and the softmax/expectation/entropy run as the fused "
+                         "head (AOT plugins MinConvAffine, GridSmooth, DisplacementHead)")
+            return BindingPlan(mode, chosen, True, tuple(notes), HEAD_OPS)
         if "MeanFieldStep" in used:
             notes.append("MeanFieldStep stays a local function (its plugin is JIT only); "
                          "TensorRT inlines it into the MinConv plugin and native MatMuls")
@@ -99,4 +115,4 @@ def plan_binding(mode: str, model: onnx.ModelProto, *, trt_version: tuple[int, i
 
 
 __all__ = ["BindingPlan", "plan_binding", "custom_ops_in", "AOT_OPS", "JIT_ONLY_OPS",
-           "PLUGIN_MODES"]
+           "HEAD_OPS", "PLUGIN_MODES"]

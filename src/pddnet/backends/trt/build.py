@@ -156,7 +156,7 @@ class BuiltEngine:
     def record_extra(self, options: BuildOptions, source: str | None) -> dict[str, Any]:
         return {
             "binding": {"mode": self.plan.mode, "ops": list(self.plan.ops or []),
-                        "aot": self.plan.aot,
+                        "aot": self.plan.aot, "fused_head": list(self.plan.fused),
                         "jit_ops": [o for o in (self.plan.ops or []) if o in JIT_ONLY_OPS]},
             "io": self.io, "build_s": round(self.build_s, 3), "notes": self.notes,
             "builder": {"workspace": options.workspace, "tf32": options.tf32,
@@ -171,9 +171,10 @@ def plugins_label(plan: BindingPlan) -> str:
     """The plugin part of the cache key."""
     if plan.ops is None:
         return "none"
-    if not plan.ops:
+    if not plan.ops and not plan.fused:
         return "native"
-    return ("aot:" if plan.aot else "jit:") + ",".join(sorted(plan.ops))
+    return ("aot:" if plan.aot else "jit:") + ",".join(sorted(plan.ops)) + (
+        "+head:" + ",".join(plan.fused) if plan.fused else "")
 
 
 def engine_key(model: onnx.ModelProto, plan: BindingPlan, env: Environment,
@@ -234,11 +235,17 @@ def build_engine(model: onnx.ModelProto, *, options: BuildOptions | None = None,
     parsed = model
     if plan.ops is not None:
         parsed, _ = BindPlugins(plan.ops).call(model)
-        if plan.ops:
+        if plan.fused:
+            from pddnet.backends.trt.head import FuseHead
+
+            fuse = FuseHead()
+            parsed, _ = fuse.call(parsed)
+            notes.extend(f"fused head: {line}" for line in fuse.log)
+        if plan.ops or plan.fused:
             from pddnet.backends.trt.plugins import register_plugins
 
-            register_plugins(plan.ops)
-            say(f"{label}: bound {', '.join(plan.ops)} to the pddnet plugins "
+            register_plugins(tuple(plan.ops) + tuple(plan.fused))
+            say(f"{label}: bound {', '.join(plan.ops + plan.fused)} to the pddnet plugins "
                 f"({'AOT' if plan.aot else 'JIT'})")
 
     t0 = time.perf_counter()
@@ -251,12 +258,12 @@ def build_engine(model: onnx.ModelProto, *, options: BuildOptions | None = None,
     elif parse_version(trt.__version__) < (11, 0):
         raise PddnetError(f"TensorRT {trt.__version__} has no strongly typed networks; pddnet "
                           "needs TensorRT >= 10.0 (pip install 'pddnet[gpu]')")
-    if plan.ops and plan.aot:
+    if (plan.ops or plan.fused) and plan.aot:
         if not hasattr(ntf, "PREFER_AOT_PYTHON_PLUGINS"):
             raise PddnetError(f"TensorRT {trt.__version__} cannot build AOT plugins (needs "
                               ">= 10.9); use --plugins native")
         flags |= 1 << int(ntf.PREFER_AOT_PYTHON_PLUGINS)
-    elif plan.ops and hasattr(ntf, "PREFER_JIT_PYTHON_PLUGINS"):
+    elif (plan.ops or plan.fused) and hasattr(ntf, "PREFER_JIT_PYTHON_PLUGINS"):
         flags |= 1 << int(ntf.PREFER_JIT_PYTHON_PLUGINS)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)

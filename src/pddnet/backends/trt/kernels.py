@@ -16,6 +16,15 @@ input's dtype, every kernel accumulates in float32):
 - :func:`minconv` — ``MinConv``, modes ``approx`` and ``exact``
 - :func:`mean_field_step` — ``MeanFieldStep`` (two kernels: min-convolution, grid smoothing)
 
+The fused head (:mod:`pddnet.backends.trt.head`, TensorRT-only ops, one kernel each):
+
+- :func:`minconv_affine` — ``MinConvAffine``: ``MinConv(a x + b y + c)``, the mean-field input
+  combination formed in the load
+- :func:`grid_smooth` — ``GridSmooth``: the grid smoothing alone
+- :func:`displacement_head` — ``DisplacementHead[Probs]``: the last grid smoothing, softmax,
+  expectation and entropy (and optionally the probabilities) in one online-softmax sweep
+- :func:`fused_head` — the four launches together (what the rewritten engine head runs)
+
 Importing this module never fails for a missing triton: the kernels are then plain functions
 that are never run, and every launcher raises :class:`~pddnet.errors.PddnetError` naming the
 extra to install. ``import pddnet.export`` does not import this module.
@@ -258,6 +267,27 @@ def _envelope(x, d, c, stride, n: tl.constexpr, pen, mask):
 
 
 @_jit()
+def _minconv_cube(x, d, pen_ptr, L: tl.constexpr, EXACT: tl.constexpr, mask):
+    """The separable min-convolution passes on one control point's register cube ``x``."""
+    dk = d % L
+    dj = (d // L) % L
+    di = d // (L * L)
+    if EXACT:
+        pen = tl.load(pen_ptr).to(tl.float32)
+        x = _envelope(x, d, di, L * L, L, pen, mask)
+        x = _envelope(x, d, dj, L, L, pen, mask)
+        x = _envelope(x, d, dk, 1, L, pen, mask)
+    else:
+        x = _min3(x, d, dk, 1, L, mask)
+        x = _min3(x, d, dj, L, L, mask)
+        x = _min3(x, d, di, L * L, L, mask)
+        x = _smooth5(x, d, di, L * L, L, mask)
+        x = _smooth5(x, d, dj, L, L, mask)
+        x = _smooth5(x, d, dk, 1, L, mask)
+    return x
+
+
+@_jit()
 def _minconv_kernel(cost_ptr, pen_ptr, out_ptr, L: tl.constexpr, EXACT: tl.constexpr,
                     BLOCK: tl.constexpr):
     """Min-convolution over the last three axes of ``(G, L, L, L)``.
@@ -272,22 +302,35 @@ def _minconv_kernel(cost_ptr, pen_ptr, out_ptr, L: tl.constexpr, EXACT: tl.const
     D: tl.constexpr = L * L * L
     d = tl.arange(0, BLOCK)
     mask = d < D
-    dk = d % L
-    dj = (d // L) % L
-    di = d // (L * L)
     x = tl.load(cost_ptr + g * D + d, mask=mask, other=0.0).to(tl.float32)
-    if EXACT:
-        pen = tl.load(pen_ptr).to(tl.float32)
-        x = _envelope(x, d, di, L * L, L, pen, mask)
-        x = _envelope(x, d, dj, L, L, pen, mask)
-        x = _envelope(x, d, dk, 1, L, pen, mask)
-    else:
-        x = _min3(x, d, dk, 1, L, mask)
-        x = _min3(x, d, dj, L, L, mask)
-        x = _min3(x, d, di, L * L, L, mask)
-        x = _smooth5(x, d, di, L * L, L, mask)
-        x = _smooth5(x, d, dj, L, L, mask)
-        x = _smooth5(x, d, dk, 1, L, mask)
+    x = _minconv_cube(x, d, pen_ptr, L, EXACT, mask)
+    tl.store(out_ptr + g * D + d, x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit(do_not_specialize=["a_bits", "b_bits", "c_bits"])
+def _minconv_affine_kernel(x_ptr, y_ptr, pen_ptr, a_bits, b_bits, c_bits, out_ptr,
+                           L: tl.constexpr, EXACT: tl.constexpr, HAS_Y: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """``MinConv(a x + b y + c)`` with the affine combination fused into the load.
+
+    The mean-field input of either step: the first step's ``a0 D + a1`` (``HAS_Y`` false,
+    ``y_ptr`` never read), the second step's ``a4 + a2 D + a3 first`` (``x = D``,
+    ``y = first``). Same grid and cube layout as :func:`_minconv_kernel`; ``a``, ``b``, ``c``
+    travel as float32 bit patterns (int32 scalars, as TensorRT's AOT launch passes them). The
+    combination is formed in float32 and never stored: one read of ``x`` (and ``y``), one
+    write of the min-convolution.
+    """
+    g = tl.program_id(0).to(tl.int64)
+    D: tl.constexpr = L * L * L
+    d = tl.arange(0, BLOCK)
+    mask = d < D
+    a = a_bits.to(tl.float32, bitcast=True)
+    c = c_bits.to(tl.float32, bitcast=True)
+    x = a * tl.load(x_ptr + g * D + d, mask=mask, other=0.0).to(tl.float32) + c
+    if HAS_Y:
+        b = b_bits.to(tl.float32, bitcast=True)
+        x += b * tl.load(y_ptr + g * D + d, mask=mask, other=0.0).to(tl.float32)
+    x = _minconv_cube(x, d, pen_ptr, L, EXACT, mask)
     tl.store(out_ptr + g * D + d, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -318,6 +361,27 @@ def _gather_k(x, kk, t, GK, mask):
     return tl.gather(x, idx, 0)
 
 
+@_jit()
+def _smooth_tile(src_ptr, gi, gj, GI, GJ, GK, row, tile, k, mask, BLOCK_K: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """``smooth3`` over the control grid of the ``(BLOCK_K, BLOCK_D)`` tile at ``(g_i, g_j)``.
+
+    Along ``i`` and ``j``: the 5x5 clamped neighbour tiles from global memory (25 loads,
+    L2-resident); along ``k``: gathers within the register tile. Returns float32.
+    """
+    acc = 3.0 * _row_smooth_j(src_ptr, gi, 0, gj, GI, GJ, row, tile, mask)
+    acc += 2.0 * (_row_smooth_j(src_ptr, gi, -1, gj, GI, GJ, row, tile, mask)
+                  + _row_smooth_j(src_ptr, gi, 1, gj, GI, GJ, row, tile, mask))
+    acc += (_row_smooth_j(src_ptr, gi, -2, gj, GI, GJ, row, tile, mask)
+            + _row_smooth_j(src_ptr, gi, 2, gj, GI, GJ, row, tile, mask))
+    acc = acc * (1.0 / 81.0)
+    kk = tl.broadcast_to(k, [BLOCK_K, BLOCK_D])
+    out = 3.0 * acc
+    out += 2.0 * (_gather_k(acc, kk, -1, GK, mask) + _gather_k(acc, kk, 1, GK, mask))
+    out += _gather_k(acc, kk, -2, GK, mask) + _gather_k(acc, kk, 2, GK, mask)
+    return out * (1.0 / 9.0)
+
+
 @_jit(do_not_specialize=["GI", "GJ", "GK", "D"])
 def _grid_smooth_kernel(src_ptr, GI, GJ, GK, D, dst_ptr, BLOCK_K: tl.constexpr,
                         BLOCK_D: tl.constexpr):
@@ -339,19 +403,106 @@ def _grid_smooth_kernel(src_ptr, GI, GJ, GK, D, dst_ptr, BLOCK_K: tl.constexpr,
     mask = (k < GK) & (d < D)
     tile = k * D + d  # offsets inside one (g_i, g_j) row of G_k * D elements
     row = GK * D
-    acc = 3.0 * _row_smooth_j(src_ptr, gi, 0, gj, GI, GJ, row, tile, mask)
-    acc += 2.0 * (_row_smooth_j(src_ptr, gi, -1, gj, GI, GJ, row, tile, mask)
-                  + _row_smooth_j(src_ptr, gi, 1, gj, GI, GJ, row, tile, mask))
-    acc += (_row_smooth_j(src_ptr, gi, -2, gj, GI, GJ, row, tile, mask)
-            + _row_smooth_j(src_ptr, gi, 2, gj, GI, GJ, row, tile, mask))
-    acc = acc * (1.0 / 81.0)
-    kk = tl.broadcast_to(k, [BLOCK_K, BLOCK_D])
-    out = 3.0 * acc
-    out += 2.0 * (_gather_k(acc, kk, -1, GK, mask) + _gather_k(acc, kk, 1, GK, mask))
-    out += _gather_k(acc, kk, -2, GK, mask) + _gather_k(acc, kk, 2, GK, mask)
-    out = out * (1.0 / 9.0)
+    out = _smooth_tile(src_ptr, gi, gj, GI, GJ, GK, row, tile, k, mask, BLOCK_K, BLOCK_D)
     dst = dst_ptr + (gi * GJ + gj).to(tl.int64) * row
     tl.store(dst + tile, out.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit()
+def _head_body(src_ptr, GI, GJ, GK, scale_bits, q_bits, disp_ptr, ent_ptr, probs_ptr,
+               L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+               WRITE_PROBS: tl.constexpr):
+    """Grid smoothing, softmax, expectation and entropy of one ``(g_i, g_j)`` line (see
+    :func:`_head_kernel`)."""
+    pij = tl.program_id(0)
+    gj = pij % GJ
+    gi = pij // GJ
+    D: tl.constexpr = L * L * L
+    scale = scale_bits.to(tl.float32, bitcast=True)
+    q = q_bits.to(tl.float32, bitcast=True)
+    if L > 1:
+        step = 2.0 * q / (L - 1)
+    else:  # torch.linspace(-q, q, 1) == [-q]
+        step = 0.0 * q
+    k = tl.arange(0, BLOCK_K)[:, None]
+    kmask = k < GK
+    row = GK * D
+    NEG: tl.constexpr = -1.0e30  # finite "minus infinity": exp(NEG - m) == 0, never NaN
+    m_run = tl.full([BLOCK_K], NEG, tl.float32)
+    s_run = tl.zeros([BLOCK_K], tl.float32)  # sum exp(z - m)
+    u_run = tl.zeros([BLOCK_K], tl.float32)  # sum exp(z - m) (z - m)
+    e_i = tl.zeros([BLOCK_K], tl.float32)    # sum exp(z - m) delta_d (three axes)
+    e_j = tl.zeros([BLOCK_K], tl.float32)
+    e_k = tl.zeros([BLOCK_K], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)[None, :]
+        mask = kmask & (d < D)
+        z = scale * _smooth_tile(src_ptr, gi, gj, GI, GJ, GK, row, k * D + d, k, mask,
+                                 BLOCK_K, BLOCK_D)
+        z = tl.where(mask, z, NEG)
+        m_new = tl.maximum(m_run, tl.max(z, 1))
+        alpha = tl.exp(m_run - m_new)
+        zc = z - m_new[:, None]
+        p = tl.where(mask, tl.exp(zc), 0.0)
+        u_run = alpha * (u_run + (m_run - m_new) * s_run) + tl.sum(p * zc, 1)
+        s_run = alpha * s_run + tl.sum(p, 1)
+        di = (d // (L * L)).to(tl.float32) * step - q
+        dj = ((d // L) % L).to(tl.float32) * step - q
+        dk = (d % L).to(tl.float32) * step - q
+        e_i = alpha * e_i + tl.sum(p * di, 1)
+        e_j = alpha * e_j + tl.sum(p * dj, 1)
+        e_k = alpha * e_k + tl.sum(p * dk, 1)
+        m_run = m_new
+    kv = tl.arange(0, BLOCK_K)
+    valid = kv < GK
+    g = (gi * GJ + gj) * GK + kv
+    inv = 1.0 / tl.where(valid, s_run, 1.0)
+    out_ty = disp_ptr.dtype.element_ty
+    tl.store(disp_ptr + g * 3 + 0, (e_i * inv).to(out_ty), mask=valid)
+    tl.store(disp_ptr + g * 3 + 1, (e_j * inv).to(out_ty), mask=valid)
+    tl.store(disp_ptr + g * 3 + 2, (e_k * inv).to(out_ty), mask=valid)
+    ent = tl.log(tl.where(valid, s_run, 1.0)) - u_run * inv
+    tl.store(ent_ptr + g, ent.to(ent_ptr.dtype.element_ty), mask=valid)
+    if WRITE_PROBS:  # second sweep: the smoothing is recomputed (the logits are never stored)
+        base = probs_ptr + (gi * GJ + gj).to(tl.int64) * row
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)[None, :]
+            mask = kmask & (d < D)
+            z = scale * _smooth_tile(src_ptr, gi, gj, GI, GJ, GK, row, k * D + d, k, mask,
+                                     BLOCK_K, BLOCK_D)
+            z = tl.where(mask, z, NEG)
+            p = tl.exp(z - m_run[:, None]) * inv[:, None]
+            tl.store(base + k * D + d, p.to(probs_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit(do_not_specialize=["GI", "GJ", "GK", "scale_bits", "q_bits"])
+def _head_kernel(src_ptr, GI, GJ, GK, scale_bits, q_bits, disp_ptr, ent_ptr,
+                 L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The end of the head in one pass over the second step's min-convolution ``M``.
+
+    ``z = scale * smooth3_grid(M)`` (the logits; ``scale = -a5``, or the folded
+    ``-a5 a0 a2``), then per control point ``p = softmax(z)`` over the ``L^3``
+    displacements, ``grid_disp = sum_d p delta_d`` (normalised units, ``(G, 3)``) and
+    ``entropy = -sum_d p log p`` (nats, ``(G,)``). Grid ``(G_i*G_j,)``: a program owns the
+    whole ``k`` line of one ``(g_i, g_j)`` and sweeps the displacements in blocks of
+    ``BLOCK_D``, smoothing each ``(BLOCK_K, BLOCK_D)`` tile as :func:`_grid_smooth_kernel`
+    does and folding it into an online softmax (running maximum ``m``, ``s = sum e^(z-m)``,
+    ``sum e^(z-m) (z-m)`` and ``sum e^(z-m) delta``, rescaled when ``m`` grows): the
+    regularised cost, the logits and the probabilities are never written; 16 bytes per
+    control point are. ``delta_d`` is computed from ``L`` and ``q`` (``q_bits``: float32 bit
+    pattern) as in :func:`_correlation_kernel`.
+    """
+    _head_body(src_ptr, GI, GJ, GK, scale_bits, q_bits, disp_ptr, ent_ptr, disp_ptr, L,
+               BLOCK_K, BLOCK_D, False)
+
+
+@_jit(do_not_specialize=["GI", "GJ", "GK", "scale_bits", "q_bits"])
+def _head_probs_kernel(src_ptr, GI, GJ, GK, scale_bits, q_bits, disp_ptr, ent_ptr, probs_ptr,
+                       L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """:func:`_head_kernel` that also writes ``probs`` ``(G, L^3)``: a second sweep recomputes
+    the smoothed logits and stores ``e^(z - m) / s`` (one more read of ``M``, one write)."""
+    _head_body(src_ptr, GI, GJ, GK, scale_bits, q_bits, disp_ptr, ent_ptr, probs_ptr, L,
+               BLOCK_K, BLOCK_D, True)
 
 
 # =============================================================================================
@@ -505,6 +656,103 @@ def mean_field_step(cost, mode: str = "approx", penalty=None, *, out=None,
     return y
 
 
+def minconv_affine(x, y=None, coeffs=(1.0, 0.0, 0.0), mode: str = "approx", penalty=None, *,
+                   out=None):
+    """``MinConv(a x + b y + c)`` for ``coeffs = (a, b, c)``, the combination fused into the load.
+
+    ``x`` and ``y`` (optional; ``b`` is then ignored) are ``(G_i, G_j, G_k, L, L, L)``; the
+    result has ``x``'s dtype. The reference is ``ops.minconv(a * x + b * y + c, mode, penalty)``.
+    """
+    _triton()
+    x, pen = _minconv_args(x, mode, penalty)
+    if y is not None:
+        _check_float("minconv_affine y", y)
+        if tuple(y.shape) != tuple(x.shape):
+            raise PddnetError(f"minconv_affine: y must have x's shape {tuple(x.shape)}, got "
+                              f"{tuple(y.shape)}")
+        y = y.contiguous()
+    a, b, c = (float(v) for v in coeffs)
+    dst = _output(out, tuple(x.shape), x)
+    L = int(x.shape[3])
+    n_g = int(x.shape[0] * x.shape[1] * x.shape[2])
+    _minconv_affine_kernel[(n_g,)](x, x if y is None else y, pen, float_bits(a), float_bits(b),
+                                   float_bits(c), dst, L=L, EXACT=mode == "exact",
+                                   HAS_Y=y is not None, BLOCK=minconv_block(L),
+                                   num_warps=minconv_warps(L))
+    return dst
+
+
+def grid_smooth(x, *, out=None, block: int | None = None):
+    """``smooth3`` over the control-grid axes of ``(G_i, G_j, G_k, ...)`` (``ops.smooth_grid``)."""
+    _triton()
+    _check_float("grid_smooth x", x)
+    if x.dim() < 3:
+        raise PddnetError(f"grid_smooth: expected (G_i, G_j, G_k, ...), got {tuple(x.shape)}")
+    x = x.contiguous()
+    y = _output(out, tuple(x.shape), x)
+    _launch_grid_smooth(x, y, block)
+    return y
+
+
+def head_block(grid_k: int, block: int | None = None) -> tuple[int, int]:
+    """``(BLOCK_K, BLOCK_D)`` of the head kernel (as :func:`smooth_block`)."""
+    return smooth_block(grid_k, block)
+
+
+def displacement_head(m, scale: float, capture: float, *, probs: bool = False,
+                      block: int | None = None, out=None):
+    """Grid smoothing + softmax + expectation + entropy of ``m`` ``(G_i, G_j, G_k, L, L, L)``.
+
+    ``m`` is the second mean-field step's min-convolution (before its grid smoothing); the
+    logits are ``scale * smooth3_grid(m)``. Returns ``(grid_disp (G_i, G_j, G_k, 3),
+    entropy (G_i, G_j, G_k))`` and, with ``probs=True``, ``probs (G_i, G_j, G_k, L^3)`` too,
+    all in ``m``'s dtype. Reference: ``ops.displacement_probabilities(ops.smooth_grid(m),
+    -scale)``, ``ops.expected_displacement``, ``ops.displacement_entropy``. ``out``
+    (optional): a tuple of tensors of those shapes to fill.
+    """
+    _triton()
+    _check_float("displacement_head m", m)
+    if m.dim() != 6 or not (m.shape[3] == m.shape[4] == m.shape[5]):
+        raise PddnetError(f"displacement_head: expected (G_i, G_j, G_k, L, L, L), got "
+                          f"{tuple(m.shape)}")
+    m = m.contiguous()
+    gi, gj, gk, L = (int(n) for n in m.shape[:4])
+    shapes = [(gi, gj, gk, 3), (gi, gj, gk)] + ([(gi, gj, gk, L ** 3)] if probs else [])
+    if out is not None and len(out) != len(shapes):
+        raise PddnetError(f"displacement_head: out must hold {len(shapes)} tensors, got "
+                          f"{len(out)}")
+    res = [_output(None if out is None else out[i], shp, m) for i, shp in enumerate(shapes)]
+    disp, ent = res[0], res[1]
+    bk, bd = head_block(gk, block)
+    args = (m, gi, gj, gk, float_bits(scale), float_bits(capture), disp, ent)
+    if probs:
+        p = res[2]
+        _head_probs_kernel[(gi * gj,)](*args, p, L=L, BLOCK_K=bk, BLOCK_D=bd,
+                                       num_warps=SMOOTH_WARPS)
+        return disp, ent, p
+    _head_kernel[(gi * gj,)](*args, L=L, BLOCK_K=bk, BLOCK_D=bd, num_warps=SMOOTH_WARPS)
+    return disp, ent
+
+
+def fused_head(ssd, alpha, capture: float, mode: str = "approx", penalty=None, *,
+               probs: bool = False, block: int | None = None):
+    """Everything after the correlation, as the fused TensorRT head runs it: four launches.
+
+    ``ssd`` is the correlation ``(G_i, G_j, G_k, L, L, L)``, ``alpha`` the model's six
+    scalars; the model (``PDDNet.regularise`` and the softmax) computes
+    ``cost = a1 + a0 ssd``, ``first = MFS(cost)``, ``second = MFS(a4 + a2 cost + a3 first)``,
+    ``p = softmax(-a5 second)``. Here: ``minconv_affine(ssd; a0, 0, a1)``, :func:`grid_smooth`
+    (= ``first``), ``minconv_affine(ssd, first; a2 a0, a3, a4 + a2 a1)``, and
+    :func:`displacement_head` with ``scale = -a5``. Returns what :func:`displacement_head`
+    returns.
+    """
+    a0, a1, a2, a3, a4, a5 = (float(v) for v in alpha)
+    m1 = minconv_affine(ssd, None, (a0, 0.0, a1), mode, penalty)
+    first = grid_smooth(m1, block=block)
+    m2 = minconv_affine(ssd, first, (a2 * a0, a3, a4 + a2 * a1), mode, penalty)
+    return displacement_head(m2, -a5, capture, probs=probs, block=block)
+
+
 # =============================================================================================
 # Ahead-of-time compilation to PTX (for the TensorRT AOT plugins)
 # =============================================================================================
@@ -520,13 +768,25 @@ class KernelABI:
 
 
 #: Kernel ABI per op bound to an AOT plugin. ``MeanFieldStep`` has none: it needs two
-#: launches and an AOT plugin is one kernel (see :mod:`pddnet.backends.trt.plugins`).
+#: launches and an AOT plugin is one kernel (see :mod:`pddnet.backends.trt.plugins`); the
+#: fused head splits it into ``MinConvAffine`` + ``GridSmooth`` instead.
 AOT_ABI = {
     "DeformableSample3D": KernelABI("_deformable_sample_kernel", ("x_ptr", "off_ptr"),
                                     ("C", "I", "J", "K", "PO", "QO", "RO"), ("y_ptr",)),
     "Correlation": KernelABI("_correlation_kernel", ("fix_ptr", "mov_ptr"),
                              ("C", "I", "J", "K", "GI", "GJ", "GK", "q_bits"), ("out_ptr",)),
     "MinConv": KernelABI("_minconv_kernel", ("cost_ptr", "pen_ptr"), (), ("out_ptr",)),
+    # the fused head (pddnet.backends.trt.head): TensorRT-only ops, one kernel each
+    "MinConvAffine": KernelABI("_minconv_affine_kernel", ("x_ptr", "y_ptr", "pen_ptr"),
+                               ("a_bits", "b_bits", "c_bits"), ("out_ptr",)),
+    "GridSmooth": KernelABI("_grid_smooth_kernel", ("src_ptr",), ("GI", "GJ", "GK", "D"),
+                            ("dst_ptr",)),
+    "DisplacementHead": KernelABI("_head_kernel", ("src_ptr",),
+                                  ("GI", "GJ", "GK", "scale_bits", "q_bits"),
+                                  ("disp_ptr", "ent_ptr")),
+    "DisplacementHeadProbs": KernelABI("_head_probs_kernel", ("src_ptr",),
+                                       ("GI", "GJ", "GK", "scale_bits", "q_bits"),
+                                       ("disp_ptr", "ent_ptr", "probs_ptr")),
 }
 
 
@@ -632,6 +892,7 @@ def compile_aot(op: str, dtypes: dict[str, str], constexprs: dict, *, num_warps:
 
 __all__ = [
     "deformable_sample", "correlation", "minconv", "mean_field_step", "compile_aot",
+    "minconv_affine", "grid_smooth", "displacement_head", "fused_head", "head_block",
     "strip_scratch_params", "float_bits", "AOT_ABI", "KernelABI", "CompiledKernel",
     "minconv_block", "minconv_warps", "smooth_block", "next_pow2",
 ]

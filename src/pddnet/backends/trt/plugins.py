@@ -36,8 +36,10 @@ Deviations from the ONNX op signatures that the exporter's TensorRT preparation 
 - ``MeanFieldStep`` has no AOT implementation: an AOT plugin is exactly one kernel launch, and
   the step needs two (the grid smoothing couples every control point's min-convolution, so no
   single launch can do both without a grid-wide barrier). For Python-free engines, do not bind
-  ``MeanFieldStep`` to the plugin: keep its local function, which TensorRT inlines into the
-  ``MinConv`` plugin (AOT) plus native MatMuls.
+  ``MeanFieldStep`` to the plugin: the fused head (:mod:`pddnet.backends.trt.head`) rewrites it
+  into ``MinConvAffine`` + ``GridSmooth`` and the softmax into ``DisplacementHead`` (the
+  TensorRT-only plugins of :data:`HEAD_OPS`, all AOT), or keep its local function, which
+  TensorRT inlines into the ``MinConv`` plugin (AOT) plus native MatMuls.
 - AOT kernels take no attributes at run time (TensorRT does not serialize attributes of AOT
   plugins): they are compiled in (``tl.constexpr``) or passed as int32 scalar arguments
   (``trtp.SymInt32``); the float ``capture`` travels as its float32 bit pattern.
@@ -116,7 +118,7 @@ def register_plugins(ops=None) -> list[str]:
     unknown = [op for op in names if op not in _DEFINE]
     if unknown:
         raise PddnetError(f"register_plugins: unknown op(s) {unknown}; the custom ops are "
-                          f"{list(CUSTOM_OPS)}")
+                          f"{list(CUSTOM_OPS)}, the fused-head ops {list(HEAD_OPS)}")
     aot = all(hasattr(trtp, a) for a in ("aot_impl", "KernelLaunchParams", "SymInt32",
                                          "SymIntExprs"))
     if not aot:
@@ -348,11 +350,185 @@ def _define_mean_field_step(trtp, aot: bool) -> str:
     return "jit"
 
 
+# ------------------------------------------------------------------------------------------
+# The fused head (pddnet.backends.trt.head): TensorRT-only ops, one AOT kernel each
+# ------------------------------------------------------------------------------------------
+
+_FLOATS = npt.NDArray[np.float32]
+
+
+def _coeffs(coeffs) -> tuple:
+    c = tuple(float(v) for v in np.asarray(coeffs, dtype=np.float64).reshape(-1))
+    if len(c) != 3:
+        raise PddnetError(f"MinConvAffine: coeffs must be [a, b, c], got {list(c)}")
+    return c
+
+
+def _define_minconv_affine(trtp, aot: bool) -> str:
+    pid = plugin_id("MinConvAffine")
+
+    @trtp.register(pid)
+    def _desc(x: trtp.TensorDesc, y: trtp.TensorDesc, penalty: trtp.TensorDesc, mode: str,
+              coeffs: _FLOATS) -> trtp.TensorDesc:
+        return x.like()
+
+    @trtp.impl(pid)
+    def _impl(x: trtp.Tensor, y: trtp.Tensor, penalty: trtp.Tensor, mode: str, coeffs: _FLOATS,
+              outputs: Tuple[trtp.Tensor], stream: int) -> None:
+        torch, (xt, yt, p, out) = _torch_views(x, y, penalty, outputs[0])
+        mode = _check_mode(mode)
+        a, b, c = _coeffs(coeffs)
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            _kernels().minconv_affine(xt, yt if b != 0.0 else None, (a, b, c), mode,
+                                      p if mode == "exact" else None, out=out)
+
+    if aot:
+        @trtp.aot_impl(pid)
+        def _aot(x: trtp.TensorDesc, y: trtp.TensorDesc, penalty: trtp.TensorDesc, mode: str,
+                 coeffs: _FLOATS, outputs: Tuple[trtp.TensorDesc], tactic: int
+                 ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams,
+                            trtp.SymIntExprs]:
+            K = _kernels()
+            exact = _check_mode(mode) == "exact"
+            a, b, c = _coeffs(coeffs)
+            sx = x.shape_expr
+            L = _static(sx[5], "MinConvAffine: the displacement size L (last axis)")
+            ck = K.compile_aot("MinConvAffine",
+                               {"x_ptr": _dtype_name(x.dtype), "y_ptr": _dtype_name(y.dtype),
+                                "pen_ptr": _dtype_name(penalty.dtype),
+                                "out_ptr": _dtype_name(outputs[0].dtype)},
+                               {"L": L, "EXACT": exact, "HAS_Y": b != 0.0,
+                                "BLOCK": K.minconv_block(L)}, num_warps=K.minconv_warps(L))
+            launch = _launch(trtp, (sx[0] * sx[1] * sx[2], 1), ck)
+            args = _sym(trtp, tuple(K.float_bits(v) for v in (a, b, c)))
+            return ck.name, ck.ptx, launch, args
+
+    return "aot+jit" if aot else "jit"
+
+
+def _define_grid_smooth(trtp, aot: bool) -> str:
+    pid = plugin_id("GridSmooth")
+
+    @trtp.register(pid)
+    def _desc(x: trtp.TensorDesc) -> trtp.TensorDesc:
+        return x.like()
+
+    @trtp.impl(pid)
+    def _impl(x: trtp.Tensor, outputs: Tuple[trtp.Tensor], stream: int) -> None:
+        torch, (xt, out) = _torch_views(x, outputs[0])
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            _kernels().grid_smooth(xt, out=out)
+
+    if aot:
+        @trtp.aot_impl(pid)
+        def _aot(x: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc], tactic: int
+                 ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams,
+                            trtp.SymIntExprs]:
+            K = _kernels()
+            sx = x.shape_expr
+            gk = _static(sx[2], "GridSmooth: G_k (the tile height)")
+            n_d = 1
+            for i in range(3, len(sx)):
+                n_d *= _static(sx[i], "GridSmooth: the displacement axes")
+            bk, bd = K.smooth_block(gk)
+            ck = K.compile_aot("GridSmooth", {"src_ptr": _dtype_name(x.dtype),
+                                              "dst_ptr": _dtype_name(outputs[0].dtype)},
+                               {"BLOCK_K": bk, "BLOCK_D": bd}, num_warps=K.SMOOTH_WARPS)
+            launch = _launch(trtp, (sx[0] * sx[1], math.ceil(n_d / bd)), ck)
+            return ck.name, ck.ptx, launch, _sym(trtp, (sx[0], sx[1], gk, n_d))
+
+    return "aot+jit" if aot else "jit"
+
+
+def _head_aot(trtp, op: str, m, capture: float, scale: float, outputs):
+    """Shared ``aot_impl`` body of ``DisplacementHead`` / ``DisplacementHeadProbs``."""
+    K = _kernels()
+    sm = m.shape_expr
+    gk = _static(sm[2], f"{op}: G_k (the tile height)")
+    L = _static(sm[5], f"{op}: the displacement size L")
+    bk, bd = K.head_block(gk)
+    dtypes = {"src_ptr": _dtype_name(m.dtype)}
+    for name, desc in zip(K.AOT_ABI[op].outputs, outputs):
+        dtypes[name] = _dtype_name(desc.dtype)
+    ck = K.compile_aot(op, dtypes, {"L": L, "BLOCK_K": bk, "BLOCK_D": bd},
+                       num_warps=K.SMOOTH_WARPS)
+    args = _sym(trtp, (sm[0], sm[1], gk, K.float_bits(scale), K.float_bits(capture)))
+    return ck.name, ck.ptx, _launch(trtp, (sm[0] * sm[1], 1), ck), args
+
+
+def _head_impl(m, capture, scale, outputs, stream, probs: bool) -> None:
+    torch, views = _torch_views(m, *outputs)
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+        _kernels().displacement_head(views[0], float(scale), float(capture), probs=probs,
+                                     out=tuple(views[1:]))
+
+
+def _define_displacement_head(trtp, aot: bool) -> str:
+    pid = plugin_id("DisplacementHead")
+
+    @trtp.register(pid)
+    def _desc(m: trtp.TensorDesc, capture: float, scale: float
+              ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        s = m.shape_expr
+        return (trtp.from_shape_expr((s[0], s[1], s[2], 3), dtype=m.dtype),
+                trtp.from_shape_expr((s[0], s[1], s[2]), dtype=m.dtype))
+
+    @trtp.impl(pid)
+    def _impl(m: trtp.Tensor, capture: float, scale: float, outputs: Tuple[trtp.Tensor],
+              stream: int) -> None:
+        _head_impl(m, capture, scale, outputs, stream, False)
+
+    if aot:
+        @trtp.aot_impl(pid)
+        def _aot(m: trtp.TensorDesc, capture: float, scale: float,
+                 outputs: Tuple[trtp.TensorDesc], tactic: int
+                 ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams,
+                            trtp.SymIntExprs]:
+            return _head_aot(trtp, "DisplacementHead", m, capture, scale, outputs)
+
+    return "aot+jit" if aot else "jit"
+
+
+def _define_displacement_head_probs(trtp, aot: bool) -> str:
+    pid = plugin_id("DisplacementHeadProbs")
+
+    @trtp.register(pid)
+    def _desc(m: trtp.TensorDesc, capture: float, scale: float
+              ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+        s = m.shape_expr
+        d3 = s[3] * s[4] * s[5]
+        return (trtp.from_shape_expr((s[0], s[1], s[2], 3), dtype=m.dtype),
+                trtp.from_shape_expr((s[0], s[1], s[2]), dtype=m.dtype),
+                trtp.from_shape_expr((s[0], s[1], s[2], d3), dtype=m.dtype))
+
+    @trtp.impl(pid)
+    def _impl(m: trtp.Tensor, capture: float, scale: float, outputs: Tuple[trtp.Tensor],
+              stream: int) -> None:
+        _head_impl(m, capture, scale, outputs, stream, True)
+
+    if aot:
+        @trtp.aot_impl(pid)
+        def _aot(m: trtp.TensorDesc, capture: float, scale: float,
+                 outputs: Tuple[trtp.TensorDesc], tactic: int
+                 ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams,
+                            trtp.SymIntExprs]:
+            return _head_aot(trtp, "DisplacementHeadProbs", m, capture, scale, outputs)
+
+    return "aot+jit" if aot else "jit"
+
+
+#: The TensorRT-only ops of the fused head, created by :mod:`pddnet.backends.trt.head`.
+HEAD_OPS = ("MinConvAffine", "GridSmooth", "DisplacementHead", "DisplacementHeadProbs")
+
 _DEFINE = {
     "DeformableSample3D": _define_deformable_sample,
     "Correlation": _define_correlation,
     "MinConv": _define_minconv,
     "MeanFieldStep": _define_mean_field_step,
+    "MinConvAffine": _define_minconv_affine,
+    "GridSmooth": _define_grid_smooth,
+    "DisplacementHead": _define_displacement_head,
+    "DisplacementHeadProbs": _define_displacement_head_probs,
 }
 
-__all__ = ["register_plugins", "registered", "plugin_id"]
+__all__ = ["register_plugins", "registered", "plugin_id", "HEAD_OPS"]
