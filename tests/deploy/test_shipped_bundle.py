@@ -31,3 +31,41 @@ def test_shipped_bundle_is_small_verified_and_built_from_the_shipped_weights():
             assert m["validation"]["passed"] is True
             assert {"disp", "grid_disp", "probs"} <= set(m["outputs"])
         assert bundle.manifest["validation"]
+
+
+NO_TORCH_REGISTER = r"""
+import sys
+sys.modules["torch"] = None               # the core install: no torch
+sys.modules["matplotlib"] = None
+from pddnet.cli import main
+main(sys.argv[1:], prog_name="pddnet")
+"""
+
+
+def test_register_without_model_runs_the_shipped_bundle_torch_free(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from helpers.fake_models import ct_like, grid_affine, save_volume
+
+    rng = np.random.default_rng()
+    shape = (96, 80, 128)                    # the shipped model's grid, 4 mm
+    fixed = save_volume(tmp_path / "f.nii.gz", ct_like(rng, shape), grid_affine(4.0))
+    moving = save_volume(tmp_path / "m.nii.gz", ct_like(rng, shape), grid_affine(4.0))
+    src = Path(__file__).resolve().parents[2] / "src"
+    r = subprocess.run([sys.executable, "-c", NO_TORCH_REGISTER, "register", "--fixed", fixed,
+                        "--moving", moving, "--out", tmp_path / "out", "--threads", "2",
+                        "--json"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(src)})
+    assert r.returncode == 0, r.stderr
+    assert "no --model given: the bundle shipped with pddnet" in r.stderr
+    res = json.loads(r.stdout)["results"][0]         # stdout is the JSON alone
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "disp.nii.gz" in res["outputs"] and "disp_itk.nii.gz" in res["outputs"]
+    with opened(shipped_bundle("small")) as bundle:       # one of the shipped graphs ran
+        assert summary["model"]["sha256"] in {m["sha256"] for m in bundle.models}

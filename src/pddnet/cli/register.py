@@ -35,9 +35,11 @@ class _ManyValuesCommand(click.Command):
 
 
 @click.command("register", cls=_ManyValuesCommand)
-@click.option("--model", required=True, type=click.Path(),
+@click.option("--model", type=click.Path(),
               help="The .onnx written by `pddnet export`, or a bundle (folder or .tar.gz "
-                   "from `pddnet package`: verified before anything is loaded).")
+                   "from `pddnet package`: verified before anything is loaded). Default: the "
+                   "validated bundle shipped with pddnet (synthetic-abdomen CT weights; see "
+                   "`pddnet verify` and the model card).")
 @click.option("--fixed", type=click.Path(dir_okay=False),
               help="Fixed (reference) CT, NIfTI, any orientation and spacing.")
 @click.option("--moving", multiple=True, type=click.Path(dir_okay=False),
@@ -119,11 +121,23 @@ def register(model, fixed, moving, moving_labels, fixed_labels, data, split, nam
     from functools import partial
 
     from pddnet._files import jsonable
+    from pddnet.cli.output import note, say
     from pddnet.data.io import DEFAULT_MAX_VOXELS
     from pddnet.errors import PddnetError
     from pddnet.runtime.batch import register_dataset, register_files
 
-    echo = partial(click.echo, err=True) if as_json else click.echo
+    # results on stdout (on stderr when stdout carries the JSON); notes on stderr, hidden by -q
+    echo = partial(click.echo, err=True) if as_json else say
+    if model is None:
+        from pddnet.weights import shipped_bundle
+
+        model = shipped_bundle()
+        note(f"note: no --model given: the bundle shipped with pddnet ({model.name}; weights "
+             "trained on synthetic abdominal CT, see the model card)")
+
+    def notes(msg: str) -> None:
+        note(f"note: {msg}")
+
     provider_list = [p for p in providers.split(",") if p.strip()] if providers else None
     if data is not None:
         given = [n for n, v in (("--fixed", fixed), ("--moving", moving),
@@ -136,7 +150,7 @@ def register(model, fixed, moving, moving_labels, fixed_labels, data, split, nam
         result = register_dataset(model, data, out=out, split=split, names=names,
                                   threads=threads, backend=backend, providers=provider_list,
                                   precision=precision, overwrite=overwrite,
-                                  spacing_tolerance=spacing_tolerance, echo=echo,
+                                  spacing_tolerance=spacing_tolerance, echo=echo, note=notes,
                                   progress=not no_progress, refine=refine or None, stages=stages,
                                   stage2_model=stage2_model,
                                   max_voxels=max_voxels or DEFAULT_MAX_VOXELS)
@@ -152,7 +166,8 @@ def register(model, fixed, moving, moving_labels, fixed_labels, data, split, nam
                            threads=threads, backend=backend, providers=provider_list,
                            precision=precision, overwrite=overwrite,
                            spacing_tolerance=spacing_tolerance, l2r_half=l2r_half, echo=echo,
-                           refine=refine or None, stages=stages, stage2_model=stage2_model,
+                           note=notes, refine=refine or None, stages=stages,
+                           stage2_model=stage2_model,
                            max_voxels=max_voxels or DEFAULT_MAX_VOXELS)
     if as_json:
         click.echo(json.dumps(jsonable(_items_json(items)), allow_nan=False))

@@ -67,6 +67,7 @@ def register_files(model: PathLike, fixed: PathLike, movings: Sequence[PathLike]
                    backend: str = "auto", providers: Sequence[str] | None = None,
                    overwrite: bool = False, spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
                    l2r_half: bool = False, echo: Callable[[str], None] = print,
+                   note: Callable[[str], None] | None = None,
                    refine: Any = None, stages: int = 1,
                    stage2_model: PathLike | None = None,
                    precision: str | None = None,
@@ -75,7 +76,10 @@ def register_files(model: PathLike, fixed: PathLike, movings: Sequence[PathLike]
 
     ``model`` is a ``.onnx`` or a bundle (verified first; the selection is printed).
     ``refine``, ``stages``, ``stage2_model`` and ``precision`` (bundles) are passed to
-    :class:`~pddnet.runtime.session.Registrar` (instance optimisation, two stages)."""
+    :class:`~pddnet.runtime.session.Registrar` (instance optimisation, two stages). ``echo``
+    prints results (the table, where each result went), ``note`` what was chosen and what to
+    watch out for (default: ``echo`` with a ``note:`` prefix; the CLI sends notes to stderr)."""
+    note = note or (lambda s: echo(f"note: {s}"))
     if not movings:
         raise PddnetError("give at least one moving scan")
     if moving_labels and len(moving_labels) != len(movings):
@@ -85,15 +89,15 @@ def register_files(model: PathLike, fixed: PathLike, movings: Sequence[PathLike]
     dirs = output_dirs(out, movings)
     items: list[BatchItem] = []
     ours = OUTPUT_NAMES if len(dirs) == 1 else {d.name for d in dirs}  # other files are kept
-    with atomic_directory(out, overwrite=overwrite, report=lambda s: echo(f"note: {s}"),
+    with atomic_directory(out, overwrite=overwrite, report=note,
                           keep=lambda name: name not in ours) as stage, \
             Registrar(model, backend, threads, providers=list(providers) if providers else None,
                       spacing_tolerance=spacing_tolerance, refine=refine, stages=stages,
                       stage2_model=stage2_model, precision=precision,
                       max_voxels=max_voxels) as reg:
         if reg.selection is not None:
-            echo(f"bundle {reg.bundle.source}: every file verified (SHA-256)")
-            echo(reg.selection.describe())
+            note(f"bundle {reg.bundle.source}: every file verified (SHA-256)")
+            note(reg.selection.describe())
         check_movings(reg, movings, moving_labels, max_voxels=max_voxels)
         reg.set_fixed(fixed, fixed_labels)
         for i, (m, d) in enumerate(zip(movings, dirs)):
@@ -103,8 +107,10 @@ def register_files(model: PathLike, fixed: PathLike, movings: Sequence[PathLike]
             items.append(BatchItem(Path(m), d, res))
             echo(f"{Path(m).name} -> {d}")
             for n in res.notes:
+                if reg.selection is not None and n.startswith(f"bundle {reg.bundle.source}:"):
+                    continue  # the selection was described above
                 if i == 0 or n.startswith("moving"):
-                    echo(f"  {n}")
+                    note(n)
     echo(format_table(items))
     echo(reuse_line(items))
     return items
@@ -183,7 +189,8 @@ def register_dataset(model: PathLike, data: PathLike, *, out: PathLike, split: s
                      names: str = "long", threads: int | None = None, backend: str = "auto",
                      providers: Sequence[str] | None = None, overwrite: bool = False,
                      spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
-                     echo: Callable[[str], None] = print, progress: bool = True,
+                     echo: Callable[[str], None] = print,
+                     note: Callable[[str], None] | None = None, progress: bool = True,
                      refine: Any = None, stages: int = 1, stage2_model: PathLike | None = None,
                      precision: str | None = None,
                      max_voxels: int | None = DEFAULT_MAX_VOXELS) -> dict[str, Any]:
@@ -246,7 +253,8 @@ def register_dataset(model: PathLike, data: PathLike, *, out: PathLike, split: s
         return _register_pairs(ds, pairs, files, labels, model, out, split=split, names=names,
                                threads=threads, backend=backend, providers=providers,
                                overwrite=overwrite, spacing_tolerance=spacing_tolerance,
-                               echo=echo, progress=progress, refine=refine, stages=stages,
+                               echo=echo, note=note or (lambda s: echo(f"note: {s}")),
+                               progress=progress, refine=refine, stages=stages,
                                stage2_model=stage2_model, precision=precision,
                                max_voxels=max_voxels, t_start=t_start, data=data)
     except BaseException:
@@ -259,14 +267,13 @@ def register_dataset(model: PathLike, data: PathLike, *, out: PathLike, split: s
 
 
 def _register_pairs(ds, pairs, files, labels, model, out, *, split, names, threads, backend,
-                    providers, overwrite, spacing_tolerance, echo, progress, refine, stages,
+                    providers, overwrite, spacing_tolerance, echo, note, progress, refine, stages,
                     stage2_model, precision, max_voxels, t_start, data) -> dict[str, Any]:
     """The body of :func:`register_dataset` once the inputs are checked and ``out`` exists."""
     import time
 
-    from tqdm import tqdm
-
     from pddnet._files import folder_lock, sha256_file
+    from pddnet._progress import progress_bar
 
     records: list[dict[str, Any]] = []
     with folder_lock(out), \
@@ -276,22 +283,22 @@ def _register_pairs(ds, pairs, files, labels, model, out, *, split, names, threa
                       stage2_model=stage2_model, precision=precision,
                       max_voxels=max_voxels) as reg:
         reg.metric_labels = labels
-        for note in _clean_partials(out):
-            echo(f"note: {note}")
+        for removed in _clean_partials(out):
+            note(removed)
         manifest = {"kind": "pddnet Learn2Reg submission", "model_sha256": reg.info.sha256,
                     "dataset_json": str(ds.json_path.resolve()), "split": split, "names": names,
                     "refine": refine if isinstance(refine, (int, type(None))) else str(refine),
                     "stages": stages}
         _check_manifest(out, manifest, overwrite)
         if reg.selection is not None:
-            echo(f"note: bundle {reg.bundle.source}: every file verified (SHA-256)")
-            echo(f"note: {reg.selection.describe()}")
+            note(f"bundle {reg.bundle.source}: every file verified (SHA-256)")
+            note(reg.selection.describe())
         from pddnet._files import write_json
 
         write_json(out / SUBMISSION_MANIFEST, manifest)
         logged = _read_log(out / SUBMISSION_LOG)
         fixed_key = None
-        bar = tqdm(list(zip(pairs, files)), desc=f"register {split}", unit="pair",
+        bar = progress_bar(list(zip(pairs, files)), desc=f"register {split}", unit="pair",
                    disable=not progress, file=sys.stderr, leave=True)
         for index, (pair, name) in enumerate(bar):
             target = out / name
