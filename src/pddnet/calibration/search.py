@@ -93,7 +93,7 @@ class Measure:
         out = []
         if not (math.isfinite(self.delta_dice_max) and self.delta_dice_max <= gate):
             out.append(f"|ΔDice| {self.delta_dice_max:.3f} > {gate:g} points")
-        for label, value, limit in (disp_gates or DispGates()).checks(self):
+        for label, value, limit in (disp_gates or DispGates(None, None)).checks(self):
             if value is None or not math.isfinite(value) or value > limit:
                 shown = "undefined" if value is None or not math.isfinite(value) else \
                     f"{value:.2f} mm"
