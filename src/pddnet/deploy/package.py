@@ -285,11 +285,10 @@ def apply_precision_gates(val: dict[str, Any] | None, precision: str,
             v = c.get(key)
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v <= thr
             if v is None:
-                reason = (f"{GATE_LABELS[key]} not in the report (validated before displacement "
-                          "gates in mm existed); re-run `pddnet validate`")
+                reason = ("not in the report (validated before displacement gates in mm "
+                          "existed); re-run `pddnet validate`")
             else:
-                reason = (f"{GATE_LABELS[key]} {v:.2f} mm {'<=' if ok else '>'} {thr:g} mm "
-                          "(worst pair)")
+                reason = f"{v:.2f} mm {'<=' if ok else '>'} {thr:g} mm (worst pair)"
             c.setdefault("gates", []).append({"metric": key, "threshold": thr, "measured": v,
                                               "unit": "mm", "passed": ok, "reason": reason,
                                               "source": "package"})
@@ -787,7 +786,9 @@ def _require_validation(val: dict[str, Any] | None, what: str, allow: bool,
         return
     why = ("no candidate of the report ran this exact file (matched by SHA-256)" if val is None
            else "its validation gates failed: " + "; ".join(
-               f"{c['name']}: " + ", ".join(g["reason"] for g in c["gates"] if not g["passed"])
+               f"{c['name']}: " + ", ".join(
+                   f"{GATE_LABELS.get(g.get('metric'), g.get('metric'))} {g['reason']}"
+                   for g in c["gates"] if not g["passed"])
                for c in val["candidates"] if not c["passed"]))
     if not allow:
         raise PddnetError(f"{what}: not validated ({why}); validate it with `pddnet validate` "
