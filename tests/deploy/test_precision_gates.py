@@ -187,3 +187,32 @@ def test_verify_json_failure_objects_and_exit_codes(tmp_path, monkeypatch):
     doc = json.loads(internal.output)
     assert internal.exit_code == 3 == doc["exit_code"]
     assert doc["failure"]["kind"] == "internal" and "ZeroDivisionError" in doc["failure"]["message"]
+
+
+def test_report_says_why_a_precision_may_or_may_not_be_chosen():
+    from pddnet.validation.compare import Gate
+    from pddnet.validation.render import _precision_choice, to_html, to_markdown
+
+    recs = [{"pair": "a <- b", "disp_diff_p99_mm": 1.8, "disp_diff_max_mm": 1.9,
+             "delta_dice_points": 0.1}]
+
+    def cand(name, prec, gates):
+        ev = [g.evaluate(recs) for g in gates]
+        return {"name": name, "precision": prec, "mode": "ff", "reference": False,
+                "gates": ev, "passed": all(g["passed"] for g in ev)}
+
+    report = {"candidates": {
+        "pytorch": {"name": "pytorch", "precision": "fp32", "reference": True, "gates": []},
+        "onnxruntime-fp16": cand("onnxruntime-fp16", "fp16", (Gate("delta_dice_points", 0.5),)),
+        "onnxruntime-int8": cand("onnxruntime-int8", "int8",
+                                 (Gate("delta_dice_points", 1.0), Gate("disp_diff_p99_mm", 1.0),
+                                  Gate("disp_diff_max_mm", 2.0)))}}
+    sec = _precision_choice(report)
+    rows = {r[0]: r for r in sec.blocks[1].rows}
+    assert rows["int8"][1] == "FAIL"
+    assert rows["int8"][2] == "int8 not chosen: p99 |Δu| 1.8 mm > 1 mm gate (onnxruntime-int8)"
+    assert rows["fp16"][1] == "PASS" and rows["fp16"][2].startswith("fp16 may be chosen")
+    assert "int8 not chosen" in to_markdown([sec])
+    page = to_html([sec])
+    assert '<td class="t">int8 not chosen' in page   # text cells left-aligned, in a scroll box
+    assert '<div class="scroll"><table>' in page

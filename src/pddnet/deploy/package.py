@@ -44,6 +44,7 @@ from pddnet.graph.model import LoadedModel, load_model
 from pddnet.runtime.bundle import MANIFEST, PREPROCESSING, SCHEMA, verify_folder
 from pddnet.spec import contract as C
 from pddnet.spec.metadata import metadata_value
+from pddnet.validation.compare import GATE_LABELS, gate_phrase
 
 PRECISIONS = ("fp32", "fp16", "int8")
 REPORT_FILES = ("report.json", "report.md", "report.html")
@@ -253,11 +254,6 @@ def validation_for(report: dict[str, Any], sha: str, *, trt: bool,
     }
 
 
-#: the displacement gates a reduced precision (fp16, int8) must pass to be bundled as validated
-#: (``--max-disp-p99-mm``, ``--max-disp-mm``): summary key -> label
-DISP_GATE_KEYS = {"disp_diff_p99_mm": "p99 |Δu|", "disp_diff_max_mm": "max |Δu|"}
-GATE_LABELS = {**DISP_GATE_KEYS, "delta_dice_points": "|ΔDice|",
-               "disp_diff_max_vox": "max |Δu|", "disp_diff_mean_vox": "mean |Δu|"}
 
 
 def apply_precision_gates(val: dict[str, Any] | None, precision: str,
@@ -308,11 +304,7 @@ def gate_failures(val: dict[str, Any] | None) -> list[str]:
         for g in c.get("gates") or []:
             if not isinstance(g, dict) or g.get("passed"):
                 continue
-            label = GATE_LABELS.get(str(g.get("metric")), str(g.get("metric")))
-            v, unit = g.get("measured"), g.get("unit") or ""
-            shown = f"{v:.3g} {unit}" if isinstance(v, (int, float)) and \
-                not isinstance(v, bool) else "undefined"
-            out.append(f"{label} {shown} > {g.get('threshold'):g} {unit} gate ({c.get('name')})")
+            out.append(f"{gate_phrase(g)} ({c.get('name')})")
     return out
 
 

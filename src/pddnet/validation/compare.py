@@ -56,6 +56,25 @@ GATE_METRICS: dict[str, tuple[str, str]] = {
     "disp_diff_max_mm": ("max |delta u| vs the reference", "mm"),
 }
 
+#: short names of the gate metrics in explanations ("p99 |Δu| 2.24 mm > 1 mm gate")
+GATE_LABELS: dict[str, str] = {
+    "disp_diff_max_vox": "max |Δu|", "disp_diff_mean_vox": "mean |Δu|",
+    "delta_dice_points": "|ΔDice|", "disp_diff_p99_mm": "p99 |Δu|",
+    "disp_diff_max_mm": "max |Δu|",
+}
+
+
+def gate_phrase(g: dict[str, Any]) -> str:
+    """One failed gate as a short phrase: ``"p99 |Δu| 2.24 mm > 1 mm gate"``."""
+    label = GATE_LABELS.get(str(g.get("metric")), str(g.get("metric")))
+    v, unit = g.get("measured"), g.get("unit") or ""
+    shown = (f"{v:.3g} {unit}" if isinstance(v, (int, float)) and not isinstance(v, bool)
+             and math.isfinite(v) else "undefined")
+    thr = g.get("threshold")
+    thr = f"{thr:g}" if isinstance(thr, (int, float)) else str(thr)
+    return f"{label} {shown} > {thr} {unit} gate"
+
+
 #: the displacement gates in mm of the FP16 / INT8 candidates (``--max-disp-p99-mm``,
 #: ``--max-disp-mm``): ``|delta u|`` is clinically meaningful in mm, not in voxels
 DEFAULT_DISP_GATES_MM = {"disp_diff_p99_mm": 1.0, "disp_diff_max_mm": 2.0}

@@ -27,6 +27,7 @@ import base64
 import html
 import io
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -411,7 +412,7 @@ def dice_figure(report: dict[str, Any]) -> bytes | None:
     if not labels or not delta:
         return None
     names = report.get("label_names") or {}
-    fig = _figure(7.0, 0.12 * len(labels) * len(delta) + 1.4)
+    fig = _figure(7.0, 0.085 * len(labels) * len(delta) + 1.3)
     ax = fig.subplots()
     h = 0.8 / len(delta)
     y = np.arange(len(labels))
@@ -575,6 +576,9 @@ def build_document(report: dict[str, Any], figures: FigureCollector | None = Non
                                "worst pair", "detail"], rows) if rows else
                         "No candidate has gates.")
     secs.append(gates)
+    choice = _precision_choice(report)
+    if choice is not None:
+        secs.append(choice)
 
     secs += _dice_sections(report)
 
@@ -635,6 +639,39 @@ def build_document(report: dict[str, Any], figures: FigureCollector | None = Non
                                                    for i, n in enumerate(report["notes"])))
     secs.append(setting)
     return secs
+
+
+def _precision_choice(report: dict[str, Any]) -> Section | None:
+    """Which reduced precisions may be chosen automatically, and why (not): a precision whose
+    feed-forward candidates did not pass every gate is refused by ``pddnet package`` (or
+    bundled unvalidated) and never selected by the runtime on its own."""
+    from pddnet.validation.compare import gate_phrase
+
+    by_prec: dict[str, list[dict[str, Any]]] = {}
+    for c in report["candidates"].values():
+        if c.get("reference") or c.get("mode", "ff") != "ff" or c.get("precision") == "fp32":
+            continue
+        by_prec.setdefault(str(c.get("precision")), []).append(c)
+    if not by_prec:
+        return None
+    sec = Section("Precision choice")
+    rows = []
+    for prec, cs in sorted(by_prec.items()):
+        fails = [f"{gate_phrase(g)} ({c['name']})" for c in cs for g in c.get("gates") or []
+                 if not g.get("passed")]
+        if fails:
+            rows.append([prec, "FAIL", f"{prec} not chosen: " + "; ".join(fails)])
+        else:
+            gates = sorted({f"{g['metric']} <= {fmt(g['threshold'], 'g')} {g['unit']}"
+                            for c in cs for g in c.get("gates") or []})
+            rows.append([prec, "PASS", f"{prec} may be chosen: every gate passed "
+                                       f"({', '.join(gates) or 'no gates'})"])
+    sec.blocks.append(
+        "A precision is chosen automatically (by `pddnet package` and the runtime's selection) "
+        "only when every gate of its candidates passed: the Dice gate and the displacement "
+        "gates in mm (p99 and max over each pair's voxels of |u_cand - u_ref|, worst pair).")
+    sec.blocks.append(Table(["precision", "gates", "why"], rows))
+    return sec
 
 
 def _per_pair_label_mean(c: dict[str, Any], key: str, lab: int) -> float | None:
@@ -756,18 +793,21 @@ color:#222;max-width:1400px}.scroll{overflow-x:auto;max-width:100%;margin:8px 0 
 .scroll table{margin:0}@media (max-width:700px){body{margin:8px}th,td{white-space:nowrap}}
 table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
 th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f2f2f2}
-td:first-child,th:first-child{text-align:left}.PASS{color:#0a0;font-weight:bold}
+td:first-child,th:first-child,td.t{text-align:left}.PASS{color:#0a0;font-weight:bold}
 .FAIL{color:#c00;font-weight:bold}img{max-width:100%;border:1px solid #ddd;margin:6px 0}
 figure{margin:8px 0 20px}figcaption{font-size:12px;color:#555}code{background:#f5f5f5}"""
 
 
 def _inline(text: str) -> str:
     """Escape, then render ``code`` and **bold** spans (the only Markdown used in paragraphs)."""
-    import re
-
     t = html.escape(str(text))
     t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
     return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", t)
+
+
+#: a cell that is a number (with an optional unit): right-aligned; any other text left-aligned
+_NUMERIC = re.compile(
+    r"^(-|[-+]?[\d.]+(e[-+]?\d+)?( / [\d.]+)?x?( ?(%|ms|mm|vox|voxel|points|MB))?)$")
 
 
 def to_html(secs: list[Section]) -> str:
@@ -782,7 +822,8 @@ def to_html(secs: list[Section]) -> str:
                 for r in b.rows:
                     body.append("<tr>" + "".join(
                         f'<td class="{c}">{html.escape(c)}</td>' if c in ("PASS", "FAIL")
-                        else f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>")
+                        else f"<td>{html.escape(str(c))}</td>" if _NUMERIC.match(str(c))
+                        else f'<td class="t">{html.escape(str(c))}</td>' for c in r) + "</tr>")
                 body.append("</tbody></table></div>")
             elif isinstance(b, Image):
                 data = base64.b64encode(b.png).decode("ascii")
