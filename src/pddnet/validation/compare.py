@@ -15,7 +15,9 @@ Two phases:
 1. *Accuracy* (this process), pair by pair: every candidate registers the pair; per candidate
    and pair: mean and per-label Dice, HD95, SDlogJ, % folding; against the reference: the
    displacement difference at full resolution (fixed-file voxels; ``|du(x)|`` is the Euclidean
-   norm of the difference vector, max and mean over voxels) and the Dice difference in points.
+   norm of the difference vector, max and mean over voxels; in mm through the fixed file's
+   affine, p99 and max over voxels: :func:`displacement_difference`) and the Dice difference
+   in points.
 2. *Performance*, per candidate in a fresh child process (:func:`~pddnet.validation.machine.
    run_isolated`, unless ``isolate=False``): the pairs' inputs are pre-processed, then the
    peak-RSS counter is reset, the model loaded, run ``warmup`` times untimed and ``repeats``
