@@ -448,6 +448,8 @@ def test_validate_reports_fp16_and_int8_beside_fp32(setup, int8, tmp_path):
         assert fields <= set(cands[name])
         assert cands[name]["summary"]["disp_diff_max_vox"] is not None
     assert cands["onnxruntime-int8"]["precision"] == "int8"
+    assert rep["settings"]["precision_gates"]["onnxruntime-int8"] == {
+        "delta_dice_points": 1.0, "disp_diff_p99_mm": 1.0, "disp_diff_max_mm": 2.0}
     gates = {g["metric"]: g for g in cands["onnxruntime-int8"]["gates"]}
     assert list(gates) == ["delta_dice_points", "disp_diff_p99_mm", "disp_diff_max_mm"]
     assert [gates[k]["threshold"] for k in gates] == [1.0, 1.0, 2.0]

@@ -79,7 +79,8 @@ def precision_candidates(*, fp16=None, int8=None, gate_fp16: float = 0.5,
 
 def annotate_report(report: dict[str, Any], candidates: list) -> dict[str, Any]:
     """Add ``precision_info`` (the graph's ``pddnet.precision``; FP16: the audit) to each
-    precision candidate of ``report`` and the FP16 note (in place; returns ``report``)."""
+    precision candidate of ``report``, ``settings.precision_gates`` (per candidate ``{metric:
+    threshold}``) and the FP16 note (in place; returns ``report``)."""
     import onnx
 
     from pddnet.calibration.api import audit_fp16
@@ -87,6 +88,9 @@ def annotate_report(report: dict[str, Any], candidates: list) -> dict[str, Any]:
     from pddnet.spec.metadata import read_metadata
 
     fp16_seen = False
+    # the gates each precision was held to, in the evidence itself (the bundle copies it)
+    report.setdefault("settings", {})["precision_gates"] = {
+        c.name: {g.metric: g.threshold for g in c.gates} for c in candidates}
     for c in candidates:
         entry = report.get("candidates", {}).get(c.name)
         if entry is None:
