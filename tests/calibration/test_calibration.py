@@ -448,8 +448,22 @@ def test_validate_reports_fp16_and_int8_beside_fp32(setup, int8, tmp_path):
         assert fields <= set(cands[name])
         assert cands[name]["summary"]["disp_diff_max_vox"] is not None
     assert cands["onnxruntime-int8"]["precision"] == "int8"
-    assert [g["metric"] for g in cands["onnxruntime-int8"]["gates"]] == ["delta_dice_points"]
-    assert cands["onnxruntime-int8"]["gates"][0]["threshold"] == 1.0
+    assert rep["settings"]["precision_gates"]["onnxruntime-int8"] == {
+        "delta_dice_points": 1.0, "disp_diff_p99_mm": 1.0, "disp_diff_max_mm": 2.0}
+    gates = {g["metric"]: g for g in cands["onnxruntime-int8"]["gates"]}
+    assert list(gates) == ["delta_dice_points", "disp_diff_p99_mm", "disp_diff_max_mm"]
+    assert [gates[k]["threshold"] for k in gates] == [1.0, 1.0, 2.0]
+    for name in ("onnxruntime-fp16", "onnxruntime-fp16-emulated", "onnxruntime-int8"):
+        c = cands[name]
+        for key in ("disp_diff_p99_mm", "disp_diff_max_mm"):  # the gate sees the worst pair
+            per_pair = [p[key] for p in c["pairs"]]
+            assert c["summary"][key] == max(per_pair)
+            assert {g["metric"]: g for g in c["gates"]}[key]["measured"] == max(per_pair)
+        for p in c["pairs"]:  # mm >= voxels times the finest spacing, <= times the coarsest
+            sp = p["spacing_mm"]
+            assert p["disp_diff_max_mm"] >= p["disp_diff_max_vox"] * min(sp) * (1 - 1e-6)
+            assert p["disp_diff_max_mm"] <= p["disp_diff_max_vox"] * max(sp) * (1 + 1e-6)
+            assert p["disp_diff_p99_mm"] <= p["disp_diff_max_mm"]
     audit = cands["onnxruntime-fp16"]["precision_info"]["audit"]
     assert audit["declared_fp16_tensors"] > audit["fp16_tensors_in_ort"]
     assert any("CPU provider" in n for n in rep["notes"])
@@ -470,7 +484,8 @@ def test_validate_int8_gate_fails_when_it_should(setup, int8, tmp_path):
               "--no-progress", "--int8", str(bad), "--gate-dice-int8", "0.01"])
     assert r.exit_code == 1, r.output
     rep = json.loads((tmp_path / "v" / "report.json").read_text())
-    assert [g["candidate"] for g in rep["failed_gates"]] == ["onnxruntime-int8"]
+    assert {g["candidate"] for g in rep["failed_gates"]} == {"onnxruntime-int8"}
+    assert "delta_dice_points" in {g["metric"] for g in rep["failed_gates"]}
 
 
 def test_cli_help():

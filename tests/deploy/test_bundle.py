@@ -283,7 +283,7 @@ def test_emulated_fp16_candidate_is_evidence_for_the_fp16_graph(tmp_path):
                                               emu])
 
     with pytest.raises(PddnetError, match=r"m16.onnx \(fp16\): not validated .*"
-                                          r"onnxruntime-fp16-emulated: 3 > 0.5 points"):
+                                          r"onnxruntime-fp16-emulated: \|ΔDice\| 3 > 0.5 points"):
         package(fp32, fp16=fp16, report_dir=report(False, "r1"), out=tmp_path / "b1",
                 echo=lambda s: None)
     res = package(fp32, fp16=fp16, report_dir=report(True, "r2"), out=tmp_path / "b2",

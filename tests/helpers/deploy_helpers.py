@@ -36,13 +36,14 @@ def sha256(path) -> str:
 
 
 def candidate(name, model, precision, *, backend="onnxruntime", passed=True, p50=100.0,
-              providers=("CPUExecutionProvider",), mode="ff"):
+              providers=("CPUExecutionProvider",), mode="ff", disp_mm=(0.1, 0.3)):
     return {
         "name": name, "backend": backend, "model": str(model),
         "model_sha256": sha256(model) if model else None, "precision": precision,
         "reference": False, "mode": mode, "describe": {"providers": list(providers)},
         "summary": {"dice_mean": 0.5, "delta_dice_points_max_abs": 0.01 if passed else 3.0,
                     "disp_diff_max_vox": 1e-5, "disp_diff_mean_vox": 1e-6,
+                    "disp_diff_p99_mm": disp_mm[0], "disp_diff_max_mm": disp_mm[1],
                     "dice_per_label": {"1": 0.5}},
         "latency": {"n": 3, "p50_ms": p50, "p95_ms": p50 * 1.1, "p99_ms": p50 * 1.2,
                     "samples_ms": [p50, p50 * 1.05, p50 * 1.2]},
@@ -112,7 +113,8 @@ def fake_engines(model_path: Path, folder: Path, env, *, labels=("features", "he
 
 
 def build_bundle(tmp: Path, precisions=("fp32",), *, passed=None, p50=None, engines_env=None,
-                 tar=False, allow_unvalidated=False, name="bundle"):
+                 tar=False, allow_unvalidated=False, name="bundle", disp_mm=None,
+                 gates=None):
     """Package fake graphs of ``precisions`` with a report saying ``passed``/``p50`` per
     precision; returns ``(bundle path, {precision: model path})``."""
     from pddnet.deploy.package import package
@@ -121,8 +123,10 @@ def build_bundle(tmp: Path, precisions=("fp32",), *, passed=None, p50=None, engi
     p50 = p50 or {}
     models = {p: precision_model(tmp / "src" / f"model.{p}.onnx", p, seed=i)
               for i, p in enumerate(precisions)}
+    disp_mm = disp_mm or {}
     cands = [candidate(f"onnxruntime-{p}", m, p, passed=passed.get(p, True),
-                       p50=p50.get(p, 100.0)) for p, m in models.items()]
+                       p50=p50.get(p, 100.0), disp_mm=disp_mm.get(p, (0.1, 0.3)))
+             for p, m in models.items()]
     engine_paths = []
     if engines_env is not None:
         for p, m in models.items():
@@ -132,5 +136,5 @@ def build_bundle(tmp: Path, precisions=("fp32",), *, passed=None, p50=None, engi
     res = package(models["fp32"], report_dir=report, fp16=models.get("fp16"),
                   int8=models.get("int8"),
                   engines=[tmp / "engines"] if engine_paths else (), out=tmp / name, tar=tar,
-                  allow_unvalidated=allow_unvalidated, echo=lambda s: None)
+                  allow_unvalidated=allow_unvalidated, echo=lambda s: None, **(gates or {}))
     return res, models

@@ -32,6 +32,7 @@ from pddnet.calibration.blocks import DEFAULT_INT8_BLOCKS, fp16_plan, profile_bl
 from pddnet.calibration.search import (
     DEFAULT_GATES,
     Decision,
+    DispGates,
     Evaluator,
     Measure,
     blocks_of,
@@ -260,6 +261,7 @@ class _Search:
     ev: Evaluator                             #: measures a graph against the FP32 reference
     costs: dict[str, Any]                     #: FP32 kernel time per block (profile_blocks)
     doc: dict[str, Any]                       #: the sensitivity.json document being filled
+    disp_gates: DispGates = DispGates()       #: displacement gates in mm beside the Dice gate
 
 
 def run_search(checkpoint, data_dir, out_dir, *, precisions: Sequence[str] = ("fp16", "int8"),
@@ -268,7 +270,8 @@ def run_search(checkpoint, data_dir, out_dir, *, precisions: Sequence[str] = ("f
                gates: dict[str, float] | None = None, threads: int | None = 2,
                repeats: int = 5, blocks: Sequence[str] | None = None, outputs=(),
                overwrite: bool = False, progress: bool = True,
-               echo: Echo | None = None) -> dict[str, Any]:
+               echo: Echo | None = None,
+               disp_gates: DispGates | None = None) -> dict[str, Any]:
     """``pddnet sensitivity``: measure every block alone in each precision, choose, write.
 
     Writes into ``out_dir``: ``model.onnx`` (the FP32 export of ``checkpoint``),
@@ -276,12 +279,17 @@ def run_search(checkpoint, data_dir, out_dir, *, precisions: Sequence[str] = ("f
     ``pddnet.precision``), ``ranges.json`` and ``calibration.*`` (INT8), ``sensitivity.json``
     and ``sensitivity.md``, as one transaction (:func:`pddnet._files.atomic_directory`: the
     folder keeps its previous result until the search is complete; its other files are
-    kept). Returns the ``sensitivity.json`` document."""
+    kept). Returns the ``sensitivity.json`` document.
+
+    ``disp_gates``: the displacement gates in mm every chosen block and combination must pass
+    beside the Dice gate (default :class:`~pddnet.calibration.search.DispGates`: p99 |Δu| <=
+    1 mm, max |Δu| <= 2 mm on every pair)."""
     from pddnet._optional import require
 
     require("torch", "pddnet sensitivity (it exports the checkpoint)")
     say = _say(echo)
     gates = {**DEFAULT_GATES, **(gates or {})}
+    disp_gates = disp_gates if disp_gates is not None else DispGates()
     precisions = _check_precisions(precisions)
     cand_blocks = blocks_of(blocks if blocks is not None else C.BLOCKS)
     final = _check_search_folder(out_dir, overwrite)
@@ -292,13 +300,13 @@ def run_search(checkpoint, data_dir, out_dir, *, precisions: Sequence[str] = ("f
                       cand_blocks=cand_blocks, outputs=outputs, split=split,
                       max_pairs=max_pairs, threads=threads, calib_split=calib_split,
                       calib_pairs=calib_pairs, method=method, progress=progress,
-                      repeats=repeats, final=final)
+                      repeats=repeats, final=final, disp_gates=disp_gates)
     return doc
 
 
 def _search(out: Path, checkpoint, data_dir, *, say, gates, precisions, cand_blocks, outputs,
             split, max_pairs, threads, calib_split, calib_pairs, method, progress, repeats,
-            final: Path) -> dict[str, Any]:
+            final: Path, disp_gates: DispGates) -> dict[str, Any]:
     """The search in the staging folder ``out`` of the result folder ``final``."""
     work = out / "search"
     work.mkdir()
@@ -311,7 +319,8 @@ def _search(out: Path, checkpoint, data_dir, *, say, gates, precisions, cand_blo
     doc = _new_doc(checkpoint, data_dir, split=split, started=started, source=source,
                    shape=shape, ev=ev, threads=threads, gates=gates, precisions=precisions,
                    cand_blocks=cand_blocks, costs=costs, load_start=load_start)
-    s = _Search(say, out, work, export, fp32_path, fp32, ev, costs, doc)
+    doc["disp_gates_mm"] = disp_gates.as_dict()
+    s = _Search(say, out, work, export, fp32_path, fp32, ev, costs, doc, disp_gates)
     if "fp16" in precisions:
         _search_fp16(s, cand_blocks, gate=gates["fp16"])
     if "int8" in precisions:
@@ -409,8 +418,10 @@ def _new_doc(checkpoint, data_dir, *, split: str, started: str, source: dict[str
 
 
 def _say_alone(say: Echo, block: str, m: Measure) -> None:
+    mm = "" if m.disp_p99_mm is None else \
+        f" (p99 {m.disp_p99_mm:.2f} mm, max {m.disp_max_mm:.2f} mm)"
     say(f"  {block:<12} |dDice| max {m.delta_dice_max:.3f} pt, max |du| {m.disp_max:.3f} vox"
-        + (f" ({m.error})" if m.error else ""))
+        + mm + (f" ({m.error})" if m.error else ""))
 
 
 def _finish(s: _Search) -> dict[str, Any]:
@@ -453,7 +464,7 @@ def _search_fp16(s: _Search, cand_blocks: list[str], *, gate: float) -> None:
     saving = {b: s.costs["blocks"].get(b, 0.0) for b in cand_blocks}
     dec = choose(cand_blocks, alone, saving,
                  lambda chosen: fp16_measure(chosen, "+".join(chosen)),
-                 gate=gate, precision="fp16", min_saving=0.0)
+                 gate=gate, precision="fp16", min_saving=0.0, disp_gates=s.disp_gates)
     s.doc["results"]["fp16"] = {b: {**alone[b].as_dict(), "weight_fp32_ms": saving[b]}
                                 for b in cand_blocks}
     s.doc["decisions"]["fp16"] = dec.as_dict()
@@ -589,7 +600,7 @@ def _search_int8(s: _Search, cand_blocks: list[str], reader, *, method: str, gat
     alone8, paths8 = _int8_alone(s, build, cand_blocks, cache8)
     timing, measured8, noise8, saving8, min_saving = _int8_savings(s, paths8, repeats=repeats)
     dec8 = choose(cand_blocks, alone8, saving8, _int8_evaluator(s, build, cache8), gate=gate,
-                  precision="int8", min_saving=min_saving)
+                  precision="int8", min_saving=min_saving, disp_gates=s.disp_gates)
     s.doc["results"]["int8"] = {
         b: {**alone8[b].as_dict(), "median_ms": timing.get(b, {}).get("median_ms"),
             "measured_saving_ms": measured8.get(b), "saving_noise_ms": noise8.get(b),
@@ -632,7 +643,10 @@ def _write_int8(s: _Search, dec8: Decision, build, *, repeats: int) -> None:
 def _decision_meta(dec: Decision, ev: Evaluator, *, cpu_measure: Measure | None = None,
                    emulated: str | None = None) -> dict[str, Any]:
     m = dec.measure
-    out = {"gate_points": dec.gate, "chosen": dec.chosen,
+    out = {"gate_points": dec.gate, "disp_gates_mm": dict(dec.disp_gates_mm),
+           "chosen": dec.chosen,
+           "disp_diff_p99_mm": m.disp_p99_mm if m else None,
+           "disp_diff_max_mm": m.disp_max_mm if m else None,
            "delta_dice_points_max": m.delta_dice_max if m else None,
            "delta_dice_points_mean": m.delta_dice_mean if m else None,
            "disp_diff_max_vox": m.disp_max if m else None,

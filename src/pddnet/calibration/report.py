@@ -15,6 +15,11 @@ def _f(v, fmt: str = "{:.3f}") -> str:
     return fmt.format(v)
 
 
+def _mm(r: dict[str, Any]) -> str:
+    """``p99 / max`` |Δu| in mm of a measure (worst pair), ``-`` where not measured."""
+    return f"{_f(r.get('disp_p99_mm'), '{:.2f}')} / {_f(r.get('disp_max_mm'), '{:.2f}')}"
+
+
 def render_sensitivity(doc: dict[str, Any]) -> str:
     """Markdown: the per-block table, the decisions and the caveats."""
     lines = [f"# Precision sensitivity: {Path(doc['checkpoint']).name}", "",
@@ -45,37 +50,43 @@ def render_sensitivity(doc: dict[str, Any]) -> str:
     head = "| block | FP32 ms |"
     sep = "|---|---:|"
     if res16:
-        head += " FP16 \\|ΔDice\\| pt | FP16 \\|Δu\\| vox |"
-        sep += "---:|---:|"
+        head += " FP16 \\|ΔDice\\| pt | FP16 \\|Δu\\| vox | FP16 p99 / max \\|Δu\\| mm |"
+        sep += "---:|---:|---:|"
     if res8:
-        head += (" INT8 \\|ΔDice\\| pt | INT8 \\|Δu\\| vox | INT8 ms | measured saving ms |"
-                 " saving ms |")
-        sep += "---:|---:|---:|---:|---:|"
+        head += (" INT8 \\|ΔDice\\| pt | INT8 \\|Δu\\| vox | INT8 p99 / max \\|Δu\\| mm |"
+                 " INT8 ms | measured saving ms | saving ms |")
+        sep += "---:|---:|---:|---:|---:|---:|"
     lines += [head, sep]
     for b in doc["blocks"]:
         row = f"| {b} | {_f(doc['fp32_block_ms']['blocks'].get(b), '{:.0f}')} |"
         if res16:
             r = res16.get(b, {})
-            row += f" {_f(r.get('delta_dice_max'))} | {_f(r.get('disp_max'))} |"
+            row += (f" {_f(r.get('delta_dice_max'))} | {_f(r.get('disp_max'))} | "
+                    f"{_mm(r)} |")
         if res8:
             r = res8.get(b, {})
             row += (f" {_f(r.get('delta_dice_max'))} | {_f(r.get('disp_max'))} | "
-                    f"{_f(r.get('median_ms'), '{:.0f}')} | "
+                    f"{_mm(r)} | {_f(r.get('median_ms'), '{:.0f}')} | "
                     f"{_f(r.get('measured_saving_ms'), '{:+.0f}')} | "
                     f"{_f(r.get('saving_ms'), '{:+.0f}')} |")
         lines.append(row)
     lines.append("")
     for prec, dec in doc["decisions"].items():
         m = dec.get("measure") or {}
-        lines.append(f"## {prec.upper()}: gate |ΔDice| <= {dec['gate_points']} points")
+        dg = dec.get("disp_gates_mm") or {}
+        mm_gates = ", ".join(f"{label} <= {dg[k]:g} mm" for k, label in
+                             (("disp_diff_p99_mm", "p99 |Δu|"), ("disp_diff_max_mm", "max |Δu|"))
+                             if dg.get(k) is not None)
+        lines.append(f"## {prec.upper()}: gates |ΔDice| <= {dec['gate_points']} points"
+                     + (f", {mm_gates} (every pair)" if mm_gates else ""))
         lines.append("")
         if dec["chosen"]:
             lines.append(f"Chosen: **{', '.join(dec['chosen'])}** -> `{doc['files'].get(prec)}`; "
                          f"end to end |ΔDice| max {_f(m.get('delta_dice_max'))} pt (mean "
                          f"{_f(m.get('delta_dice_mean'), '{:+.3f}')}), max |Δu| "
                          f"{_f(m.get('disp_max'))} vox, mean |Δu| "
-                         f"{_f(m.get('disp_mean'), '{:.4f}')}"
-                         " vox.")
+                         f"{_f(m.get('disp_mean'), '{:.4f}')} vox, p99 / max |Δu| "
+                         f"{_mm(m)} mm.")
         else:
             lines.append("Nothing chosen: no block is both within the gate and worth it "
                          "(see the reasons below); no graph written.")
@@ -109,7 +120,8 @@ def render_sensitivity(doc: dict[str, Any]) -> str:
             for s in dec["steps"]:
                 verdict = "kept" if s["kept"] else "dropped"
                 lines.append(f"- {' + '.join(s['try'])}: |ΔDice| {_f(s['delta_dice_max'])} pt, "
-                             f"|Δu| {_f(s['disp_max'])} vox -> {verdict}")
+                             f"|Δu| {_f(s['disp_max'])} vox, p99 / max |Δu| {_mm(s)} mm "
+                             f"-> {verdict}")
         lines.append("")
     if doc.get("notes"):
         lines.append("Notes:")

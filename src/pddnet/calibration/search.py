@@ -40,6 +40,37 @@ from pddnet.errors import PddnetError
 DEFAULT_GATES = {"fp16": 0.5, "int8": 1.0}
 
 
+@dataclass(frozen=True)
+class DispGates:
+    """The displacement gates in mm of a reduced precision against FP32 (``None``: not set).
+
+    ``p99_mm`` bounds, on every pair, the 99th percentile over the full-resolution voxels of
+    ``|Δu|`` in mm (:func:`pddnet.validation.compare.displacement_difference`); ``max_mm`` its
+    maximum. What is compared is the worst pair's value."""
+
+    p99_mm: float | None = 1.0
+    max_mm: float | None = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("p99_mm", "max_mm"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)
+                                      and v >= 0):
+                raise PddnetError(f"displacement gate {name} must be a finite number >= 0 mm "
+                                  f"or None, got {v!r}")
+
+    def checks(self, m: "Measure") -> list[tuple[str, float | None, float]]:
+        out = []
+        if self.p99_mm is not None:
+            out.append(("p99 |Δu|", m.disp_p99_mm, float(self.p99_mm)))
+        if self.max_mm is not None:
+            out.append(("max |Δu|", m.disp_max_mm, float(self.max_mm)))
+        return out
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {"disp_diff_p99_mm": self.p99_mm, "disp_diff_max_mm": self.max_mm}
+
+
 @dataclass
 class Measure:
     """Accuracy of one candidate graph against the FP32 graph over the search pairs."""
@@ -51,10 +82,26 @@ class Measure:
     dice_mean: float | None = None  # the candidate's mean Dice (fraction)
     pairs: int = 0
     error: str | None = None
+    disp_p99_mm: float | None = None  # max over pairs of the p99 over voxels of |Δu|, mm
+    disp_max_mm: float | None = None  # max over pairs of max |Δu|, mm
 
-    def passes(self, gate: float) -> bool:
-        return self.error is None and math.isfinite(self.delta_dice_max) and \
-            self.delta_dice_max <= gate
+    def failures(self, gate: float, disp_gates: DispGates | None = None) -> list[str]:
+        """Why this measure does not pass (empty: it passes): the Dice gate ``gate`` (points)
+        and the displacement gates in mm, each as ``"p99 |Δu| 1.8 mm > 1 mm"``."""
+        if self.error is not None:
+            return [self.error]
+        out = []
+        if not (math.isfinite(self.delta_dice_max) and self.delta_dice_max <= gate):
+            out.append(f"|ΔDice| {self.delta_dice_max:.3f} > {gate:g} points")
+        for label, value, limit in (disp_gates or DispGates(None, None)).checks(self):
+            if value is None or not math.isfinite(value) or value > limit:
+                shown = "undefined" if value is None or not math.isfinite(value) else \
+                    f"{value:.2f} mm"
+                out.append(f"{label} {shown} > {limit:g} mm")
+        return out
+
+    def passes(self, gate: float, disp_gates: DispGates | None = None) -> bool:
+        return not self.failures(gate, disp_gates)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,16 +117,18 @@ class Decision:
     measure: Measure | None           # end-to-end measure of ``chosen`` (None: nothing chosen)
     steps: list[dict[str, Any]] = field(default_factory=list)
     excluded: dict[str, str] = field(default_factory=dict)  # block -> reason
+    disp_gates_mm: dict[str, float | None] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"precision": self.precision, "gate_points": self.gate, "chosen": self.chosen,
+        return {"precision": self.precision, "gate_points": self.gate,
+                "disp_gates_mm": dict(self.disp_gates_mm), "chosen": self.chosen,
                 "measure": self.measure.as_dict() if self.measure else None,
                 "steps": self.steps, "excluded": self.excluded}
 
 
 def choose(blocks: Sequence[str], alone: dict[str, Measure], saving: dict[str, float],
            evaluate: Callable[[list[str]], Measure], *, gate: float, precision: str = "int8",
-           min_saving: float = 0.0) -> Decision:
+           min_saving: float = 0.0, disp_gates: DispGates | None = None) -> Decision:
     """The fastest assignment within ``gate`` (module docstring).
 
     Args:
@@ -89,7 +138,10 @@ def choose(blocks: Sequence[str], alone: dict[str, Measure], saving: dict[str, f
         evaluate: measures a list of reduced blocks end to end.
         gate: worst-pair |ΔDice| allowed, points.
         min_saving: savings at or below this count as none (measurement noise).
+        disp_gates: the displacement gates in mm (default: none); a block or combination
+            passes only when it is within ``gate`` and these.
     """
+    dg = disp_gates or DispGates(None, None)
     if not gate >= 0:
         raise PddnetError(f"choose: the gate must be >= 0 points, got {gate!r}")
     excluded: dict[str, str] = {}
@@ -100,8 +152,8 @@ def choose(blocks: Sequence[str], alone: dict[str, Measure], saving: dict[str, f
             excluded[b] = "not measured"
         elif m.error:
             excluded[b] = f"failed alone: {m.error}"
-        elif not m.passes(gate):
-            excluded[b] = (f"alone |ΔDice| {m.delta_dice_max:.3f} > {gate:g} points")
+        elif not m.passes(gate, dg):
+            excluded[b] = "alone " + "; ".join(m.failures(gate, dg))
         elif s is None or not s > min_saving:
             excluded[b] = (f"no saving ({'-' if s is None else f'{s:.1f}'} <= {min_saving:g})")
         else:
@@ -118,25 +170,28 @@ def choose(blocks: Sequence[str], alone: dict[str, Measure], saving: dict[str, f
     steps = []
     if len(candidates) > 1:  # every candidate at once: the fastest assignment if it passes
         m = measure(candidates)
-        ok = m.passes(gate)
+        ok = m.passes(gate, dg)
         steps.append({"try": list(candidates), "delta_dice_max": m.delta_dice_max,
-                      "disp_max": m.disp_max, "kept": ok, "error": m.error})
+                      "disp_max": m.disp_max, "disp_p99_mm": m.disp_p99_mm,
+                      "disp_max_mm": m.disp_max_mm, "kept": ok, "error": m.error,
+                      "failures": m.failures(gate, dg)})
         if ok:
-            return Decision(precision, gate, list(candidates), m, steps, excluded)
+            return Decision(precision, gate, list(candidates), m, steps, excluded, dg.as_dict())
     chosen: list[str] = []
     current: Measure | None = None
     for b in candidates:
         trial = chosen + [b]
         m = measure(trial)
-        ok = m.passes(gate)
+        ok = m.passes(gate, dg)
         steps.append({"try": list(trial), "delta_dice_max": m.delta_dice_max,
-                      "disp_max": m.disp_max, "kept": ok, "error": m.error})
+                      "disp_max": m.disp_max, "disp_p99_mm": m.disp_p99_mm,
+                      "disp_max_mm": m.disp_max_mm, "kept": ok, "error": m.error,
+                      "failures": m.failures(gate, dg)})
         if ok:
             chosen, current = trial, m
         else:
-            excluded[b] = (f"with {chosen} |ΔDice| {m.delta_dice_max:.3f} > {gate:g} points"
-                           if m.error is None else f"with {chosen}: {m.error}")
-    return Decision(precision, gate, chosen, current, steps, excluded)
+            excluded[b] = f"with {chosen} " + "; ".join(m.failures(gate, dg))
+    return Decision(precision, gate, chosen, current, steps, excluded, dg.as_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +254,9 @@ class Evaluator:
         except PddnetError as exc:
             return Measure(math.inf, math.nan, math.inf, math.nan, None, len(self.pairs),
                            error=str(exc))
-        dd, dmax, dmean, dice = [], [], [], []
+        from pddnet.validation.compare import displacement_difference
+
+        dd, dmax, dmean, dice, p99mm, maxmm = [], [], [], [], [], []
         for ref, res in zip(self.ref, results):
             if isinstance(res, str):
                 return Measure(math.inf, math.nan, math.inf, math.nan, None, len(self.pairs),
@@ -208,18 +265,21 @@ class Evaluator:
             if a is not None and b is not None and math.isfinite(a) and math.isfinite(b):
                 dd.append(100.0 * (a - b))
                 dice.append(a)
-            diff = res.disp.astype(np.float64) - ref.disp.astype(np.float64)
-            norm = np.sqrt(np.einsum("...a,...a->...", diff, diff))
-            if not np.all(np.isfinite(norm)):
+            d = displacement_difference(res.disp, ref.disp, res.affine)
+            if not all(math.isfinite(v) for v in d.values()):
                 return Measure(math.inf, math.nan, math.inf, math.nan, None, len(self.pairs),
                                error="non-finite displacement")
-            dmax.append(float(norm.max()))
-            dmean.append(float(norm.mean()))
+            dmax.append(d["disp_diff_max_vox"])
+            dmean.append(d["disp_diff_mean_vox"])
+            p99mm.append(d["disp_diff_p99_mm"])
+            maxmm.append(d["disp_diff_max_mm"])
         if not dd:
             return Measure(math.inf, math.nan, max(dmax), float(np.mean(dmean)), None,
-                           len(self.pairs), error="no pair with a defined Dice")
+                           len(self.pairs), error="no pair with a defined Dice",
+                           disp_p99_mm=max(p99mm), disp_max_mm=max(maxmm))
         return Measure(float(max(abs(v) for v in dd)), float(np.mean(dd)), float(max(dmax)),
-                       float(np.mean(dmean)), float(np.mean(dice)), len(self.pairs))
+                       float(np.mean(dmean)), float(np.mean(dice)), len(self.pairs),
+                       disp_p99_mm=float(max(p99mm)), disp_max_mm=float(max(maxmm)))
 
     def reference_dice(self) -> float:
         return float(np.mean([r.metrics["dice_mean"] for r in self.ref]))

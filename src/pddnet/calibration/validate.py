@@ -10,7 +10,11 @@
 * ``onnxruntime-int8``: the Q/DQ graph (ONNX Runtime runs its int8 kernels on the CPU).
 
 Each has the Dice gate of its precision (``delta_dice_points``, default 0.5 / 1.0 point per
-pair); the displacement difference is reported, not gated. :func:`annotate_report` adds each
+pair) and two displacement gates in mm against the reference (the same for both precisions;
+:data:`~pddnet.validation.compare.DEFAULT_DISP_GATES_MM`): per pair, the 99th percentile over
+the fixed grid's voxels of ``|du|`` (``disp_diff_p99_mm``, default 1 mm) and its maximum
+(``disp_diff_max_mm``, default 2 mm); a gate passes when every pair passes, so what is
+compared with the threshold is the worst pair's value. :func:`annotate_report` adds each
 graph's ``pddnet.precision`` and, for FP16, :func:`pddnet.calibration.api.audit_fp16` to the
 report (``candidates[name]["precision_info"]``) and a note on the CPU provider.
 """
@@ -35,13 +39,19 @@ FP16_NOTE = ("FP16 on ONNX Runtime's CPU provider: most ops have no float16 kern
 
 @contextlib.contextmanager
 def precision_candidates(*, fp16=None, int8=None, gate_fp16: float = 0.5,
-                         gate_int8: float = 1.0) -> Iterator[list]:
+                         gate_int8: float = 1.0, max_disp_p99_mm: float | None = 1.0,
+                         max_disp_mm: float | None = 2.0) -> Iterator[list]:
     """The candidates for the given graphs (context manager: the emulated FP16 graph lives in
-    a temporary folder until the comparison is done)."""
+    a temporary folder until the comparison is done). ``max_disp_p99_mm`` / ``max_disp_mm``:
+    the displacement gates in mm (``None``: that gate is not set)."""
     import onnx
 
     from pddnet.calibration import graphs as G
     from pddnet.validation.compare import Candidate, Gate
+
+    disp = tuple(Gate(metric, float(v)) for metric, v in (("disp_diff_p99_mm", max_disp_p99_mm),
+                                                          ("disp_diff_max_mm", max_disp_mm))
+                 if v is not None)
 
     cands: list = []
     with tempfile.TemporaryDirectory(prefix="pddnet-validate-") as tmp:
@@ -50,7 +60,7 @@ def precision_candidates(*, fp16=None, int8=None, gate_fp16: float = 0.5,
             mode = G.precision_mode(proto)
             if mode != "fp16":
                 raise PddnetError(f"--fp16 {fp16}: this is an {mode} graph, not FP16")
-            gate = (Gate("delta_dice_points", gate_fp16),)
+            gate = (Gate("delta_dice_points", gate_fp16), *disp)
             cands.append(Candidate("onnxruntime-fp16", "onnxruntime", Path(fp16), "fp16", {},
                                    gate))
             emu = Path(tmp) / (Path(fp16).stem + ".emulated.onnx")
@@ -63,13 +73,14 @@ def precision_candidates(*, fp16=None, int8=None, gate_fp16: float = 0.5,
             if mode != "int8":
                 raise PddnetError(f"--int8 {int8}: this is an {mode} graph, not INT8 (Q/DQ)")
             cands.append(Candidate("onnxruntime-int8", "onnxruntime", Path(int8), "int8", {},
-                                   (Gate("delta_dice_points", gate_int8),)))
+                                   (Gate("delta_dice_points", gate_int8), *disp)))
         yield cands
 
 
 def annotate_report(report: dict[str, Any], candidates: list) -> dict[str, Any]:
     """Add ``precision_info`` (the graph's ``pddnet.precision``; FP16: the audit) to each
-    precision candidate of ``report`` and the FP16 note (in place; returns ``report``)."""
+    precision candidate of ``report``, ``settings.precision_gates`` (per candidate ``{metric:
+    threshold}``) and the FP16 note (in place; returns ``report``)."""
     import onnx
 
     from pddnet.calibration.api import audit_fp16
@@ -77,6 +88,9 @@ def annotate_report(report: dict[str, Any], candidates: list) -> dict[str, Any]:
     from pddnet.spec.metadata import read_metadata
 
     fp16_seen = False
+    # the gates each precision was held to, in the evidence itself (the bundle copies it)
+    report.setdefault("settings", {})["precision_gates"] = {
+        c.name: {g.metric: g.threshold for g in c.gates} for c in candidates}
     for c in candidates:
         entry = report.get("candidates", {}).get(c.name)
         if entry is None:

@@ -87,6 +87,11 @@ def calibrate_cmd(onnx_model, data_dir, out_dir, method, pairs, split, blocks, o
               help="FP16 gate: worst-pair |delta Dice| vs FP32, points.")
 @click.option("--gate-int8", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="INT8 gate: worst-pair |delta Dice| vs FP32, points.")
+@click.option("--max-disp-p99-mm", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="FP16/INT8 gate: 99th percentile over a pair's voxels of |delta u| vs FP32, "
+                   "mm, every pair.")
+@click.option("--max-disp-mm", default=2.0, show_default=True, type=click.FloatRange(min=0),
+              help="FP16/INT8 gate: max |delta u| vs FP32, mm, every pair.")
 @click.option("--blocks", help="Candidate blocks (default: all).")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
@@ -95,8 +100,8 @@ def calibrate_cmd(onnx_model, data_dir, out_dir, method, pairs, split, blocks, o
 @click.option("--no-progress", is_flag=True)
 @friendly
 def sensitivity_cmd(checkpoint, data_dir, out_dir, precisions, split, max_pairs, calib_split,
-                    calib_pairs, method, gate_fp16, gate_int8, blocks, threads, repeats,
-                    overwrite, no_progress) -> None:
+                    calib_pairs, method, gate_fp16, gate_int8, max_disp_p99_mm, max_disp_mm,
+                    blocks, threads, repeats, overwrite, no_progress) -> None:
     """Measure each block's Dice cost in FP16 and INT8 and choose the fastest assignment
     within the gates.
 
@@ -106,6 +111,7 @@ def sensitivity_cmd(checkpoint, data_dir, out_dir, precisions, split, max_pairs,
     calibration tables, OUT/sensitivity.json and OUT/sensitivity.md.
     """
     from pddnet.calibration.api import run_search
+    from pddnet.calibration.search import DispGates
 
     doc = run_search(checkpoint, data_dir, out_dir,
                      precisions=[p.strip() for p in precisions.split(",") if p.strip()],
@@ -113,7 +119,8 @@ def sensitivity_cmd(checkpoint, data_dir, out_dir, precisions, split, max_pairs,
                      calib_pairs=calib_pairs, method=method,
                      gates={"fp16": gate_fp16, "int8": gate_int8}, threads=threads,
                      repeats=repeats, blocks=_blocks(blocks), overwrite=overwrite,
-                     progress=not no_progress, echo=click.echo)
+                     progress=not no_progress, echo=click.echo,
+                     disp_gates=DispGates(max_disp_p99_mm, max_disp_mm))
     for prec, dec in doc["decisions"].items():
         click.echo(f"{prec}: {', '.join(dec['chosen']) or 'nothing'}")
     click.echo(f"wrote {Path(out_dir) / 'sensitivity.md'}")

@@ -55,13 +55,18 @@ from pddnet.errors import CheckFailed
               help="FP16 gate: |delta mean Dice| vs the reference, points, per pair.")
 @click.option("--gate-dice-int8", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="INT8 gate: |delta mean Dice| vs the reference, points, per pair.")
+@click.option("--max-disp-p99-mm", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="FP16/INT8 gate: 99th percentile over a pair's voxels of |delta u| vs the "
+                   "reference, mm (the fixed scan's spacing), every pair.")
+@click.option("--max-disp-mm", default=2.0, show_default=True, type=click.FloatRange(min=0),
+              help="FP16/INT8 gate: max |delta u| vs the reference, mm, every pair.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report.json.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @friendly
 def validate_cmd(checkpoint, onnx_model, data_dir, split, max_pairs, out_dir, threads, gate_disp,
                  gate_dice, warmup, repeats, modes, refine_steps, gate_dice_refined, in_process,
-                 figure_pairs, fp16_model, int8_model, gate_dice_fp16, gate_dice_int8, overwrite,
-                 no_progress) -> None:
+                 figure_pairs, fp16_model, int8_model, gate_dice_fp16, gate_dice_int8,
+                 max_disp_p99_mm, max_disp_mm, overwrite, no_progress) -> None:
     """Validate every deployed form against the PyTorch reference on a dataset split.
 
     Runs the checkpoint (torch backend) and the ONNX model (ONNX Runtime) through the same
@@ -83,7 +88,8 @@ def validate_cmd(checkpoint, onnx_model, data_dir, split, max_pairs, out_dir, th
     from pddnet.calibration.validate import annotate_report, precision_candidates
 
     with precision_candidates(fp16=fp16_model, int8=int8_model, gate_fp16=gate_dice_fp16,
-                              gate_int8=gate_dice_int8) as extra:
+                              gate_int8=gate_dice_int8, max_disp_p99_mm=max_disp_p99_mm,
+                              max_disp_mm=max_disp_mm) as extra:
         cands += extra
         figures = FigureCollector(figure_pairs, ref.name)
         report = compare(ref, cands, data_dir, split=split, max_pairs=max_pairs, threads=threads,

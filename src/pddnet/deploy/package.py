@@ -45,6 +45,7 @@ from pddnet.runtime.bundle import MANIFEST, PREPROCESSING, SCHEMA, verify_folder
 from pddnet.spec import contract as C
 from pddnet.spec.config import INTENSITY_FORMULAS, Intensity
 from pddnet.spec.metadata import metadata_value
+from pddnet.validation.compare import GATE_LABELS, gate_phrase
 
 PRECISIONS = ("fp32", "fp16", "int8")
 REPORT_FILES = ("report.json", "report.md", "report.html")
@@ -208,6 +209,8 @@ def candidate_summary(c: dict[str, Any]) -> dict[str, Any]:
         "dice_mean": s.get("dice_mean"),
         "delta_dice_points_max_abs": s.get("delta_dice_points_max_abs"),
         "disp_diff_max_vox": s.get("disp_diff_max_vox"),
+        "disp_diff_p99_mm": s.get("disp_diff_p99_mm"),
+        "disp_diff_max_mm": s.get("disp_diff_max_mm"),
         "latency": {k: lat.get(k) for k in ("p50_ms", "p95_ms", "p99_ms", "n")},
         "speedup_vs_reference": c.get("speedup_vs_reference"),
         "peak_rss_mb": mem.get("peak_rss_mb"),
@@ -250,6 +253,91 @@ def validation_for(report: dict[str, Any], sha: str, *, trt: bool,
                       "p50_ms": (ref.get("latency") or {}).get("p50_ms")},
         "candidates": [candidate_summary(c) for c in ff + [c for c in mine if c not in ff]],
     }
+
+
+
+
+def apply_precision_gates(val: dict[str, Any] | None, precision: str,
+                          gates: dict[str, float | None]) -> dict[str, Any] | None:
+    """Check the feed-forward candidates of the evidence ``val`` of a ``precision`` model
+    against the displacement ``gates`` in mm (``{"disp_diff_p99_mm": 1.0, "disp_diff_max_mm":
+    2.0}``; ``None`` values are not checked); FP32 models are not gated here (their gates are
+    the validation's, against the PyTorch reference). Each check is appended to the
+    candidate's ``gates`` (``"source": "package"``) and ``passed`` is recomputed. The values
+    are the report's summaries: the worst pair's p99 / max over voxels, so a pass means every
+    pair passed. A report without values in mm (older than these gates) fails them."""
+    if val is None or precision == "fp32":
+        return val
+    active = {k: float(v) for k, v in gates.items() if v is not None}
+    if not active:
+        return val
+    for c in val["candidates"]:
+        if c.get("mode", "ff") != "ff":
+            continue
+        have = {g.get("metric") for g in c.get("gates") or []}
+        for key, thr in active.items():
+            if key in have and any(g.get("threshold") == thr for g in c["gates"]
+                                   if g.get("metric") == key):
+                continue  # the validation already checked this very gate
+            v = c.get(key)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v <= thr
+            if v is None:
+                reason = ("not in the report (validated before displacement gates in mm "
+                          "existed); re-run `pddnet validate`")
+            else:
+                reason = f"{v:.2f} mm {'<=' if ok else '>'} {thr:g} mm (worst pair)"
+            c.setdefault("gates", []).append({"metric": key, "threshold": thr, "measured": v,
+                                              "unit": "mm", "passed": ok, "reason": reason,
+                                              "source": "package"})
+        c["passed"] = bool(c.get("passed")) and all(g.get("passed") for g in c["gates"])
+    ff = [c for c in val["candidates"] if c.get("mode", "ff") == "ff"] or val["candidates"]
+    val["passed"] = all(c["passed"] for c in ff)
+    return val
+
+
+def gate_failures(val: dict[str, Any] | None) -> list[str]:
+    """Every failed gate of the evidence, one short phrase each ("p99 |Δu| 1.80 mm > 1 mm
+    gate (onnxruntime-int8)"); empty when it passed."""
+    out = []
+    for c in (val or {}).get("candidates") or []:
+        if not isinstance(c, dict) or c.get("passed"):
+            continue
+        for g in c.get("gates") or []:
+            if not isinstance(g, dict) or g.get("passed"):
+                continue
+            out.append(f"{gate_phrase(g)} ({c.get('name')})")
+    return out
+
+
+def explain_selection(manifest: dict[str, Any], selection: Any) -> list[dict[str, Any]]:
+    """Why each model of the bundle was or was not chosen by ``selection``
+    (:class:`pddnet.runtime.bundle.Selection`): ``[{model_id, precision, kind, chosen, why}]``,
+    e.g. ``int8 not chosen: p99 |Δu| 1.8 mm > 1 mm gate (onnxruntime-int8)``."""
+    usable = {(o.model_id): o for o in getattr(selection, "considered", [])}
+    out = []
+    for m in manifest.get("models") or []:
+        if not isinstance(m, dict):
+            continue
+        mid, prec = m.get("id"), m.get("precision")
+        val = m.get("validation") if isinstance(m.get("validation"), dict) else None
+        chosen = mid == selection.model_id
+        if chosen:
+            why = f"{prec} chosen: {selection.reason}"
+        elif val is None:
+            why = (f"{prec} not chosen: not validated (bundled with --allow-unvalidated); "
+                   "it runs only when asked for with --precision")
+        elif not val.get("passed"):
+            fails = gate_failures(val)
+            why = (f"{prec} not chosen: " + ("; ".join(fails) if fails else "validation failed")
+                   + "; it runs only when asked for with --precision")
+        elif mid in usable and not usable[mid].usable:
+            why = f"{prec} not chosen: cannot run here ({usable[mid].why})"
+        else:
+            why = (f"{prec} not chosen: validated, but {selection.precision} is preferred "
+                   f"({selection.reason})")
+        out.append({"model_id": mid, "precision": prec, "kind": m.get("kind"),
+                    "chosen": chosen, "why": why})
+    return out
 
 
 def collect_engines(paths: Sequence[str | os.PathLike],
@@ -415,24 +503,35 @@ def package(onnx_model: str | os.PathLike, *, report_dir: str | os.PathLike,
             tar: bool = False, triton: str | os.PathLike | None = None,
             triton_options: Any = None, allow_unvalidated: bool = False,
             overwrite: bool = False, name: str | None = None,
-            echo: Callable[[str], None] = print) -> PackageResult:
+            echo: Callable[[str], None] = print, max_disp_p99_mm: float | None = 1.0,
+            max_disp_mm: float | None = 2.0) -> PackageResult:
     """Write the bundle ``out`` (folder; ``*.tar.gz`` for an archive only; ``tar`` adds
     ``out.tar.gz`` beside the folder) and/or the Triton repository ``triton``.
+
+    FP16 and INT8 models (graphs and engines) must also pass the displacement gates in mm
+    ``max_disp_p99_mm`` / ``max_disp_mm`` against the reference (:func:`apply_precision_gates`;
+    ``None``: not checked); the gates are recorded in the manifest (``precision_gates``).
 
     Every output path is checked before any work; nothing partial is left on failure."""
     targets = _check_targets(out, tar, triton, overwrite)
     models = _collect_models(onnx_model, fp16, int8)
     contract = check_contract(models)
     report = read_report(report_dir)
+    gates = {"disp_diff_p99_mm": max_disp_p99_mm, "disp_diff_max_mm": max_disp_mm}
+    for k, v in gates.items():
+        if v is not None and not (isinstance(v, (int, float)) and v >= 0 and v < float("inf")):
+            raise PddnetError(f"package: the {k} gate must be a finite number >= 0 mm, got {v!r}")
     notes: list[str] = []
-    entries = [_model_entry(m, _validation(report, m, allow_unvalidated, notes))
+    entries = [_model_entry(m, _validation(report, m, allow_unvalidated, notes, gates))
                for m in models]
     esets = collect_engines(engines, models) if engines else []
-    entries += [_engine_entry(es, _engine_validation(report, es, allow_unvalidated, notes))
+    entries += [_engine_entry(es, _engine_validation(report, es, allow_unvalidated, notes,
+                                                     gates))
                 for es in esets]
     bundle_name = name or _default_name(targets)
     contents = _Contents(bundle_name, models, esets, contract, _report_folder(report_dir),
-                         _manifest_base(bundle_name, esets, contract, entries, report, notes),
+                         _manifest_base(bundle_name, esets, contract, entries, report, notes,
+                                        gates),
                          notes)
     result = _write_outputs(targets, contents, triton_options=triton_options,
                             overwrite=overwrite, echo=echo)
@@ -490,17 +589,19 @@ def _report_folder(report_dir: str | os.PathLike) -> Path:
 
 
 def _validation(report: dict[str, Any], m: SourceModel, allow: bool,
-                notes: list[str]) -> dict[str, Any] | None:
+                notes: list[str], gates: dict[str, float | None]) -> dict[str, Any] | None:
     """The evidence for ONNX graph ``m`` (refused or noted when it did not pass)."""
-    val = validation_for(report, m.sha256, trt=False)
+    val = apply_precision_gates(validation_for(report, m.sha256, trt=False), m.precision, gates)
     _require_validation(val, f"{m.path} ({m.precision})", allow, notes)
     return val
 
 
 def _engine_validation(report: dict[str, Any], es: EngineSet, allow: bool,
-                       notes: list[str]) -> dict[str, Any] | None:
+                       notes: list[str], gates: dict[str, float | None]) -> dict[str, Any] | None:
     """The evidence for the engines ``es`` (refused or noted when they did not pass)."""
-    val = validation_for(report, es.model.sha256, trt=True, precision=es.precision)
+    val = apply_precision_gates(
+        validation_for(report, es.model.sha256, trt=True, precision=es.precision),
+        es.precision, gates)
     _require_validation(val, f"the {es.precision} TensorRT engines of {es.model.path} for "
                              f"{es.env.get('gpu_name')}", allow, notes)
     return val
@@ -545,7 +646,7 @@ def _default_name(targets: _Targets) -> str:
 
 def _manifest_base(bundle_name: str, esets: Sequence[EngineSet], contract: dict[str, Any],
                    entries: list[dict[str, Any]], report: dict[str, Any],
-                   notes: list[str]) -> dict[str, Any]:
+                   notes: list[str], gates: dict[str, float | None]) -> dict[str, Any]:
     """``manifest.json`` but its ``files`` (known only once the bundle is staged)."""
     return {
         "schema": SCHEMA,
@@ -558,6 +659,9 @@ def _manifest_base(bundle_name: str, esets: Sequence[EngineSet], contract: dict[
         "validation": {"report": "validation/report.json", "status": report.get("status"),
                        "created": report.get("created"),
                        "failed_gates": len(report.get("failed_gates") or [])},
+        "precision_gates": {"applies_to": ["fp16", "int8"], "unit": "mm", **gates,
+                            "rule": "every pair: p99 / max over the fixed grid's voxels of "
+                                    "|u_candidate - u_reference| in mm"},
         "notes": notes,
     }
 
@@ -675,7 +779,9 @@ def _require_validation(val: dict[str, Any] | None, what: str, allow: bool,
         return
     why = ("no candidate of the report ran this exact file (matched by SHA-256)" if val is None
            else "its validation gates failed: " + "; ".join(
-               f"{c['name']}: " + ", ".join(g["reason"] for g in c["gates"] if not g["passed"])
+               f"{c['name']}: " + ", ".join(
+                   f"{GATE_LABELS.get(g.get('metric'), g.get('metric'))} {g['reason']}"
+                   for g in c["gates"] if not g["passed"])
                for c in val["candidates"] if not c["passed"]))
     if not allow:
         raise PddnetError(f"{what}: not validated ({why}); validate it with `pddnet validate` "
@@ -703,4 +809,5 @@ def write_tar(folder: Path, dest: Path, arcname: str) -> Path:
 
 
 __all__ = ["package", "PackageResult", "collect_model", "collect_engines", "check_contract",
-           "read_report", "validation_for", "write_tar", "SourceModel", "EngineSet"]
+           "read_report", "validation_for", "write_tar", "apply_precision_gates",
+           "gate_failures", "explain_selection", "SourceModel", "EngineSet"]

@@ -15,7 +15,9 @@ Two phases:
 1. *Accuracy* (this process), pair by pair: every candidate registers the pair; per candidate
    and pair: mean and per-label Dice, HD95, SDlogJ, % folding; against the reference: the
    displacement difference at full resolution (fixed-file voxels; ``|du(x)|`` is the Euclidean
-   norm of the difference vector, max and mean over voxels) and the Dice difference in points.
+   norm of the difference vector, max and mean over voxels; in mm through the fixed file's
+   affine, p99 and max over voxels: :func:`displacement_difference`) and the Dice difference
+   in points.
 2. *Performance*, per candidate in a fresh child process (:func:`~pddnet.validation.machine.
    run_isolated`, unless ``isolate=False``): the pairs' inputs are pre-processed, then the
    peak-RSS counter is reset, the model loaded, run ``warmup`` times untimed and ``repeats``
@@ -52,10 +54,64 @@ GATE_METRICS: dict[str, tuple[str, str]] = {
     "disp_diff_max_vox": ("max |delta disp| at full resolution vs the reference", "voxel"),
     "disp_diff_mean_vox": ("mean |delta disp| at full resolution vs the reference", "voxel"),
     "delta_dice_points": ("|delta mean Dice| vs the reference", "points"),
+    "disp_diff_p99_mm": ("p99 |delta u| over the pair's voxels vs the reference", "mm"),
+    "disp_diff_max_mm": ("max |delta u| vs the reference", "mm"),
 }
 
+#: short names of the gate metrics in explanations ("p99 |Δu| 2.24 mm > 1 mm gate")
+GATE_LABELS: dict[str, str] = {
+    "disp_diff_max_vox": "max |Δu|", "disp_diff_mean_vox": "mean |Δu|",
+    "delta_dice_points": "|ΔDice|", "disp_diff_p99_mm": "p99 |Δu|",
+    "disp_diff_max_mm": "max |Δu|",
+}
+
+
+def gate_phrase(g: dict[str, Any]) -> str:
+    """One failed gate as a short phrase: ``"p99 |Δu| 2.24 mm > 1 mm gate"``."""
+    label = GATE_LABELS.get(str(g.get("metric")), str(g.get("metric")))
+    v, unit = g.get("measured"), g.get("unit") or ""
+    shown = (f"{v:.3g} {unit}" if isinstance(v, (int, float)) and not isinstance(v, bool)
+             and math.isfinite(v) else "undefined")
+    thr = g.get("threshold")
+    thr = f"{thr:g}" if isinstance(thr, (int, float)) else str(thr)
+    return f"{label} {shown} > {thr} {unit} gate"
+
+
+#: the displacement gates in mm of the FP16 / INT8 candidates (``--max-disp-p99-mm``,
+#: ``--max-disp-mm``): ``|delta u|`` is clinically meaningful in mm, not in voxels
+DEFAULT_DISP_GATES_MM = {"disp_diff_p99_mm": 1.0, "disp_diff_max_mm": 2.0}
+
 PAIR_KEYS = ("dice_mean", "hd95_mean", "sdlogj", "folding_percent", "dice_mean_before",
-             "delta_dice_points", "disp_diff_max_vox", "disp_diff_mean_vox", "model_ms")
+             "delta_dice_points", "disp_diff_max_vox", "disp_diff_mean_vox",
+             "disp_diff_p99_mm", "disp_diff_max_mm", "model_ms")
+
+
+def displacement_difference(disp, ref, affine) -> dict[str, float]:
+    """How far a field ``disp`` moves from ``ref`` (both ``(i, j, k, 3)``, voxels of the grid
+    whose 4x4 ``affine`` is given, channel a along axis a).
+
+    ``du(x) = disp(x) - ref(x)``; in mm it is ``A du(x)`` with ``A`` the affine's 3x3 part (for
+    an axis-aligned or rotated grid: each component times that axis's voxel spacing), and
+    ``|du|`` its Euclidean norm. Returns, over the voxels of the grid: ``disp_diff_max_vox``,
+    ``disp_diff_mean_vox`` (norm in voxel units), ``disp_diff_max_abs_component_vox``,
+    ``disp_diff_p99_mm`` (99th percentile, numpy's linear interpolation) and
+    ``disp_diff_max_mm``. Raises :class:`PddnetError` on shapes that do not match."""
+    a = np.asarray(disp, np.float64)
+    b = np.asarray(ref, np.float64)
+    m = np.asarray(affine, np.float64)
+    if a.shape != b.shape or a.ndim != 4 or a.shape[-1] != 3:
+        raise PddnetError(f"displacement_difference: fields must both be (i, j, k, 3), got "
+                          f"{a.shape} and {b.shape}")
+    if m.shape != (4, 4):
+        raise PddnetError(f"displacement_difference: affine must be 4x4, got {m.shape}")
+    diff = a - b
+    vox = np.sqrt(np.einsum("...a,...a->...", diff, diff))
+    mm_vec = diff @ m[:3, :3].T
+    mm = np.sqrt(np.einsum("...a,...a->...", mm_vec, mm_vec))
+    return {"disp_diff_max_vox": float(vox.max()), "disp_diff_mean_vox": float(vox.mean()),
+            "disp_diff_max_abs_component_vox": float(np.abs(diff).max()),
+            "disp_diff_p99_mm": float(np.percentile(mm, 99)),
+            "disp_diff_max_mm": float(mm.max())}
 
 
 @dataclass(frozen=True)
@@ -513,14 +569,13 @@ def _pair_record(label: str, pair, res, ref) -> dict[str, Any]:
         "model_ms": sum(t.get(k) or 0.0 for k in STAGE_KEYS),
         "delta_dice_points": None, "delta_dice_per_label_points": None,
         "disp_diff_max_vox": None, "disp_diff_mean_vox": None,
-        "disp_diff_max_abs_component_vox": None,
+        "disp_diff_max_abs_component_vox": None, "disp_diff_p99_mm": None,
+        "disp_diff_max_mm": None,
+        "spacing_mm": [float(v) for v in np.sqrt((np.asarray(res.affine, np.float64)[:3, :3]
+                                                  ** 2).sum(axis=0))],
     }
     if ref is not None:
-        diff = res.disp.astype(np.float64) - ref.disp.astype(np.float64)
-        norm = np.sqrt(np.einsum("...a,...a->...", diff, diff))
-        rec["disp_diff_max_vox"] = float(norm.max())
-        rec["disp_diff_mean_vox"] = float(norm.mean())
-        rec["disp_diff_max_abs_component_vox"] = float(np.abs(diff).max())
+        rec.update(displacement_difference(res.disp, ref.disp, res.affine))
         rec["delta_dice_points"] = _points(m.get("dice_mean"), ref.metrics.get("dice_mean"))
         ref_pl = ref.metrics.get("dice_per_label", {})
         rec["delta_dice_per_label_points"] = {
@@ -566,6 +621,9 @@ def _summarise(recs: list[dict[str, Any]]) -> dict[str, Any]:
     out["delta_dice_points_max_abs"] = _nanmax_abs(r.get("delta_dice_points") for r in ok)
     out["disp_diff_max_vox"] = _nanmax_abs(r.get("disp_diff_max_vox") for r in ok)
     out["disp_diff_mean_vox"] = _nanmean(r.get("disp_diff_mean_vox") for r in ok)
+    # per pair: p99 / max over its voxels; over pairs: the worst pair (what the gates check)
+    out["disp_diff_p99_mm"] = _nanmax_abs(r.get("disp_diff_p99_mm") for r in ok)
+    out["disp_diff_max_mm"] = _nanmax_abs(r.get("disp_diff_max_mm") for r in ok)
     return out
 
 

@@ -44,7 +44,8 @@ def _f(v: Any, fmt: str, scale: float = 1.0) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """A fixed-width table: one row per candidate, then one line per gate."""
     cols = [("candidate", 22, "<"), ("backend", 11, "<"), ("prec", 4, "<"), ("Dice %", 7, ">"),
-            ("dDice pt", 9, ">"), ("max|du|", 9, ">"), ("mean|du|", 9, ">"), ("HD95", 6, ">"),
+            ("dDice pt", 9, ">"), ("max|du|", 9, ">"), ("mean|du|", 9, ">"), ("p99 mm", 8, ">"),
+            ("max mm", 8, ">"), ("HD95", 6, ">"),
             ("SDlogJ", 7, ">"), ("fold %", 7, ">"), ("p50 ms", 9, ">"), ("p95 ms", 9, ">"),
             ("p99 ms", 9, ">"), ("peak MB", 8, ">"), ("speed-up", 8, ">")]
     head = " ".join(f"{n:{a}{w}}" for n, w, a in cols)
@@ -55,7 +56,8 @@ def format_table(report: dict[str, Any]) -> str:
             (name + (" (ref)" if c["reference"] else ""))[:22], c["backend"][:11],
             c["precision"][:4], _f(s["dice_mean"], "{:.2f}", 100),
             _f(s["delta_dice_points_max_abs"], "{:.3f}"), _f(s["disp_diff_max_vox"], "{:.2e}"),
-            _f(s["disp_diff_mean_vox"], "{:.2e}"), _f(s["hd95_mean"], "{:.2f}"),
+            _f(s["disp_diff_mean_vox"], "{:.2e}"), _f(s.get("disp_diff_p99_mm"), "{:.3g}"),
+            _f(s.get("disp_diff_max_mm"), "{:.3g}"), _f(s["hd95_mean"], "{:.2f}"),
             _f(s["sdlogj"], "{:.4f}"), _f(s["folding_percent"], "{:.3f}"),
             _f(lat["p50_ms"], "{:.1f}"), _f(lat["p95_ms"], "{:.1f}"), _f(lat["p99_ms"], "{:.1f}"),
             _f(mem["peak_rss_mb"], "{:.0f}"), _f(c["speedup_vs_reference"], "{:.2f}x"),
@@ -65,7 +67,8 @@ def format_table(report: dict[str, Any]) -> str:
     st = report["settings"]
     lines.append(f"{st['pairs']} {st['split']} pair(s); dDice pt: worst |delta mean Dice| in "
                  "points; |du|: displacement difference vs the reference at full resolution "
-                 "(voxels; max over pairs of the per-pair max, mean over pairs of the mean); "
+                 "(voxels; max over pairs of the per-pair max, mean over pairs of the mean; mm: worst "
+                 "pair's p99 and max over voxels); "
                  f"latency: model execution, {st['warmup']} warm-up + {st['repeats']} timed runs, "
                  f"threads {st['threads'] or 'default'}; peak MB: process peak RSS "
                  f"({'one process per backend' if st['isolated'] else 'shared process'})")
