@@ -232,3 +232,14 @@ def test_render_without_figures_or_latency_samples(rendered):
     md, page, images = render(rep, None)
     assert set(images) == {"delta_dice_per_label.png", "latency.png"}
     assert "Registered pairs" not in md and np.all([n in page for n in rep["candidates"]])
+
+
+def test_figures_without_matplotlib_name_the_report_extra(monkeypatch):
+    import sys
+
+    from pddnet.errors import PddnetError
+    from pddnet.validation import render
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # `import matplotlib` now fails
+    with pytest.raises(PddnetError, match=r"pip install 'pddnet\[report\]'"):
+        render._figure(2, 2)

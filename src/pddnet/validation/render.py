@@ -144,6 +144,9 @@ class FigureCollector:
 # figures
 # --------------------------------------------------------------------------------------------
 def _figure(w: float, h: float):
+    from pddnet._optional import require
+
+    require("matplotlib", "the validation report's figures")  # the [report] extra
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
