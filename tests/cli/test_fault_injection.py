@@ -267,8 +267,13 @@ def _model_files_in_tar(tar: Path) -> dict[str, str]:
 def test_two_writers_of_one_output(scans, tmp_path):
     """The second writer is refused at once with the first one's PID; the first completes."""
     out = tmp_path / "out"
-    slow = ("import sys, time, nibabel; real = nibabel.save\n"
-            "def save(*a, **k):\n    time.sleep(0.7); return real(*a, **k)\n"
+    go = tmp_path / "go"  # the first writer saves nothing until the second one has been refused
+    slow = ("import os, sys, time, nibabel; real = nibabel.save\n"
+            "def save(*a, **k):\n"
+            "    t0 = time.time()\n"
+            f"    while not os.path.exists({str(go)!r}) and time.time() - t0 < 120:\n"
+            "        time.sleep(0.05)\n"
+            "    return real(*a, **k)\n"
             "nibabel.save = save\nfrom pddnet.cli import main\nmain(sys.argv[1:])\n")
     first = subprocess.Popen(
         [sys.executable, "-c", slow, "register", "--model", str(scans["bundle"]), "--fixed",
@@ -286,6 +291,8 @@ def test_two_writers_of_one_output(scans, tmp_path):
     out2, _ = second.communicate(timeout=120)
     assert second.returncode == 2, out2
     assert f"being written by another pddnet process (PID {first.pid})" in out2, out2
+    assert first.poll() is None            # the first writer was still at work all along
+    go.touch()
     out1, _ = first.communicate(timeout=120)
     assert first.returncode == 0, out1
     summary = json.loads((out / "summary.json").read_text())
