@@ -69,9 +69,12 @@ class _ManyValuesCommand(click.Command):
               help="Also write disp_l2r2020.npz (Learn2Reg 2020: half resolution, float16).")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--refine", default=0, show_default=True, type=click.IntRange(min=0),
-              metavar="N", help="Instance optimisation (pdd+inst): N Adam steps on the "
-              "network's probabilities (50 as in the paper's code; 0 = off). Needs a model "
-              "exported with --probs.")
+              metavar="N", help="Instance optimisation (pdd+inst): N Adam steps after the "
+              "network (0 = off); see --refine-method.")
+@click.option("--refine-method", type=click.Choice(["features", "probs"]), default="features",
+              show_default=True, help="features: fit a dense field to the two scans' features "
+              "(docs/refinement.md); probs: the paper's fit to the network's probabilities "
+              "(needs a model exported with --probs).")
 @click.option("--stages", default=1, show_default=True, type=click.IntRange(1, 2),
               help="2: warp the moving scan with stage one and register it again with the "
                    "finer stage-two model (pddnet export --stage2), composing the fields.")
@@ -79,8 +82,8 @@ class _ManyValuesCommand(click.Command):
               help="The stage-two .onnx (default: the file the model's metadata names).")
 @friendly
 def register(model, fixed, moving, moving_labels, fixed_labels, out, threads, backend, precision,
-             providers, spacing_tolerance, max_voxels, l2r_half, overwrite, refine, stages,
-             stage2_model) -> None:
+             providers, spacing_tolerance, max_voxels, l2r_half, overwrite, refine,
+             refine_method, stages, stage2_model) -> None:
     """Register moving CT scan(s) to a fixed one with an exported model (no torch needed).
 
     Writes disp.nii.gz (voxels of the fixed grid, warped(x) = moving(x + u(x))), disp.npz,
@@ -90,13 +93,15 @@ def register(model, fixed, moving, moving_labels, fixed_labels, out, threads, ba
     """
     from pddnet.data.io import DEFAULT_MAX_VOXELS
     from pddnet.runtime.batch import register_files
+    from pddnet.spec.refine import RefineOptions
 
     register_files(model, fixed, list(moving), out=out, moving_labels=list(moving_labels),
                    fixed_labels=fixed_labels, threads=threads, backend=backend,
                    providers=[p for p in providers.split(",") if p.strip()] if providers
                    else None, precision=precision, overwrite=overwrite,
                    spacing_tolerance=spacing_tolerance, l2r_half=l2r_half,
-                   echo=click.echo, refine=refine or None, stages=stages,
+                   echo=click.echo, refine=RefineOptions(steps=refine, method=refine_method)
+                   if refine else None, stages=stages,
                    stage2_model=stage2_model, max_voxels=max_voxels or DEFAULT_MAX_VOXELS)
 
 
