@@ -572,6 +572,8 @@ def test_cli_export_stage2_and_register_modes(sharp_tiny, tmp_path):
     assert summary["stages"]["refine"]["steps"] == 5
     assert summary["stages"]["refine"]["method"] == "features"
     assert summary["stages"]["per_stage"][1]["refine"]["method"] == "features"
+    assert summary["stages"]["per_stage"][1]["grid"] == [8, 8, 8]
+    assert summary["timings_ms"]["refine"] > 0 and summary["timings_ms"]["stage2"] > 0
     res = runner.invoke(main, ["register", "--model", str(tmp_path / "m.onnx"), "--fixed", str(fp),
                                "--moving", str(mp), "--out", str(tmp_path / "out2"),
                                "--refine", "5", "--refine-method", "probs", "--threads", "1"])
@@ -579,8 +581,6 @@ def test_cli_export_stage2_and_register_modes(sharp_tiny, tmp_path):
     summary = json.loads((tmp_path / "out2" / "summary.json").read_text())
     assert summary["stages"]["refine"]["method"] == "probs"
     assert summary["stages"]["refine"]["lr"] == S.METHOD_DEFAULTS["probs"]["lr"]
-    assert summary["stages"]["per_stage"][1]["grid"] == [8, 8, 8]
-    assert summary["timings_ms"]["refine"] > 0 and summary["timings_ms"]["stage2"] > 0
     res = runner.invoke(main, ["export", str(ckpt), "--out", str(tmp_path / "x.onnx"),
                                "--stage2-grid", "8", "8", "8"])
     assert res.exit_code == 2 and "need --stage2" in res.output
