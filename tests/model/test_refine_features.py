@@ -312,3 +312,21 @@ def test_unsplit_model_falls_back_to_the_probability_fit_and_says_so(tiny, tmp_p
             StagePipeline(plain, refine=10, stage1=whole)
     finally:
         whole.close()
+
+
+def test_refine_options_from_json_and_validate_mode_names():
+    from pathlib import Path
+
+    from pddnet.validation.compare import mode_candidates
+
+    o = S.RefineOptions.coerce({"steps": 7, "method": "probs"})
+    assert o == S.RefineOptions(steps=7, method="probs")
+    with pytest.raises(PddnetError, match="unknown settings"):
+        S.RefineOptions.coerce({"stpes": 7})
+    cands = {c.name: c for c in mode_candidates("ck.pt", Path("m.onnx"),
+                                                "ff,inst,inst-probs,2stage+inst-probs")}
+    assert cands["pytorch+inst"].mode == "inst"
+    assert cands["pytorch+inst-probs"].mode == "inst-probs"
+    assert cands["onnxruntime-fp32+2stage+inst-probs"].mode == "2stage+inst-probs"
+    assert S.RefineOptions.coerce(cands["pytorch+inst-probs"].registrar["refine"]).method == \
+        "probs"

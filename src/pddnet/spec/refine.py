@@ -129,11 +129,22 @@ class RefineOptions:
 
     @classmethod
     def coerce(cls, value: "RefineOptions | int | None") -> "RefineOptions | None":
-        """``None``/``0``/``False`` -> ``None`` (no refinement); an int -> that many steps."""
+        """``None``/``0``/``False`` -> ``None`` (no refinement); an int -> that many steps; a
+        dict -> ``RefineOptions(**value)`` (the JSON form, e.g. ``{"steps": 50, "method":
+        "probs"}``)."""
         if value is None or value is False:
             return None
         if isinstance(value, RefineOptions):
             return value
+        if isinstance(value, dict):
+            known = set(cls.__dataclass_fields__)
+            if set(value) - known:
+                raise PddnetError(f"refine: unknown settings {sorted(set(value) - known)}; "
+                                  f"known: {sorted(known)}")
+            d = dict(value)
+            if "betas" in d:
+                d["betas"] = tuple(d["betas"])
+            return cls(**d)
         if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
             return cls(steps=int(value)) if value > 0 else None
         raise PddnetError(f"refine must be None, a number of steps or RefineOptions, got "
