@@ -397,9 +397,9 @@ class FeatureSampler:
     Args:
         fixed, moving: ``(k, n_i, n_j, n_k)`` from :func:`feature_inputs`.
 
-    Both are kept channels-last, ``(N, C)`` rows, so the eight trilinear corners of every
-    sample are row gathers; the weights and the per-corner dot products with the residual are
-    ``(8, N)`` arrays (one ``einsum`` each).
+    Both are kept channels-last, ``(N, k)`` rows, so the eight trilinear corners of every
+    sample are one row gather; the corner weights and the per-corner dot products with the
+    residual are ``(2, 2, 2, N)`` arrays (one ``einsum`` each).
     """
 
     def __init__(self, fixed: np.ndarray, moving: np.ndarray):
