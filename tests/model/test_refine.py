@@ -160,7 +160,7 @@ def test_runtime_refinement_matches_reference(grid, L, q, image):
     rng = np.random.default_rng(8)
     p = _probs(rng, grid, L, sharp=3.0).astype(np.float32)
     e = _expectation(p.astype(np.float64), L, q).astype(np.float32)
-    opts = S.RefineOptions(steps=50)
+    opts = S.RefineOptions(steps=50, method="probs")
     got = N.instance_optimise(p, e, L, q, opts)
     ref = R.instance_optimise(torch.from_numpy(p), torch.from_numpy(e), L, q, opts)
     vox_got = N.to_voxels(got.grid_disp, image)
@@ -177,7 +177,7 @@ def test_zero_steps_is_the_smoothed_expectation():
     rng = np.random.default_rng(9)
     p = _probs(rng, (4, 4, 4), 3)
     e = _expectation(p, 3, 0.2)
-    got = N.instance_optimise(p, e, 3, 0.2, S.RefineOptions(steps=0))
+    got = N.instance_optimise(p, e, 3, 0.2, S.RefineOptions(steps=0, method="probs"))
     np.testing.assert_allclose(got.grid_disp, N.smooth(e), atol=1e-7)
 
 
@@ -212,11 +212,13 @@ def test_refinement_converges_to_a_known_translation():
     before = np.abs(N.smooth(start) - truth).max()
     for impl in ("numpy", "torch"):
         if impl == "numpy":
-            got = N.instance_optimise(p, start, L, q, S.RefineOptions(steps=100, lr=0.01))
+            got = N.instance_optimise(p, start, L, q, S.RefineOptions(steps=100, lr=0.01,
+                                                                     method="probs"))
             u = got.grid_disp
         else:
             u = R.instance_optimise(torch.tensor(p), torch.tensor(start), L, q,
-                                    S.RefineOptions(steps=100, lr=0.01)).grid_disp.numpy()
+                                    S.RefineOptions(steps=100, lr=0.01, method="probs")
+                                    ).grid_disp.numpy()
         err = np.abs(u - truth).max()
         assert err < 0.1 * h < 0.05 * before, (impl, err / h)
 
@@ -232,7 +234,8 @@ def test_refinement_converges_to_a_known_ramp():
     truth[..., 2] = -h
     p = _gaussian_probs(truth, L, q)
     start = truth + np.random.default_rng(11).normal(0, 0.7 * h, truth.shape)
-    got = N.instance_optimise(p, start, L, q, S.RefineOptions(steps=150, lr=0.005, weight=0.05))
+    got = N.instance_optimise(p, start, L, q, S.RefineOptions(steps=150, lr=0.005, weight=0.05,
+                                                              method="probs"))
     assert np.abs(got.grid_disp - truth).max() < 0.15 * h
     assert np.abs(got.grid_disp - truth).mean() < 0.05 * h
 
@@ -454,7 +457,7 @@ def test_runtime_refine_and_two_stages_match_reference(sharp_tiny):
     f, m = _norm(fixed), _norm(moving)
     cfg = net.config
     cfg2 = R.stage2_network(net).config
-    opts = S.RefineOptions(steps=30)
+    opts = S.RefineOptions(steps=30, method="probs")
 
     def refined(probs, grid, c):
         g = R.instance_optimise(torch.from_numpy(probs), torch.from_numpy(grid), c.disp_size,
@@ -487,19 +490,28 @@ def test_runtime_refine_and_two_stages_match_reference(sharp_tiny):
         json.dumps(res.summary())  # strict JSON
 
 
-def test_runtime_refinement_changes_the_network_field(sharp_tiny):
+@pytest.mark.parametrize("method", ["features", "probs"])
+def test_runtime_refinement_changes_the_network_field(sharp_tiny, method):
     from pddnet.runtime.session import Registrar
 
     _, _, model = sharp_tiny
     fixed, moving = _pair(14)
     with Registrar(model, threads=1) as reg:
         plain = reg.register(fixed, moving)
-    with Registrar(model, threads=1, refine=20) as reg:
+    with Registrar(model, threads=1, refine=S.RefineOptions(steps=20, method=method)) as reg:
         refined = reg.register(fixed, moving)
     np.testing.assert_array_equal(refined.model_outputs["disp_network"], plain.disp_model)
     assert np.abs(refined.disp_model - plain.disp_model).max() > 0.05
-    p = refined.stages["per_stage"][0]["refine"]["mean_probability"]
-    assert p[1] > p[0]  # the fit raised the probability at the control points
+    info = refined.stages["per_stage"][0]["refine"]
+    assert info["method"] == method == refined.stages["refine"]["method"]
+    if method == "probs":
+        p = info["mean_probability"]
+        assert p[1] > p[0]  # the fit raised the probability at the control points
+        assert info["grid"] == [6, 6, 6]
+    else:
+        ssd = info["feature_ssd"]
+        assert ssd[1] < ssd[0]  # the fit brought the features closer
+        assert info["grid"] == [8, 8, 8]  # the feature grid, a third of 24^3
 
 
 def test_refine_needs_probs_and_stages_need_a_stage2_model(sharp_tiny, tmp_path):
@@ -511,7 +523,9 @@ def test_refine_needs_probs_and_stages_need_a_stage2_model(sharp_tiny, tmp_path)
     _, ckpt, model = sharp_tiny
     plain = export_checkpoint(ckpt, tmp_path / "plain.onnx")
     with pytest.raises(PddnetError, match="--probs"):
-        Registrar(plain, refine=5)
+        Registrar(plain, refine=S.RefineOptions(steps=5, method="probs"))
+    with Registrar(plain, refine=5, threads=1) as reg:  # the features need no probs output
+        assert reg.register(*_pair(15)).stages["refine"]["method"] == "features"
     with pytest.raises(PddnetError, match="--stage2"):
         Registrar(plain, stages=2)
     # the stage-two model must be next to the model, unchanged
@@ -556,8 +570,17 @@ def test_cli_export_stage2_and_register_modes(sharp_tiny, tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["stages"]["stages"] == 2
     assert summary["stages"]["refine"]["steps"] == 5
+    assert summary["stages"]["refine"]["method"] == "features"
+    assert summary["stages"]["per_stage"][1]["refine"]["method"] == "features"
     assert summary["stages"]["per_stage"][1]["grid"] == [8, 8, 8]
     assert summary["timings_ms"]["refine"] > 0 and summary["timings_ms"]["stage2"] > 0
+    res = runner.invoke(main, ["register", "--model", str(tmp_path / "m.onnx"), "--fixed", str(fp),
+                               "--moving", str(mp), "--out", str(tmp_path / "out2"),
+                               "--refine", "5", "--refine-method", "probs", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "out2" / "summary.json").read_text())
+    assert summary["stages"]["refine"]["method"] == "probs"
+    assert summary["stages"]["refine"]["lr"] == S.METHOD_DEFAULTS["probs"]["lr"]
     res = runner.invoke(main, ["export", str(ckpt), "--out", str(tmp_path / "x.onnx"),
                                "--stage2-grid", "8", "8", "8"])
     assert res.exit_code == 2 and "need --stage2" in res.output
@@ -577,8 +600,11 @@ def test_evaluate_reports_modes_side_by_side(tmp_path, sharp_tiny):
     # the tiny network at the small data's grid (96x80x128) is cheap enough for one pair
     _, ckpt, _ = sharp_tiny
     result = evaluate_checkpoint(ckpt, data, split="test", max_pairs=1, threads=1,
-                                 progress=False, modes="ff,inst,2stage+inst", refine=5)
-    assert list(result["modes"]) == ["ff", "inst", "2stage+inst"]
+                                 progress=False, modes="ff,inst,2stage+inst,inst-probs", refine=5)
+    assert list(result["modes"]) == ["ff", "inst", "2stage+inst", "inst-probs"]
+    per_mode = result["mode_settings"]["refine_per_mode"]
+    assert per_mode["inst"]["method"] == "features" and per_mode["inst-probs"]["method"] == "probs"
+    assert per_mode["inst-probs"]["steps"] == 5
     assert result["pairs"] == result["modes"]["ff"]["pairs"]
     t = result["modes"]["2stage+inst"]["mean"]["times_ms"]
     assert {"features", "head", "refine", "warp", "features2", "head2", "refine2",

@@ -74,10 +74,12 @@ def train_cmd(data_dir, preset_name, iterations, out, init, grid, resume, lr, di
 @click.option("--threads", type=click.IntRange(min=1), help="torch intra-op threads.")
 @click.option("--modes", default="ff", show_default=True,
               help="Comma-separated registration modes, reported side by side: ff (network), "
-                   "inst (+ instance optimisation), 2stage (two warps), 2stage+inst.")
-@click.option("--refine", "refine_steps", default=50, show_default=True,
-              type=click.IntRange(min=0), help="Adam steps of the instance optimisation in "
-                                               "the refined modes.")
+                   "inst (+ instance optimisation on the features), 2stage (two warps), "
+                   "2stage+inst, inst-probs and 2stage+inst-probs (the paper's fit to the "
+                   "probabilities).")
+@click.option("--refine", "refine_steps", default=None, type=click.IntRange(min=0),
+              help="Adam steps of the instance optimisation in the refined modes (default: "
+                   "the method's, docs/refinement.md).")
 @friendly
 def evaluate_cmd(checkpoint, data_dir, split, out, max_pairs, threads, modes,
                  refine_steps) -> None:

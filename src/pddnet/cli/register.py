@@ -92,9 +92,12 @@ class _ManyValuesCommand(click.Command):
                    "notes go to stderr.")
 @click.option("--no-progress", is_flag=True, help="With --data: hide the progress bar.")
 @click.option("--refine", default=0, show_default=True, type=click.IntRange(min=0),
-              metavar="N", help="Instance optimisation (pdd+inst): N Adam steps on the "
-              "network's probabilities (50 as in the paper's code; 0 = off). Needs a model "
-              "exported with --probs.")
+              metavar="N", help="Instance optimisation (pdd+inst): N Adam steps after the "
+              "network (0 = off); see --refine-method.")
+@click.option("--refine-method", type=click.Choice(["features", "probs"]), default="features",
+              show_default=True, help="features: fit a dense field to the two scans' features "
+              "(docs/refinement.md); probs: the paper's fit to the network's probabilities "
+              "(needs a model exported with --probs).")
 @click.option("--stages", default=1, show_default=True, type=click.IntRange(1, 2),
               help="2: warp the moving scan with stage one and register it again with the "
                    "finer stage-two model (pddnet export --stage2), composing the fields.")
@@ -103,7 +106,7 @@ class _ManyValuesCommand(click.Command):
 @friendly
 def register(model, fixed, moving, moving_labels, fixed_labels, data, split, names, out, threads,
              backend, precision, providers, spacing_tolerance, max_voxels, l2r_half, overwrite,
-             as_json, no_progress, refine, stages, stage2_model) -> None:
+             as_json, no_progress, refine, refine_method, stages, stage2_model) -> None:
     """Register moving CT scan(s) to a fixed one with an exported model (no torch needed).
 
     Writes disp.nii.gz (voxels of the fixed grid, warped(x) = moving(x + u(x))), disp.npz
@@ -125,6 +128,7 @@ def register(model, fixed, moving, moving_labels, fixed_labels, data, split, nam
     from pddnet.data.io import DEFAULT_MAX_VOXELS
     from pddnet.errors import PddnetError
     from pddnet.runtime.batch import register_dataset, register_files
+    from pddnet.spec.refine import RefineOptions
 
     # results on stdout (on stderr when stdout carries the JSON); notes on stderr, hidden by -q
     echo = partial(click.echo, err=True) if as_json else say
@@ -139,6 +143,7 @@ def register(model, fixed, moving, moving_labels, fixed_labels, data, split, nam
         note(f"note: {msg}")
 
     provider_list = [p for p in providers.split(",") if p.strip()] if providers else None
+    refine = RefineOptions(steps=refine, method=refine_method) if refine else None
     if data is not None:
         given = [n for n, v in (("--fixed", fixed), ("--moving", moving),
                                 ("--moving-labels", moving_labels),
@@ -151,7 +156,7 @@ def register(model, fixed, moving, moving_labels, fixed_labels, data, split, nam
                                   threads=threads, backend=backend, providers=provider_list,
                                   precision=precision, overwrite=overwrite,
                                   spacing_tolerance=spacing_tolerance, echo=echo, note=notes,
-                                  progress=not no_progress, refine=refine or None, stages=stages,
+                                  progress=not no_progress, refine=refine, stages=stages,
                                   stage2_model=stage2_model,
                                   max_voxels=max_voxels or DEFAULT_MAX_VOXELS)
         echo(format_dataset(result))
@@ -166,7 +171,7 @@ def register(model, fixed, moving, moving_labels, fixed_labels, data, split, nam
                            threads=threads, backend=backend, providers=provider_list,
                            precision=precision, overwrite=overwrite,
                            spacing_tolerance=spacing_tolerance, l2r_half=l2r_half, echo=echo,
-                           note=notes, refine=refine or None, stages=stages,
+                           note=notes, refine=refine, stages=stages,
                            stage2_model=stage2_model,
                            max_voxels=max_voxels or DEFAULT_MAX_VOXELS)
     if as_json:

@@ -10,6 +10,11 @@ The definitions (written out in ``docs/refinement.md`` and the docstring of
   trilinearly in displacement space (``grid_sample`` of the ``L x L x L`` probabilities at
   ``u_k / q``, ``align_corners=True``, zero padding); ``steps`` iterations of
   ``torch.optim.Adam(lr)``. Everything in normalised units, computed in float64 by default.
+* :func:`feature_optimise` (method ``features``, the default): a dense field on the feature
+  grid, ``theta`` initialised to the network's field upsampled there, ``u = smooth3(theta)``;
+  energy ``mean_{x,c} (f_c(x) - m_c(x + u(x)))^2 + lam * diffusion_penalty(u in feature
+  voxels)`` with both feature maps divided by the fixed map's per-channel standard deviation
+  and projected on its first principal components; Adam. The field is upsampled to the image like the network's.
 * :func:`compose_fields`: ``u(x) = u2(x) + u1(x + u2(x))`` in voxels.
 * :func:`register_stages`: stage one, optional refinement, warp, stage two with the finer grid
   and smaller capture range of :func:`pddnet.spec.refine.stage2_overrides` (same weights,
@@ -39,7 +44,7 @@ from pddnet.spec.refine import RefineOptions, stage2_overrides
 Tensor = torch.Tensor
 
 __all__ = ["RefineOptions", "sample_probabilities", "refine_energy", "instance_optimise",
-           "compose_fields", "stage2_network", "network_for_config", "register_stages",
+           "feature_scale", "feature_basis", "feature_inputs", "feature_energy", "feature_optimise", "refine_stage", "compose_fields", "stage2_network", "network_for_config", "register_stages",
            "StageOutput", "Stages"]
 
 
@@ -98,7 +103,10 @@ def instance_optimise(probs: Tensor, grid_disp: Tensor, disp_size: int, capture:
         dtype: the precision of the optimisation (float64: the runtime's numpy computation
             matches it to ~1e-12; the result is returned in ``grid_disp.dtype``).
     """
-    opts = options or RefineOptions()
+    opts = options or RefineOptions(method="probs")
+    if opts.method != "probs":
+        raise PddnetError(f"instance_optimise fits the probabilities; options.method is "
+                          f"{opts.method!r} (use feature_optimise or refine_stage)")
     probs = probs.detach().to(dtype)
     theta = grid_disp.detach().to(dtype).clone().requires_grad_(True)
     adam = torch.optim.Adam([theta], lr=opts.lr, betas=opts.betas, eps=opts.eps)
@@ -117,6 +125,120 @@ def instance_optimise(probs: Tensor, grid_disp: Tensor, disp_size: int, capture:
     first = first or (float(e), float(data))
     return Refined(u.to(grid_disp.dtype).contiguous(), [first[0], float(e)],
                    [first[1], float(data)], opts.steps)
+
+
+# --------------------------------------------------------------------------------------------
+# refinement on image evidence: the features of both scans
+# --------------------------------------------------------------------------------------------
+#: floor of the per-channel feature scale (a constant channel carries no evidence)
+FEATURE_SCALE_FLOOR = 1e-6
+
+
+def feature_scale(fixed_feat: Tensor) -> Tensor:
+    """``s_c``: per-channel population standard deviation of ``(1, C, n_i, n_j, n_k)`` fixed
+    features over the grid, floored at :data:`FEATURE_SCALE_FLOOR`; shape ``(1, C, 1, 1, 1)``."""
+    f = fixed_feat
+    var = (f - f.mean(dim=(2, 3, 4), keepdim=True)).square().mean(dim=(2, 3, 4), keepdim=True)
+    return var.sqrt().clamp_min(FEATURE_SCALE_FLOOR)
+
+
+def feature_basis(fixed: Tensor, components: int) -> Tensor:
+    """``(k, C)``: the eigenvectors of the ``k`` largest eigenvalues of the channel covariance
+    (population, over the grid) of normalised fixed features ``(1, C, n_i, n_j, n_k)``;
+    ``k = min(components, C)``. Their signs are arbitrary: the SSD does not depend on them."""
+    c = fixed.shape[1]
+    x = fixed.reshape(c, -1)
+    x = x - x.mean(dim=1, keepdim=True)
+    _, vecs = torch.linalg.eigh(x @ x.T / x.shape[1])
+    return vecs[:, -min(int(components), c):].T.flip(0)
+
+
+def feature_inputs(fixed_feat: Tensor, moving_feat: Tensor, components: int, *,
+                   dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """The feature maps the SSD compares: both divided by :func:`feature_scale` of the fixed
+    map, then projected on :func:`feature_basis`; ``(1, k, n_i, n_j, n_k)`` each."""
+    fixed = fixed_feat.detach().to(dtype)
+    scale = feature_scale(fixed)
+    fixed, moving = fixed / scale, moving_feat.detach().to(dtype) / scale
+    basis = feature_basis(fixed, components)
+    return (torch.einsum("kc,nc...->nk...", basis, fixed),
+            torch.einsum("kc,nc...->nk...", basis, moving))
+
+
+def feature_energy(theta: Tensor, fixed: Tensor, moving: Tensor,
+                   weight: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(E, data, smoothness)`` of feature-grid parameters ``theta`` ``(n_i, n_j, n_k, 3)``.
+
+    ``fixed``/``moving``: ``(1, k, n_i, n_j, n_k)`` from :func:`feature_inputs` (normalised,
+    projected). ``u = smooth3(theta)``; ``data = mean_{x,c} (f - m(x + u))^2``
+    (``grid_sample``, trilinear, border, ``align_corners=False``); ``smoothness =
+    diffusion_penalty(u * n / 2)`` (``u`` in feature voxels); ``E = data + weight *
+    smoothness``.
+    """
+    shape = tuple(fixed.shape[2:])
+    u = ops.smooth3(theta.permute(3, 0, 1, 2)).permute(1, 2, 3, 0)
+    coords = ops.identity_grid(shape, dtype=theta.dtype) + u
+    warped = ops.grid_sample3d(moving, coords.unsqueeze(0))
+    data = (fixed - warped).square().mean()
+    smooth = diffusion_penalty(ops.normalised_to_voxels(u, shape))
+    return data + weight * smooth, data, smooth
+
+
+def feature_optimise(fixed_feat: Tensor, moving_feat: Tensor, grid_disp: Tensor,
+                     options: RefineOptions | None = None, *,
+                     dtype: torch.dtype = torch.float64) -> Refined:
+    """Fit a dense feature-grid field to the two scans' features with Adam (method ``features``).
+
+    Args:
+        fixed_feat, moving_feat: ``(1, C, n_i, n_j, n_k)`` the feature network's outputs.
+        grid_disp: ``(G_i, G_j, G_k, 3)`` the network's field (normalised), upsampled to the
+            feature grid (``ops.upsample_field``) as the start ``theta``.
+        options: steps, lr, weight (lam) and Adam's constants; ``method`` must be
+            ``"features"``.
+        dtype: the precision of the optimisation.
+
+    Returns:
+        :class:`Refined` whose ``grid_disp`` is ``u = smooth3(theta)`` on the feature grid
+        ``(n_i, n_j, n_k, 3)``, normalised, in ``grid_disp.dtype``; ``data`` is the feature SSD.
+    """
+    opts = options or RefineOptions(method="features")
+    if opts.method != "features":
+        raise PddnetError(f"feature_optimise fits the features; options.method is "
+                          f"{opts.method!r} (use instance_optimise or refine_stage)")
+    if fixed_feat.shape != moving_feat.shape or fixed_feat.dim() != 5 or fixed_feat.shape[0] != 1:
+        raise PddnetError(f"feature_optimise: features must both be (1, C, n_i, n_j, n_k), got "
+                          f"{tuple(fixed_feat.shape)} and {tuple(moving_feat.shape)}")
+    fixed, moving = feature_inputs(fixed_feat, moving_feat, opts.components, dtype=dtype)
+    shape = tuple(fixed.shape[2:])
+    theta = ops.upsample_field(grid_disp.detach().to(dtype), shape).clone().requires_grad_(True)
+    adam = torch.optim.Adam([theta], lr=opts.lr, betas=opts.betas, eps=opts.eps)
+    first = None
+    with torch.enable_grad():
+        for _ in range(opts.steps):
+            adam.zero_grad()
+            e, data, _ = feature_energy(theta, fixed, moving, opts.weight)
+            if first is None:
+                first = (float(e.detach()), float(data.detach()))
+            e.backward()
+            adam.step()
+    with torch.no_grad():
+        e, data, _ = feature_energy(theta, fixed, moving, opts.weight)
+        u = ops.smooth3(theta.permute(3, 0, 1, 2)).permute(1, 2, 3, 0)
+    first = first or (float(e), float(data))
+    return Refined(u.to(grid_disp.dtype).contiguous(), [first[0], float(e)],
+                   [first[1], float(data)], opts.steps)
+
+
+def refine_stage(options: RefineOptions, *, probs: Tensor | None = None,
+                 grid_disp: Tensor, disp_size: int | None = None, capture: float | None = None,
+                 fixed_feat: Tensor | None = None, moving_feat: Tensor | None = None) -> Refined:
+    """One stage's refinement by ``options.method``: :func:`feature_optimise` on the features or
+    :func:`instance_optimise` on the probabilities (``Refined.grid_disp`` is then on the
+    feature grid or the control grid; :func:`pddnet.model.ops.dense_displacement` upsamples
+    either)."""
+    if options.method == "features":
+        return feature_optimise(fixed_feat, moving_feat, grid_disp, options)
+    return instance_optimise(probs, grid_disp, disp_size, capture, options)
 
 
 def compose_fields(u1: Tensor, u2: Tensor) -> Tensor:
@@ -186,7 +308,7 @@ class StageOutput:
     config: PDDConfig
     grid_disp: Tensor           # (G, 3) network expectation, normalised
     probs: Tensor               # (G, L^3)
-    refined: Refined | None     # instance optimisation, if run
+    refined: Refined | None     # instance optimisation, if run (feature or control grid)
     disp: Tensor                # (I, J, K, 3) voxels: this stage's field
     times_ms: dict[str, float] = field(default_factory=dict)
 
@@ -254,7 +376,9 @@ def _stage(net, ff, fm, refine, shape, times, suffix, out) -> Tensor:
     grid = reg.grid_disp
     if refine is not None:
         t0 = time.perf_counter()
-        refined = instance_optimise(reg.probs, reg.grid_disp, cfg.disp_size, cfg.capture, refine)
+        refined = refine_stage(refine, probs=reg.probs, grid_disp=reg.grid_disp,
+                               disp_size=cfg.disp_size, capture=cfg.capture, fixed_feat=ff,
+                               moving_feat=fm)
         grid = refined.grid_disp
         times["refine" + suffix] = _ms(t0)
     disp = ops.dense_displacement(grid, shape)

@@ -287,7 +287,7 @@ def _register_pairs(ds, pairs, files, labels, model, out, *, split, names, threa
             note(removed)
         manifest = {"kind": "pddnet Learn2Reg submission", "model_sha256": reg.info.sha256,
                     "dataset_json": str(ds.json_path.resolve()), "split": split, "names": names,
-                    "refine": refine if isinstance(refine, (int, type(None))) else str(refine),
+                    "refine": refine.as_dict() if hasattr(refine, "as_dict") else refine,
                     "stages": stages}
         _check_manifest(out, manifest, overwrite)
         if reg.selection is not None:

@@ -48,6 +48,27 @@ every backend to load. The gradient is
 ``dE/dtheta = S^T dE/du`` with ``dE/du = -(1/K)(1/h) dP/dt + (2 lam / N_a) D_a^T D_a u``
 summed over the axes; tests compare it with finite differences and with autograd.
 
+Refinement on image evidence (method ``features``, the default)
+---------------------------------------------------------------
+Given the fixed and moving scans' features ``f``, ``m`` ``(C, n_i, n_j, n_k)`` (the feature
+network's outputs, on a third of the image grid) and the network's field ``E``:
+
+* **Normalisation.** Both maps are divided by ``s_c``, the fixed map's per-channel population
+  standard deviation over the grid (floored at 1e-6), and projected on the ``k`` leading
+  eigenvectors of the normalised fixed map's channel covariance (``components``; the SSD is
+  measured in those ``k`` channels, which also makes a step ``C / k`` times cheaper).
+* **Parameters and field.** ``theta`` ``(n_i, n_j, n_k, 3)`` normalised units, initialised to
+  ``E`` upsampled to the feature grid (trilinear, ``align_corners=False``); ``u = S(theta)``.
+* **Energy.** ``mean_{x,c} (f_c(x) - m_c(x + u(x)))^2 + lam * sum_a mean((D_a w)^2)`` with
+  ``m`` sampled trilinearly with border clamping (``align_corners=False``) and ``w = u * n / 2``
+  the field in feature voxels. Adam as above; the result ``S(theta)`` is upsampled to the image
+  by :func:`to_voxels`.
+* **Gradient.** At feature voxel ``x`` the sample point is ``v = x + u n / 2`` (feature voxels);
+  ``d data / d v_a = (2 / (N C)) sum_c r_c d m_c / d v_a`` with ``r = m(v) - f``, zero along an
+  axis where ``v_a`` is clamped (``v_a <= 0`` or ``>= n_a - 1``, as PyTorch's border padding);
+  ``d m / d v_a`` is the difference of the corner values along ``a`` weighted by the other two
+  axes' weights. The eight corners are row gathers of the channels-last moving map.
+
 Two stages
 ----------
 Stage one registers ``moving`` to ``fixed`` (optionally refined): ``u1``. The moving scan is
@@ -101,29 +122,29 @@ def _apply_axes(x: np.ndarray, mats=None, transpose: bool = False) -> np.ndarray
     return x
 
 
-_TAPS = (1.0 / 9.0, 2.0 / 9.0, 3.0 / 9.0, 2.0 / 9.0, 1.0 / 9.0)
+_TAPS = np.array([1.0, 2.0, 3.0, 2.0, 1.0]) / 9.0
 
 
 def _smooth_axis(x: np.ndarray, axis: int) -> np.ndarray:
-    n = x.shape[axis]
-    xm = np.moveaxis(x, axis, 0)
-    xp = np.concatenate([xm[:1], xm[:1], xm, xm[-1:], xm[-1:]], axis=0)
-    out = xp[0:n] * _TAPS[0]
-    for s in range(1, 5):
-        out += xp[s:s + n] * _TAPS[s]
-    return np.ascontiguousarray(np.moveaxis(out, 0, axis))
+    # replicate padding by 2 then the valid 5-tap filter is scipy's "nearest" mode
+    from scipy.ndimage import correlate1d
+
+    return correlate1d(x, _TAPS, axis=axis, mode="nearest")
 
 
 def _smooth_t_axis(x: np.ndarray, axis: int) -> np.ndarray:
+    # the transpose: the same (symmetric) filter with zeros outside, plus what the padding
+    # took from the two end elements folded back: entries -2, -1 (n, n + 1) of the padded
+    # signal were copies of element 0 (n - 1), read by taps (0, 1) of output 0 and tap 0 of
+    # output 1 (taps 3, 4 of output n - 1 and tap 4 of output n - 2)
+    from scipy.ndimage import correlate1d
+
     n = x.shape[axis]
-    xm = np.moveaxis(x, axis, 0)
-    full = np.zeros((n + 4,) + xm.shape[1:], x.dtype)
-    for s, w in enumerate(_TAPS):
-        full[s:s + n] += w * xm
-    out = full[2:n + 2].copy()
-    out[0] += full[0] + full[1]
-    out[-1] += full[n + 2] + full[n + 3]
-    return np.ascontiguousarray(np.moveaxis(out, 0, axis))
+    out = correlate1d(x, _TAPS, axis=axis, mode="constant")
+    xm, om = np.moveaxis(x, axis, 0), np.moveaxis(out, axis, 0)
+    om[0] += (_TAPS[0] + _TAPS[1]) * xm[0] + _TAPS[0] * xm[min(1, n - 1)] * (n > 1)
+    om[n - 1] += (_TAPS[3] + _TAPS[4]) * xm[n - 1] + _TAPS[4] * xm[max(n - 2, 0)] * (n > 1)
+    return out
 
 
 def smooth(x: np.ndarray, mats=None) -> np.ndarray:
@@ -259,14 +280,17 @@ class Adam:
 
 @dataclass
 class RefineResult:
-    """What :func:`instance_optimise` returns.
+    """What :func:`instance_optimise` and :func:`feature_optimise` return.
 
     Attributes:
-        grid_disp: ``(G_i, G_j, G_k, 3)`` float32 refined field ``S(theta)``, normalised units.
+        grid_disp: float32 refined field ``S(theta)``, normalised units: ``(G_i, G_j, G_k, 3)``
+            on the control grid (``probs``) or ``(n_i, n_j, n_k, 3)`` on the feature grid
+            (``features``).
         energy: ``[E before the first step, E after the last]`` (float).
-        data: the data term (``-mean P``) before and after.
+        data: the data term before and after (``-mean P``, or the normalised feature SSD).
         steps: number of Adam steps taken.
         ms: wall time in milliseconds.
+        method: ``"probs"`` or ``"features"``.
     """
 
     grid_disp: np.ndarray
@@ -275,10 +299,14 @@ class RefineResult:
     steps: int
     ms: float
     options: dict[str, Any] = field(default_factory=dict)
+    method: str = "probs"
 
     def describe(self) -> dict[str, Any]:
-        return {"steps": self.steps, "energy": self.energy, "mean_probability":
-                [-d for d in self.data], "ms": round(self.ms, 3), "options": self.options}
+        evidence = ({"mean_probability": [-d for d in self.data]} if self.method == "probs"
+                    else {"feature_ssd": list(self.data)})
+        return {"method": self.method, "steps": self.steps, "energy": self.energy, **evidence,
+                "grid": list(self.grid_disp.shape[:3]), "ms": round(self.ms, 3),
+                "options": self.options}
 
 
 def instance_optimise(probs: np.ndarray, grid_disp: np.ndarray, disp_size: int, capture: float,
@@ -292,7 +320,10 @@ def instance_optimise(probs: np.ndarray, grid_disp: np.ndarray, disp_size: int, 
         disp_size, capture: ``L`` and ``q`` of the model (``pddnet.config``).
         options: :class:`RefineOptions` (default: 50 steps, lr 0.02, lam 1.5).
     """
-    opts = options or RefineOptions()
+    opts = options or RefineOptions(method="probs")
+    if opts.method != "probs":
+        raise PddnetError(f"instance_optimise fits the probabilities; options.method is "
+                          f"{opts.method!r} (use feature_optimise)")
     t0 = time.perf_counter()
     g = np.asarray(grid_disp)
     if g.ndim != 4 or g.shape[-1] != 3:
@@ -316,18 +347,198 @@ def instance_optimise(probs: np.ndarray, grid_disp: np.ndarray, disp_size: int, 
         e0, d0 = e1, d1
     out = _apply_axes(theta, mats).astype(np.float32)
     return RefineResult(out, [e0, e1], [d0, d1], opts.steps, (time.perf_counter() - t0) * 1e3,
-                        opts.as_dict())
+                        opts.as_dict(), "probs")
+
+
+# --------------------------------------------------------------------------------------------
+# Refinement on image evidence: the features of both scans
+# --------------------------------------------------------------------------------------------
+#: floor of the per-channel feature scale (``pddnet.model.refine.FEATURE_SCALE_FLOOR``)
+FEATURE_SCALE_FLOOR = 1e-6
+
+# corner c = 4 a + 2 b + d of a cell: its offset along each axis (a, b, d) in {0, 1}
+_CORNERS = np.array([[a, b, d] for a in (0, 1) for b in (0, 1) for d in (0, 1)])
+
+
+def feature_scale(fixed: np.ndarray) -> np.ndarray:
+    """``(C,)`` float64: per-channel population standard deviation of ``(C, n_i, n_j, n_k)``
+    features over the grid, floored at :data:`FEATURE_SCALE_FLOOR`."""
+    f = np.asarray(fixed, np.float64).reshape(fixed.shape[0], -1)
+    return np.maximum(f.std(axis=1), FEATURE_SCALE_FLOOR)
+
+
+def feature_basis(fixed: np.ndarray, components: int) -> np.ndarray:
+    """``(k, C)``: eigenvectors of the ``k = min(components, C)`` largest eigenvalues of the
+    channel covariance of normalised ``(C, n_i, n_j, n_k)`` fixed features (signs arbitrary:
+    the SSD does not depend on them)."""
+    c = fixed.shape[0]
+    x = np.asarray(fixed, np.float64).reshape(c, -1)
+    x = x - x.mean(axis=1, keepdims=True)
+    _, vecs = np.linalg.eigh(x @ x.T / x.shape[1])
+    return vecs[:, -min(int(components), c):].T[::-1]
+
+
+def feature_inputs(fixed: np.ndarray, moving: np.ndarray, components: int) -> tuple[
+        np.ndarray, np.ndarray]:
+    """Both ``(C, n_i, n_j, n_k)`` maps divided by :func:`feature_scale` of the fixed one and
+    projected on :func:`feature_basis`: ``(k, n_i, n_j, n_k)`` float64 each."""
+    s = feature_scale(fixed)[:, None, None, None]
+    f = np.asarray(fixed, np.float64) / s
+    m = np.asarray(moving, np.float64) / s
+    basis = feature_basis(f, components)
+    c = f.shape[0]
+    return ((basis @ f.reshape(c, -1)).reshape(-1, *f.shape[1:]),
+            (basis @ m.reshape(c, -1)).reshape(-1, *m.shape[1:]))
+
+
+class FeatureSampler:
+    """``m(x + u(x))`` on the feature grid, the SSD to ``f`` and its gradient in ``u``.
+
+    Args:
+        fixed, moving: ``(k, n_i, n_j, n_k)`` from :func:`feature_inputs`.
+
+    Both are kept channels-last, ``(N, k)`` rows, so the eight trilinear corners of every
+    sample are one row gather; the corner weights and the per-corner dot products with the
+    residual are ``(2, 2, 2, N)`` arrays (one ``einsum`` each).
+    """
+
+    def __init__(self, fixed: np.ndarray, moving: np.ndarray):
+        if fixed.shape != moving.shape or fixed.ndim != 4:
+            raise PddnetError(f"FeatureSampler: features must both be (k, n_i, n_j, n_k), got "
+                              f"{fixed.shape} and {moving.shape}")
+        c, *shape = fixed.shape
+        if min(shape) < 2:
+            raise PddnetError(f"FeatureSampler: the feature grid {shape} needs >= 2 points per "
+                              "axis")
+        self.shape = tuple(int(n) for n in shape)
+        self.n = np.asarray(self.shape, np.float64)
+        self.fixed = np.ascontiguousarray(np.moveaxis(fixed, 0, -1).reshape(-1, c), np.float64)
+        self.moving = np.ascontiguousarray(np.moveaxis(moving, 0, -1).reshape(-1, c),
+                                           np.float64)
+        ni, nj, nk = self.shape
+        self.strides = np.array([nj * nk, nk, 1], np.int64)
+        self.offsets = (_CORNERS @ self.strides).reshape(2, 2, 2, 1)           # corner a, b, d
+        grid = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in self.shape], indexing="ij")
+        self.base = np.stack(grid).reshape(3, -1)                               # (3, N) centres
+        self._gather = np.empty((2, 2, 2, self.fixed.shape[0], c))
+
+    def __call__(self, u: np.ndarray, *, grad: bool = False):
+        """``data = mean_{x,c} (m(x + u(x)) - f)^2`` for ``u`` ``(N, 3)`` normalised (and
+        ``d data / d u`` ``(N, 3)``). Per-axis work is on ``(3, N)`` rows."""
+        half = self.n[:, None] / 2.0
+        top = self.n[:, None] - 1.0
+        v = self.base + np.ascontiguousarray(u.T) * half                       # feature voxels
+        vc = np.clip(v, 0.0, top)
+        i0 = np.minimum(np.floor(vc), top - 1.0)
+        frac = vc - i0
+        w = np.stack([1.0 - frac, frac])                                        # (2, 3, N)
+        wi, wj, wk = w[:, 0], w[:, 1], w[:, 2]                                  # (2, N) each
+        weights = wi[:, None, None] * (wj[:, None] * wk[None])[None]            # (2, 2, 2, N)
+        lin = self.strides @ i0.astype(np.int64)
+        corners = np.take(self.moving, lin + self.offsets, axis=0, out=self._gather,
+                          mode="clip")                                          # (2,2,2,N,k)
+        r = np.einsum("abcnk,abcn->nk", corners, weights)
+        r -= self.fixed
+        scale = 1.0 / r.size
+        data = float(np.einsum("nk,nk->", r, r)) * scale
+        if not grad:
+            return data
+        d = np.einsum("abcnk,nk->abcn", corners, r)                             # (2, 2, 2, N)
+        g = np.stack([np.einsum("bcn,bn,cn->n", d[1] - d[0], wj, wk),
+                      np.einsum("acn,an,cn->n", d[:, 1] - d[:, 0], wi, wk),
+                      np.einsum("abn,an,bn->n", d[:, :, 1] - d[:, :, 0], wi, wj)])
+        g *= (2.0 * scale) * half
+        g *= (v > 0.0) & (v < top)                                              # border: no slope
+        return data, g.T
+
+
+def feature_energy(theta: np.ndarray, sampler: FeatureSampler, weight: float, *,
+                   grad: bool = False):
+    """The feature refinement energy of ``theta`` ``(n_i, n_j, n_k, 3)`` (and ``dE/dtheta``).
+
+    Returns ``(E, data, smoothness)`` or ``(E, data, smoothness, dE/dtheta)``: ``data`` the
+    normalised feature SSD, ``smoothness`` the unweighted diffusion of ``u`` in feature voxels.
+    """
+    u = _apply_axes(theta)
+    half = sampler.n / 2.0
+    if grad:
+        data, du = sampler(u.reshape(-1, 3), grad=True)
+        reg, dreg = diffusion(u * half, grad=True)
+    else:
+        data = sampler(u.reshape(-1, 3))
+        reg = diffusion(u * half)
+    e = data + weight * reg
+    if not grad:
+        return e, data, reg
+    du = du.reshape(u.shape) + (weight * half) * dreg
+    return e, data, reg, _apply_axes(du, transpose=True)
+
+
+def feature_optimise(fixed_features: np.ndarray, moving_features: np.ndarray,
+                     grid_disp: np.ndarray, options: RefineOptions | None = None) -> RefineResult:
+    """Refine the network's field against the two scans' features (module docstring).
+
+    Args:
+        fixed_features, moving_features: ``(1, C, n_i, n_j, n_k)`` or ``(C, n_i, n_j, n_k)``,
+            the feature network's outputs (``PairRun.fixed_features`` / ``moving_features``).
+        grid_disp: ``(G_i, G_j, G_k, 3)`` the network's field, normalised units.
+        options: :class:`RefineOptions` with ``method="features"`` (the default method).
+
+    Returns:
+        :class:`RefineResult` with the refined field on the feature grid.
+    """
+    opts = options or RefineOptions(method="features")
+    if opts.method != "features":
+        raise PddnetError(f"feature_optimise fits the features; options.method is "
+                          f"{opts.method!r} (use instance_optimise)")
+    t0 = time.perf_counter()
+    f, m = (np.asarray(x) for x in (fixed_features, moving_features))
+    if f.ndim == 5 and f.shape[0] == 1:
+        f = f[0]
+    if m.ndim == 5 and m.shape[0] == 1:
+        m = m[0]
+    if f.shape != m.shape or f.ndim != 4:
+        raise PddnetError(f"feature_optimise: fixed and moving features must both be "
+                          f"(1, C, n_i, n_j, n_k), got {np.shape(fixed_features)} and "
+                          f"{np.shape(moving_features)}")
+    g = np.asarray(grid_disp)
+    if g.ndim != 4 or g.shape[-1] != 3:
+        raise PddnetError(f"feature_optimise: grid_disp must be (G_i, G_j, G_k, 3), got "
+                          f"{g.shape}")
+    sampler = FeatureSampler(*feature_inputs(f, m, opts.components))
+    theta = upsample(g, sampler.shape)
+    adam = Adam(opts.lr, opts.betas, opts.eps)
+    e0 = d0 = None
+    for _ in range(opts.steps):
+        e, d, _, gr = feature_energy(theta, sampler, opts.weight, grad=True)
+        if e0 is None:
+            e0, d0 = e, d
+        adam.step(theta, gr)
+    e1, d1, _ = feature_energy(theta, sampler, opts.weight)
+    if e0 is None:
+        e0, d0 = e1, d1
+    out = _apply_axes(theta).astype(np.float32)
+    return RefineResult(out, [e0, e1], [d0, d1], opts.steps, (time.perf_counter() - t0) * 1e3,
+                        opts.as_dict(), "features")
 
 
 # --------------------------------------------------------------------------------------------
 # Fields: upsampling and composition
 # --------------------------------------------------------------------------------------------
 
-def interp_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """``(n_out, n_in)`` float32: linear interpolation at the cell centres of ``n_out`` cells
-    from ``n_in`` cells over the same extent (``align_corners=False``, border clamp)."""
+def interp_matrix(n_out: int, n_in: int, dtype=np.float32) -> np.ndarray:
+    """``(n_out, n_in)``: linear interpolation at the cell centres of ``n_out`` cells from
+    ``n_in`` cells over the same extent (``align_corners=False``, border clamp)."""
     v = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0, n_in - 1)
-    return np.maximum(0.0, 1.0 - np.abs(v[:, None] - np.arange(n_in)[None, :])).astype(np.float32)
+    return np.maximum(0.0, 1.0 - np.abs(v[:, None] - np.arange(n_in)[None, :])).astype(dtype)
+
+
+def upsample(grid_disp: np.ndarray, shape) -> np.ndarray:
+    """``(G_i, G_j, G_k, C)`` -> ``(*shape, C)`` float64, trilinear with ``align_corners=False``
+    (PyTorch ``interpolate(mode="trilinear")``), no change of units."""
+    g = np.asarray(grid_disp, np.float64)
+    mats = [interp_matrix(int(n), g.shape[a], np.float64) for a, n in enumerate(shape)]
+    return np.einsum("ai,bj,ck,ijkd->abcd", *mats, g, optimize=True)
 
 
 def to_voxels(grid_disp: np.ndarray, image_shape) -> np.ndarray:

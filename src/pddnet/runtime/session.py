@@ -172,7 +172,8 @@ class Registrar:
             spacing on the model grid and the training spacing (default 0.30).
         backend_options: further keyword options for the backend class.
         refine: instance optimisation after the network (``pdd+inst``): a number of Adam steps
-            or :class:`~pddnet.spec.refine.RefineOptions`; needs the ``probs`` output.
+            or :class:`~pddnet.spec.refine.RefineOptions` (default method ``features``: on the
+            two scans' features; ``probs``, the paper's fit, needs the ``probs`` output).
         stages: 2 runs the stage-two model on the moving scan warped by stage one and
             composes the fields (``docs/refinement.md``).
         stage2_model: the stage-two ``.onnx`` (default: the file the model's ``pddnet.stage2``
@@ -321,7 +322,8 @@ class Registrar:
         outs = run.outputs
         ms += (run.features_ms or 0.0) + run.head_ms
         if self._pipeline is not None:
-            outs, staged = self._pipeline.run(outs, fixed=fixed, moving=moving, fixed_features=ff)
+            outs, staged = self._pipeline.run(outs, fixed=fixed, moving=moving, fixed_features=ff,
+                                              moving_features=run.moving_features)
             ms += sum(v for v in staged["timings_ms"].values() if v is not None)
         return outs, ms
 
@@ -348,7 +350,8 @@ class Registrar:
         staged = None
         if self._pipeline is not None:
             outs, staged = self._pipeline.run(outs, fixed=fixed.array, moving=mov.array,
-                                              fixed_features=state.features)
+                                              fixed_features=state.features,
+                                              moving_features=run.moving_features)
 
         t0 = time.perf_counter()
         disp = field_to_fixed_grid(outs[C.OUTPUT_DISP], fixed)
@@ -371,6 +374,8 @@ class Registrar:
         notes = list(fixed.notes) + list(mov.notes)
         if self.split_note:
             notes.insert(0, self.split_note)
+        if self._pipeline is not None and self._pipeline.note:
+            notes.append(self._pipeline.note)
         if self.selection is not None:
             notes[:0] = [f"bundle {self.bundle.source}: {self.selection.backend} "
                          f"{self.selection.precision} ({self.selection.model_id}): "

@@ -84,9 +84,12 @@ class StagePipeline:
     """Instance optimisation and/or a second stage after a model's outputs.
 
     Args:
-        loaded: the stage-one model (it must output ``probs`` for refinement).
+        loaded: the stage-one model (for the ``probs`` method it must output ``probs``).
         refine: :class:`~pddnet.spec.refine.RefineOptions`, a number of Adam steps, or
-            ``None`` (no refinement). Applied to every stage.
+            ``None`` (no refinement). Applied to every stage. The ``features`` method needs
+            the two feature maps, which only a split model gives (``PairRun``); where the
+            model cannot be split the pipeline falls back to the ``probs`` method and says so
+            (:attr:`note`, ``describe()["refine_fallback"]``), or refuses without ``probs``.
         stages: 1 or 2.
         stage2_model: path of the stage-two model (default: the one ``loaded`` names).
         backend, backend_options: how to run the stage-two model (as the Registrar's).
@@ -105,6 +108,21 @@ class StagePipeline:
         self.stages = int(stages)
         self.config = dict(loaded.info.config)
         self.image_shape = tuple(loaded.info.image_shape)
+        self.note: str | None = None
+        if self.refine is not None and self.refine.method == "features" and \
+                (stage1 is None or not stage1.is_split):
+            why = stage1.split_error if stage1 is not None and stage1.split_error else \
+                "no feature runner was given"
+            if C.OUTPUT_PROBS not in loaded.info.outputs:
+                raise PddnetError(f"{loaded.info.path}: refinement on features needs the model "
+                                  f"split into features and head ({why}), and the probability "
+                                  f"fit needs the {C.OUTPUT_PROBS!r} output, which this export "
+                                  "lacks; re-export with `pddnet export CKPT --out model.onnx "
+                                  "--probs`")
+            self.note = (f"refinement: method 'features' needs the two feature maps, but the "
+                         f"model runs whole ({why}); fell back to method 'probs' (the "
+                         "probability fit)")
+            self.refine = self.refine.with_method("probs")
         self._check_probs(loaded)
         self.loaded2: LoadedModel | None = None
         self.config2: dict[str, Any] | None = None
@@ -119,10 +137,13 @@ class StagePipeline:
                                        share=stage1, suffix="2")
 
     def _check_probs(self, loaded: LoadedModel) -> None:
-        if self.refine is not None and C.OUTPUT_PROBS not in loaded.info.outputs:
-            raise PddnetError(f"{loaded.info.path}: refinement needs the model's {C.OUTPUT_PROBS!r} "
-                              "output, which this export lacks; re-export with `pddnet export "
-                              "CKPT --out model.onnx --probs` (add --stage2 for two stages)")
+        if self.refine is not None and self.refine.method == "probs" and \
+                C.OUTPUT_PROBS not in loaded.info.outputs:
+            raise PddnetError(f"{loaded.info.path}: refinement by the probability fit needs the "
+                              f"model's {C.OUTPUT_PROBS!r} output, which this export lacks; "
+                              "re-export with `pddnet export CKPT --out model.onnx --probs` "
+                              "(add --stage2 for two stages), or refine on the features "
+                              "(method 'features')")
 
     def close(self) -> None:
         if self._runner2 is not None:
@@ -131,6 +152,8 @@ class StagePipeline:
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"stages": self.stages,
                              "refine": None if self.refine is None else self.refine.as_dict()}
+        if self.note:
+            d["refine_fallback"] = self.note
         if self.loaded2 is not None:
             d["stage2_model"] = {"path": str(self.loaded2.info.path),
                                  "sha256": self.loaded2.info.sha256,
@@ -141,13 +164,22 @@ class StagePipeline:
         return d
 
     # ------------------------------------------------------------------------------------
-    def _refined(self, outs: dict[str, np.ndarray], config: dict[str, Any], info: dict) -> \
-            np.ndarray | None:
+    def _refined(self, outs: dict[str, np.ndarray], config: dict[str, Any], info: dict,
+                 features: tuple[np.ndarray | None, np.ndarray | None]) -> np.ndarray | None:
         """The refined dense field (model-grid voxels), or ``None`` without refinement."""
         if self.refine is None:
             return None
-        res = R.instance_optimise(outs[C.OUTPUT_PROBS], outs[C.OUTPUT_GRID_DISP],
-                                  int(config["disp_size"]), float(config["capture"]), self.refine)
+        if self.refine.method == "features":
+            if features[0] is None or features[1] is None:
+                raise PddnetError("refinement on features needs the fixed and moving feature "
+                                  "maps of the stage (PairRun.fixed_features / "
+                                  "moving_features); pass them to StagePipeline.run")
+            res = R.feature_optimise(features[0], features[1], outs[C.OUTPUT_GRID_DISP],
+                                     self.refine)
+        else:
+            res = R.instance_optimise(outs[C.OUTPUT_PROBS], outs[C.OUTPUT_GRID_DISP],
+                                      int(config["disp_size"]), float(config["capture"]),
+                                      self.refine)
         t0 = time.perf_counter()
         disp = R.to_voxels(res.grid_disp, self.image_shape)
         info["refine"] = res.describe()
@@ -156,14 +188,17 @@ class StagePipeline:
         return disp
 
     def run(self, outs: dict[str, np.ndarray], *, fixed: np.ndarray, moving: np.ndarray,
-            fixed_features: np.ndarray | None = None) -> tuple[dict[str, np.ndarray],
-                                                                 dict[str, Any]]:
+            fixed_features: np.ndarray | None = None,
+            moving_features: np.ndarray | None = None) -> tuple[dict[str, np.ndarray],
+                                                                  dict[str, Any]]:
         """Apply refinement / the second stage to stage one's outputs ``outs``.
 
         Args:
             outs: the model's outputs for ``(fixed, moving)``.
             fixed, moving: the ``(1, 1, I, J, K)`` normalised arrays the model ran on.
-            fixed_features: stage one's fixed features (split models), reused by stage two.
+            fixed_features, moving_features: stage one's feature maps (split models; the
+                ``PairRun``'s): the ``features`` method fits them, stage two reuses the fixed
+                one.
 
         Returns:
             ``(outs, info)``: ``outs`` with ``disp`` replaced by the final field (stage one's
@@ -177,7 +212,7 @@ class StagePipeline:
         s1: dict[str, Any] = {"stage": 1, "grid": self.config["grid"],
                               "capture": self.config["capture"],
                               "disp_size": self.config["disp_size"]}
-        disp1 = self._refined(outs, self.config, s1)
+        disp1 = self._refined(outs, self.config, s1, (fixed_features, moving_features))
         if disp1 is None:
             disp1 = outs[C.OUTPUT_DISP]
         else:
@@ -190,11 +225,13 @@ class StagePipeline:
             t0 = time.perf_counter()
             warped = warp(moving[0, 0], disp1, order=1)[None, None].astype(np.float32)
             t_warp = (time.perf_counter() - t0) * 1e3
-            outs2, t_feat, t_head = self._run_stage2(fixed, warped, fixed_features)
+            run2 = self._run_stage2(fixed, warped, fixed_features)
+            outs2, t_feat, t_head = run2.outputs, run2.features_ms or 0.0, run2.head_ms
             s2: dict[str, Any] = {"stage": 2, "grid": self.config2["grid"],
                                   "capture": self.config2["capture"],
                                   "disp_size": self.config2["disp_size"]}
-            disp2 = self._refined(outs2, self.config2, s2)
+            disp2 = self._refined(outs2, self.config2, s2,
+                                  (run2.fixed_features, run2.moving_features))
             if disp2 is None:
                 disp2 = outs2[C.OUTPUT_DISP]
             else:
@@ -216,9 +253,8 @@ class StagePipeline:
         return outs, {**self.describe(), "per_stage": stage_info, "timings_ms": times}
 
     def _run_stage2(self, fixed: np.ndarray, warped: np.ndarray,
-                    fixed_features: np.ndarray | None) -> tuple[dict, float, float]:
-        """Stage two on ``(fixed, warped)``; stage one's ``fixed_features`` are reused only where
-        the feature backend is shared (the same feature graph)."""
-        run = self._runner2.run_pair(fixed, warped, fixed_features
-                                     if self._runner2.shares_features else None)
-        return run.outputs, run.features_ms or 0.0, run.head_ms
+                    fixed_features: np.ndarray | None):
+        """Stage two on ``(fixed, warped)`` (a ``PairRun``); stage one's ``fixed_features`` are
+        reused only where the feature backend is shared (the same feature graph)."""
+        return self._runner2.run_pair(fixed, warped, fixed_features
+                                      if self._runner2.shares_features else None)

@@ -199,9 +199,12 @@ class Candidate:
     def mode(self) -> str:
         """The registration mode (``pddnet.spec.refine.MODES``) its ``registrar`` selects."""
         two = int(self.registrar.get("stages", 1)) == 2
-        refined = bool(self.registrar.get("refine"))
+        refine = self.registrar.get("refine")
+        refined = bool(refine)
+        probs = isinstance(refine, dict) and refine.get("method") == "probs"
         return ("2stage" if two else "") + ("+inst" if two and refined else
-                                             "inst" if refined else "") or "ff"
+                                             "inst" if refined else "") + \
+            ("-probs" if probs else "") or "ff"
 
     def spec(self) -> dict[str, Any]:
         """Picklable description (what a child process needs to rebuild it)."""
@@ -246,14 +249,16 @@ def mode_candidates(checkpoint, onnx_model, modes, *, refine_steps: int = 50,
     same inputs is a unit test (``tests/model/test_refine.py``). ``onnx_model`` must be exported with
     ``--probs`` (refined modes) and ``--stage2`` (two-stage modes).
     """
-    from pddnet.spec.refine import MODES, parse_modes
+    from pddnet.spec.refine import MODE_METHODS, MODES, parse_modes
 
     out: list[Candidate] = []
     for mode in parse_modes(modes):
         if mode == "ff":
             continue
         stages, refined = MODES[mode]
-        reg = {"stages": stages, **({"refine": int(refine_steps)} if refined else {})}
+        method = MODE_METHODS.get(mode)
+        refine = {"steps": int(refine_steps), "method": method} if method else int(refine_steps)
+        reg = {"stages": stages, **({"refine": refine} if refined else {})}
         gates = ((Gate("delta_dice_points", gate_dice_refined),) if refined else
                  (Gate("disp_diff_max_vox", gate_disp), Gate("delta_dice_points", gate_dice)))
         out.append(Candidate(f"pytorch+{mode}", "torch", Path(onnx_model), "fp32",

@@ -7,9 +7,10 @@ neighbour, 0 outside the grid), so the numbers are the leaderboard's for the sam
 
 With ``modes`` (``pddnet evaluate --modes ff,inst,2stage,2stage+inst``) every pair is registered
 in each mode of :data:`pddnet.spec.refine.MODES` -- feed-forward, instance optimisation,
-two stages, two refined stages (:func:`pddnet.model.refine.register_stages`) -- and the result
-holds them side by side under ``"modes"`` with the time of every stage; the top-level
-``pairs``/``mean``/``dsc30`` are those of the first mode.
+two stages, two refined stages (:func:`pddnet.model.refine.register_stages`), and the paper's
+probability fit as ``inst-probs`` / ``2stage+inst-probs`` -- and the result holds them side by
+side under ``"modes"`` with the time of every stage; the top-level ``pairs``/``mean``/``dsc30``
+are those of the first mode.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def evaluate_checkpoint(checkpoint, data_dir, *, split: str = "test", max_pairs:
     Args:
         modes: names from :data:`pddnet.spec.refine.MODES` (or ``"ff,inst"``).
         refine: :class:`~pddnet.spec.refine.RefineOptions` or a number of steps for the
-            refined modes (default: ``RefineOptions()``, 50 steps).
+            refined modes (default: ``RefineOptions()``, the ``features`` method with its
+            defaults; the ``-probs`` modes switch to the ``probs`` method, keeping the steps:
+            :func:`pddnet.spec.refine.mode_options`).
         stage2: config overrides of the stage-two network (default:
             :func:`pddnet.spec.refine.stage2_overrides`).
     """
@@ -49,7 +52,7 @@ def evaluate_checkpoint(checkpoint, data_dir, *, split: str = "test", max_pairs:
     from pddnet.model.checkpoint import load_model
     from pddnet.model.network import normalise_intensity
     from pddnet.model.refine import register_stages, stage2_network
-    from pddnet.spec.refine import MODES, RefineOptions, parse_modes
+    from pddnet.spec.refine import MODES, RefineOptions, mode_options, parse_modes
 
     mode_list = parse_modes(modes)
     ropts = RefineOptions.coerce(refine) or RefineOptions()
@@ -75,9 +78,9 @@ def evaluate_checkpoint(checkpoint, data_dir, *, split: str = "test", max_pairs:
         m = torch.from_numpy(normalise_intensity(moving.array, model.config.intensity))[None, None]
         initial = metrics.mean_dice(fixed_lab.array, moving_lab.array, moving_lab.array)
         for mode in mode_list:
-            n_stages, refined = MODES[mode]
+            n_stages = MODES[mode][0]
             t0 = time.perf_counter()
-            res = register_stages(model, f, m, refine=ropts if refined else None,
+            res = register_stages(model, f, m, refine=mode_options(mode, ropts),
                                   stages=n_stages, stage2=net2)
             disp = res.disp
             elapsed = time.perf_counter() - t0
@@ -112,6 +115,8 @@ def evaluate_checkpoint(checkpoint, data_dir, *, split: str = "test", max_pairs:
         "modes": per_mode,
         "mode_settings": {
             "refine": ropts.as_dict() if any(MODES[m][1] for m in mode_list) else None,
+            "refine_per_mode": {m: mode_options(m, ropts).as_dict() for m in mode_list
+                                if MODES[m][1]},
             "stage2_config": net2.config.as_dict() if net2 is not None else None,
         },
     }
