@@ -36,8 +36,9 @@ from pddnet.errors import CheckFailed
                    "optimisation), 2stage, 2stage+inst. Each mode beyond ff adds the reference "
                    "and ONNX Runtime in that mode (the model needs --probs / --stage2 at "
                    "export); a table shows the modes side by side with their stage times.")
-@click.option("--refine", "refine_steps", default=50, show_default=True,
-              type=click.IntRange(min=1), help="Adam steps of the refined modes.")
+@click.option("--refine", "refine_steps", default=None, type=click.IntRange(min=1),
+              help="Adam steps of the refined modes (default: the method's, "
+                   "docs/refinement.md).")
 @click.option("--gate-dice-refined", default=0.5, show_default=True,
               type=click.FloatRange(min=0),
               help="Refined modes: |delta mean Dice| of ONNX Runtime vs the reference in the same "

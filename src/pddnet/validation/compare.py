@@ -232,7 +232,7 @@ def default_candidates(checkpoint, onnx_model, *, gate_disp: float = 0.05,
     return ref, [ort]
 
 
-def mode_candidates(checkpoint, onnx_model, modes, *, refine_steps: int = 50,
+def mode_candidates(checkpoint, onnx_model, modes, *, refine_steps: int | None = None,
                     gate_disp: float = 0.05, gate_dice: float = 0.1,
                     gate_dice_refined: float = 0.5) -> list[Candidate]:
     """Candidates for the registration modes beyond feed-forward (``docs/refinement.md``).
@@ -249,7 +249,7 @@ def mode_candidates(checkpoint, onnx_model, modes, *, refine_steps: int = 50,
     same inputs is a unit test (``tests/model/test_refine.py``). ``onnx_model`` must be exported with
     ``--probs`` (refined modes) and ``--stage2`` (two-stage modes).
     """
-    from pddnet.spec.refine import MODE_METHODS, MODES, parse_modes
+    from pddnet.spec.refine import MODE_METHODS, MODES, RefineOptions, parse_modes
 
     out: list[Candidate] = []
     for mode in parse_modes(modes):
@@ -257,7 +257,9 @@ def mode_candidates(checkpoint, onnx_model, modes, *, refine_steps: int = 50,
             continue
         stages, refined = MODES[mode]
         method = MODE_METHODS.get(mode)
-        refine = {"steps": int(refine_steps), "method": method} if method else int(refine_steps)
+        # the JSON form; steps and method left out take the method's defaults (docs/refinement.md)
+        refine = RefineOptions(**({"steps": int(refine_steps)} if refine_steps else {}),
+                               **({"method": method} if method else {})).as_dict()
         reg = {"stages": stages, **({"refine": refine} if refined else {})}
         gates = ((Gate("delta_dice_points", gate_dice_refined),) if refined else
                  (Gate("disp_diff_max_vox", gate_disp), Gate("delta_dice_points", gate_dice)))
