@@ -35,7 +35,7 @@ class BuildNative(build_ext):
     is reported and skipped, never fatal."""
 
     def build_extension(self, ext):
-        if ext.name != "pddnet.backends.native._pddnet_head":
+        if ext.name != "pddnet.backends.native.lib._pddnet_head":
             return super().build_extension(ext)
         try:
             self._build_native(ext)
@@ -56,7 +56,7 @@ class BuildNative(build_ext):
 
 setup(
     ext_modules=[Extension(
-        "pddnet.backends.native._pddnet_head",
+        "pddnet.backends.native.lib._pddnet_head",
         sources=[f"{NATIVE}/{name}" for name in SOURCES],
         depends=[f"{NATIVE}/pdd_head.h", f"{NATIVE}/pdd_kernels.inc"],
         optional=True,

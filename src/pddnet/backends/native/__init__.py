@@ -36,7 +36,9 @@ from pddnet.spec import contract as C
 ENV = "PDDNET_NATIVE"
 ISAS = ("portable", "sse2", "avx2")
 ABI_VERSION = 1
-_HERE = Path(__file__).resolve().parent
+#: where the build puts the library: a folder that is not a Python package, so nothing that
+#: walks the package's modules tries to import it as an extension module
+_HERE = Path(__file__).resolve().parent / "lib"
 
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
@@ -210,7 +212,11 @@ def plan_head(head: Any) -> HeadPlan:
     if len(dims) != 5 or dims[0] != 1 or min(dims) < 1:
         raise NotStandardHead(f"fixed_features has shape {dims}, expected static (1, C, I, J, K)")
 
-    corr = [n for n in g.node if n.domain == C.DOMAIN and n.op_type == "Correlation"]
+    nodes = list(g.node)
+    index = {n.name: i for i, n in enumerate(nodes)}
+    if len(index) != len(nodes):
+        raise NotStandardHead("the head's node names are not unique")
+    corr = [n for n in nodes if n.domain == C.DOMAIN and n.op_type == "Correlation"]
     if len(corr) != 1:
         raise NotStandardHead(f"the head has {len(corr)} Correlation nodes, expected 1")
     corr = corr[0]
@@ -237,13 +243,13 @@ def plan_head(head: Any) -> HeadPlan:
         return float(v.reshape(()))
 
     forms: dict[str, _Form] = {corr.output[0]: _Form({"ssd": 1.0})}
-    region = {id(corr)}
+    region = {index[corr.name]}
     mfs: list[tuple[_Form, str, float]] = []
     logits: _Form | None = None
     probs = logp = None
     cost_shape = (*grid, L, L, L)
     flat_shape = (*grid, L ** 3)
-    for n in g.node:
+    for n in nodes:
         ins = [x for x in n.input if x]
         if not any(x in forms for x in ins):
             continue
@@ -307,12 +313,12 @@ def plan_head(head: Any) -> HeadPlan:
                 probs = n.output[0]
             else:
                 logp = n.output[0]
-            region.add(id(n))
+            region.add(index[n.name])
             continue
         else:
             raise NotStandardHead(f"node {n.name!r} ({op[1]}) reads the cost volume; the C "
                                   "head computes only the standard float32 head")
-        region.add(id(n))
+        region.add(index[n.name])
 
     if len(mfs) != 2 or logits is None or probs is None:
         raise NotStandardHead(f"expected two MeanFieldStep nodes and a Softmax, found "
@@ -331,7 +337,7 @@ def plan_head(head: Any) -> HeadPlan:
 
     # consumers of the probabilities: the expectation, the entropy chain, the outputs
     consumers: dict[str, list] = {}
-    for n in g.node:
+    for n in nodes:
         for x in n.input:
             consumers.setdefault(x, []).append(n)
     expect = None
@@ -350,7 +356,7 @@ def plan_head(head: Any) -> HeadPlan:
                                       "tensor-product lattice")
             expect = axes
             produces["grid_disp"] = n.output[0]
-            region.add(id(n))
+            region.add(index[n.name])
     if expect is None:
         raise NotStandardHead("no expectation (MatMul of the probabilities) in the head")
     plan.expect = expect
@@ -369,11 +375,11 @@ def plan_head(head: Any) -> HeadPlan:
                 and int(ra.get("keepdims", 1)) == 0
         if not ok:
             raise NotStandardHead("the log-softmax is not the standard entropy")
-        region |= {id(mul[0]), id(red[0]), id(neg[0])}
-        region.add(id(next(n for n in g.node if logp in n.output)))
+        region |= {index[mul[0].name], index[red[0].name], index[neg[0].name]}
+        region.add(next(i for i, n in enumerate(nodes) if logp in n.output))
         produces["entropy"] = neg[0].output[0]
 
-    tail_nodes = [n for n in g.node if id(n) not in region]
+    tail_nodes = [n for i, n in enumerate(nodes) if i not in region]
     made = {v for v in produces.values()}
     outputs = [o.name for o in g.output]
     tail_reads = {x for n in tail_nodes for x in n.input if x}
@@ -516,3 +522,82 @@ class HeadKernels:
             self.close()
         except Exception:
             pass
+
+
+# --------------------------------------------------------------------------------------------
+# The head as a backend: C kernels for the cost-volume part, ONNX Runtime for the rest
+# --------------------------------------------------------------------------------------------
+
+from pddnet.backends.base import Backend, TensorSpec  # noqa: E402  (after the helpers above)
+
+
+class NativeHeadBackend(Backend):
+    """A head model run by the C kernels (:class:`HeadKernels`) plus an ONNX Runtime session
+    for the nodes after the expectation (the upsampling to the image grid). Same inputs and
+    outputs as the head model. ``threads`` is the C head's thread count too; the other
+    options go to the ONNX Runtime session of the rest. :meth:`activate` raises
+    :class:`NotStandardHead` (or :class:`PddnetError`) when the head cannot run here."""
+
+    name = "native"
+
+    def __init__(self, model: Any, *, label: str = "head", threads: int | None = None,
+                 isa: str | None = None, **ort_options: Any):
+        super().__init__(model, label=label)
+        self.threads = threads
+        self.isa_request = isa
+        self._ort_options = dict(ort_options)
+        self._kernels: HeadKernels | None = None
+        self._tail = None
+        self.plan: HeadPlan | None = None
+        self.last_kernel_ms: float | None = None
+
+    def _load_impl(self) -> None:
+        from pddnet.backends.onnxrt import OnnxRuntimeBackend
+
+        self.plan = plan_head(self._model)
+        self._kernels = HeadKernels(self.plan, threads=self.threads, isa=self.isa_request)
+        if self.plan.tail is not None:
+            try:
+                self._tail = OnnxRuntimeBackend(self.plan.tail, label=f"{self.label}_tail",
+                                                threads=self.threads, stages=False,
+                                                **self._ort_options).activate()
+            except BaseException:
+                self._kernels.close()
+                raise
+
+    def _unload_impl(self) -> None:
+        if self._tail is not None:
+            self._tail.deactivate()
+        if self._kernels is not None:
+            self._kernels.close()
+        self._tail = self._kernels = None
+
+    def _input_specs_impl(self) -> list[TensorSpec]:
+        p = self.plan
+        shape = (1, p.channels, *p.feat_shape)
+        return [TensorSpec(C.FIXED_FEATURES, np.dtype(np.float32), shape),
+                TensorSpec(C.MOVING_FEATURES, np.dtype(np.float32), shape)]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self._model.graph.output]
+
+    def _run_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        p = self.plan
+        t0 = time.perf_counter()
+        got = self._kernels.run(feeds[C.FIXED_FEATURES], feeds[C.MOVING_FEATURES],
+                                probs="probs" in p.produces, entropy="entropy" in p.produces)
+        self.last_kernel_ms = (time.perf_counter() - t0) * 1e3
+        named = {p.produces[k]: v for k, v in got.items() if k in p.produces}
+        out = dict(named)
+        if self._tail is not None:
+            feeds2 = {s.name: named[s.name] for s in self._tail.input_specs}
+            out.update(self._tail.run(feeds2))
+        return {o: out[o] for o in self.output_names}
+
+    def _describe_impl(self) -> dict[str, Any]:
+        k = self._kernels
+        return {"head": "native", "isa": k.isa, "threads": k.threads,
+                "scratch_mb": round(k.scratch_bytes / 2 ** 20, 1),
+                "library": _lib_path, "plan": self.plan.describe(),
+                "tail": None if self._tail is None else self._tail.describe()}
