@@ -18,7 +18,8 @@ from setuptools.command.build_ext import build_ext
 
 NATIVE = "src/pddnet/backends/native"
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-COMMON = ["-O3", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-pthread"]
+COMMON = ["-O3", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
+          "-pthread"]
 #: per-source flags; the x86 kernel sets only on x86
 SOURCES = {
     "pdd_head.c": [],

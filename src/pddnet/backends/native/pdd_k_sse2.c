@@ -2,5 +2,6 @@
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 #define PDD_NAME(x) x##_sse2
 #define PDD_ISA_LABEL "sse2"
+#define PDD_SSE2 1
 #include "pdd_kernels.inc"
 #endif
