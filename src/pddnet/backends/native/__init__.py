@@ -34,6 +34,9 @@ from pddnet.errors import PddnetError
 from pddnet.spec import contract as C
 
 ENV = "PDDNET_NATIVE"
+#: the passes of one C head run, timed by the library (:attr:`HeadKernels.last_pass_ms`)
+PASSES = ("prepare", "correlation+step1_jk", "step1_i+second_input", "step2_jk",
+          "step2_i+softmax")
 ISAS = ("portable", "sse2", "avx2")
 ABI_VERSION = 1
 #: where the build puts the library: a folder that is not a Python package, so nothing that
@@ -80,6 +83,7 @@ def _load() -> ctypes.CDLL | None:
     lib.pdd_head_isa.argtypes = [ctypes.c_void_p]
     lib.pdd_head_bytes.argtypes = [ctypes.c_void_p]
     lib.pdd_head_bytes.restype = ctypes.c_size_t
+    lib.pdd_head_last_times.argtypes = [ctypes.c_void_p]
     for name, n in (("pdd_head_run", 5), ("pdd_head_correlation", 3),
                     ("pdd_head_softmax", 4)):
         getattr(lib, name).argtypes = [ctypes.c_void_p] + [ctypes.c_void_p] * n
@@ -451,6 +455,7 @@ class HeadKernels:
         self.create_ms = (time.perf_counter() - t0) * 1e3
         self.isa = ISAS[lib.pdd_head_isa(self._h)]
         self.scratch_bytes = int(lib.pdd_head_bytes(self._h))
+        self.last_pass_ms: dict[str, float] = {}
 
     @property
     def cost_shape(self) -> tuple[int, ...]:
@@ -484,6 +489,9 @@ class HeadKernels:
                                     _ptr(out["grid_disp"]), _ptr(out.get("entropy")))
         if rc != 0:
             raise PddnetError(f"the C head failed (status {rc})")
+        times = np.zeros(5, np.float64)
+        self._lib.pdd_head_last_times(_ptr(times))
+        self.last_pass_ms = dict(zip(PASSES, (float(t) for t in times)))
         return out
 
     # single steps (tests, diagnostics)

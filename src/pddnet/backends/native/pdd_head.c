@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "pdd_head.h"
 
@@ -164,7 +165,7 @@ void pdd_head_destroy(pdd_head *h)
         free_taps(&h->ctl[a]);
         free_taps(&h->dsp[a]);
     }
-    free(h->A); free(h->B); free(h->V); free(h->F); free(h->scratch);
+    free(h->A); free(h->B); free(h->F); free(h->scratch);
     free(h);
 }
 
@@ -235,13 +236,13 @@ pdd_head *pdd_head_create(const int *ints, const float *floats, const double *di
         const long long L3P = (h->L3 + 15) / 16 * 16;
         const long long GM = h->G[1] > h->G[2] ? h->G[1] : h->G[2];
         h->scratch_per_thread = (size_t)((long long)h->C * h->L * h->n[1] * h->LP
+                                         + (long long)h->C * h->L * h->n[1] * h->n[2]
                                          + GM * L3P + 4 * L3P + 64);
         h->A = (float *)alloc_floats((size_t)vol);
         h->B = (float *)alloc_floats((size_t)vol);
-        h->V = (float *)alloc_floats((size_t)h->C * h->n[0] * h->n[1] * h->G[2] * h->L);
         h->F = (float *)alloc_floats((size_t)(h->ncp * h->C));
         h->scratch = (float *)alloc_floats(h->scratch_per_thread * (size_t)h->threads);
-        if (!h->A || !h->B || !h->V || !h->F || !h->scratch) {
+        if (!h->A || !h->B || !h->F || !h->scratch) {
             pdd_head_destroy(h);
             return NULL;
         }
@@ -255,7 +256,6 @@ int pdd_head_threads(const pdd_head *h) { return h->threads; }
 size_t pdd_head_bytes(const pdd_head *h)
 {
     return sizeof(float) * ((size_t)(2 * h->ncp * h->L3)
-                            + (size_t)h->C * h->n[0] * h->n[1] * h->G[2] * h->L
                             + (size_t)(h->ncp * h->C)
                             + h->scratch_per_thread * (size_t)h->threads);
 }
@@ -271,8 +271,8 @@ static const pdd_kernels *kernels(const pdd_head *h)
 typedef struct {
     pdd_head *h;
     const pdd_kernels *k;
-    int corr, smooth;
-    const float *src, *base;
+    int smooth;
+    const float *src, *base, *moving;
     float *ssd, *dst, *probs, *disp, *entropy;
     float a, b, pen, p, q, r;
 } pass;
@@ -285,7 +285,7 @@ static float *scr(const pass *P, int tid)
 static void slab_item(void *ctx, long long gi, int tid)
 {
     pass *P = (pass *)ctx;
-    P->k->slab(P->h, (int)gi, P->corr, P->src, P->ssd, P->dst, P->a, P->b, P->pen, P->smooth,
+    P->k->slab(P->h, (int)gi, P->moving, P->src, P->ssd, P->dst, P->a, P->b, P->pen, P->smooth,
                scr(P, tid));
 }
 
@@ -309,6 +309,23 @@ static void final_item(void *ctx, long long item, int tid)
 
 static long long rows(const pdd_head *h) { return (long long)h->G[0] * h->G[1]; }
 
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+/* wall time (ms) of the passes of the last pdd_head_run: prepare, correlation + first step's
+ * min-convolution and g_j, g_k smoothing, g_i smoothing + second input, second step's
+ * min-convolution and g_j, g_k smoothing, g_i smoothing + softmax, expectation, entropy */
+static double last_times[5];
+
+void pdd_head_last_times(double *out)
+{
+    memcpy(out, last_times, sizeof(last_times));
+}
+
 /* the whole head: probs (G^3 L^3, may be NULL), disp (G^3 x 3), entropy (G^3, may be NULL) */
 int pdd_head_run(pdd_head *h, const float *fixed, const float *moving, float *probs,
                  float *disp, float *entropy)
@@ -319,21 +336,27 @@ int pdd_head_run(pdd_head *h, const float *fixed, const float *moving, float *pr
     P.k = kernels(h);
     if (!P.k)
         return -1;
+    double t0 = now_ms(), t1;
     P.k->prepare(h, fixed, moving);
+    t1 = now_ms(); last_times[0] = t1 - t0; t0 = t1;
     /* correlation -> A (the SSD); min-convolution of a1 SSD + b1, smoothing along g_j, g_k -> B */
-    P.corr = 1; P.smooth = 1; P.ssd = h->A; P.dst = h->B; P.a = h->a1; P.b = h->b1;
+    P.moving = moving; P.smooth = 1; P.ssd = h->A; P.dst = h->B; P.a = h->a1; P.b = h->b1;
     P.pen = h->pen1;
     pdd_parallel_for(h->threads, h->G[0], slab_item, &P);
+    t1 = now_ms(); last_times[1] = t1 - t0; t0 = t1;
     /* smoothing along g_i, and the second step's input: A = a2 SSD + c2 first + b2 */
     P.src = h->B; P.dst = h->A; P.base = h->A; P.p = h->a2; P.q = h->c2; P.r = h->b2;
     pdd_parallel_for(h->threads, rows(h), irow_item, &P);
+    t1 = now_ms(); last_times[2] = t1 - t0; t0 = t1;
     /* second step: min-convolution and g_j, g_k smoothing -> B */
-    P.corr = 0; P.src = h->A; P.ssd = NULL; P.dst = h->B; P.a = 1.0f; P.b = 0.0f;
+    P.moving = NULL; P.src = h->A; P.ssd = NULL; P.dst = h->B; P.a = 1.0f; P.b = 0.0f;
     P.pen = h->pen2;
     pdd_parallel_for(h->threads, h->G[0], slab_item, &P);
+    t1 = now_ms(); last_times[3] = t1 - t0; t0 = t1;
     /* g_i smoothing, softmax, expectation, entropy */
     P.src = h->B; P.probs = probs; P.disp = disp; P.entropy = entropy;
     pdd_parallel_for(h->threads, rows(h), final_item, &P);
+    last_times[4] = now_ms() - t0;
     return 0;
 }
 
@@ -345,7 +368,7 @@ int pdd_head_correlation(pdd_head *h, const float *fixed, const float *moving, f
     P.h = h; P.k = kernels(h);
     if (!P.k) return -1;
     P.k->prepare(h, fixed, moving);
-    P.corr = 1; P.ssd = out; P.dst = NULL;
+    P.moving = moving; P.ssd = out; P.dst = NULL;
     pdd_parallel_for(h->threads, h->G[0], slab_item, &P);
     return 0;
 }

@@ -28,7 +28,6 @@ typedef struct pdd_head {
     pdd_taps ctl[3];          /* control points (fixed features) */
     pdd_taps dsp[3];          /* control point + displacement, index g * L + d */
     float *A, *B;             /* two cost volumes (G^3 L^3) */
-    float *V;                 /* moving features interpolated along k: C n_i n_j (G_k L) */
     float *F;                 /* fixed features at the control points: G^3 C */
     float *scratch;           /* per-thread scratch */
     size_t scratch_per_thread; /* floats */
@@ -37,10 +36,10 @@ typedef struct pdd_head {
 typedef struct pdd_kernels {
     const char *name;
     void (*prepare)(pdd_head *h, const float *fixed, const float *moving);
-    /* pass over slabs g_i in [lo, hi): (correlation | minconv of src) -> j- and k-smoothing.
-     * corr: 1 = the slab's SSD from the features (written to ssd_out), else read src. */
-    void (*slab)(pdd_head *h, int gi, int corr, const float *src, float *ssd_out, float *dst,
-                 float a, float b, float pen, int smooth, float *scr);
+    /* one slab g_i: (correlation | min-convolution of src) -> smoothing along g_j and g_k.
+     * moving != NULL: the slab's SSD from the features (written to ssd_out), else read src. */
+    void (*slab)(pdd_head *h, int gi, const float *moving, const float *src, float *ssd_out,
+                 float *dst, float a, float b, float pen, int smooth, float *scr);
     /* i-smoothing of src row (gi, gj) (all g_k), combined: out = p * base + q * smooth + r */
     void (*irow)(pdd_head *h, int gi, int gj, const float *src, float *out, const float *base,
                  float p, float q, float r, int smooth);
