@@ -220,3 +220,15 @@ def test_forced_kernel_set_and_bad_values(monkeypatch):
     monkeypatch.setenv(native.ENV, "avx512")
     with pytest.raises(PddnetError, match="PDDNET_NATIVE"):
         native.status()
+
+
+def test_doctor_says_which_head_implementation_runs(monkeypatch):
+    from pddnet.backends import doctor
+
+    rep = doctor.collect()
+    assert rep["native"]["isa"] == native.status()["isa"]
+    assert "[ok] C head kernels: " + rep["native"]["isa"] in doctor.format_report(rep)
+    monkeypatch.setenv(native.ENV, "off")
+    rep = doctor.collect()
+    assert rep["native"]["isa"] is None
+    assert "C head kernels: not used (PDDNET_NATIVE=off)" in doctor.format_report(rep)
