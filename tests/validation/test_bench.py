@@ -170,7 +170,20 @@ def test_bench_tiny_reports_every_field(tmp_path):
     r = json.loads(out.read_text())
     assert r["schema"] == "pddnet.bench/1"
     assert r["settings"]["image_shape"] == [24, 24, 24] and r["settings"]["threads"] == 1
-    assert set(r["runs"]) == {"pytorch", "onnxruntime", "onnxruntime-no-mem-pattern"}
+    assert set(r["runs"]) == {"pytorch", "onnxruntime", "onnxruntime-no-mem-pattern",
+                              "runtime", "runtime-no-mem-pattern", "runtime-arena",
+                              "runtime-ort-head"}
+    # the runtime as a user gets it: the C head where the library is built, else ORT (said)
+    from pddnet.backends import native
+
+    impl = r["runs"]["runtime"]["head_impl"]["implementation"]
+    assert impl == (f"native-{native.status()['isa']}" if native.status()["isa"]
+                    else "onnxruntime")
+    assert r["runs"]["runtime-ort-head"]["head_impl"]["implementation"] == "onnxruntime"
+    for name in ("runtime", "runtime-ort-head"):
+        parts = r["runs"][name]["parts"]
+        assert all(parts[k]["p50_ms"] > 0 for k in ("features", "head", "extra"))
+    assert "runtime (pair runner)" in res.output
     for name, run in r["runs"].items():
         lat = run["latency"]
         assert lat["n"] == 2 and len(lat["samples_ms"]) == 2 and lat["p50_ms"] > 0

@@ -273,7 +273,25 @@ def collect(probe: Probe | None = None) -> dict[str, Any]:
     trt_why = _trt_unusable(f)
     rep["backends"] += [*_ort_backends(f), _trt_backend(f, trt_why), _torch_backend(f)]
     rep["plugin_paths"] += _plugin_paths(f, trt_why)
+    rep["native"] = _native()
     return rep
+
+
+def _native() -> dict[str, Any]:
+    """The C kernel library of the fused head (:mod:`pddnet.backends.native`): built or not,
+    the kernel sets this CPU runs, the one the runtime uses, or why the head runs in ONNX
+    Runtime."""
+    import platform
+
+    from pddnet.backends import native
+
+    try:
+        st = native.status()
+    except Exception as exc:  # a bad PDDNET_NATIVE value: report it, do not fail the doctor
+        return {"built": None, "isa": None, "reason": str(exc), "isas": {}, "path": None,
+                "machine": platform.machine()}
+    st["machine"] = platform.machine()
+    return st
 
 
 def format_report(rep: dict[str, Any]) -> str:
@@ -294,6 +312,16 @@ def format_report(rep: dict[str, Any]) -> str:
         prec = ", ".join(b.extra.get("precisions", []))
         out.append(f"  [{'ok' if b.ok else '--'}] {b.name}: {b.detail}"
                    + (f" -- precisions: {prec}" if b.ok else ""))
+    nat = rep.get("native")
+    if nat is not None:
+        sets = ", ".join(k for k, v in nat.get("isas", {}).items() if v) or "none"
+        if nat.get("isa"):
+            line = (f"  [ok] C head kernels: {nat['isa']} (this CPU runs: {sets}; "
+                    f"{nat['machine']}); the runtime runs the standard float32 head in them")
+        else:
+            line = (f"  [--] C head kernels: not used ({nat.get('reason')}); the head runs in "
+                    "ONNX Runtime (its function bodies)")
+        out.append(line)
     out.append("")
     out.append("TensorRT plugin paths:")
     for pth in rep["plugin_paths"]:

@@ -130,10 +130,14 @@ def validate_cmd(checkpoint, onnx_model, data_dir, split, max_pairs, out_dir, th
 @friendly
 def bench_cmd(preset_name, shape, threads, repeats, warmup, checkpoint, fixed, moving, gemm_size,
               profile_runs, seed, out) -> None:
-    """Time PyTorch eager and ONNX Runtime on one pair; FLOPs, GEMM floor, per-block profile.
+    """Time PyTorch eager, ONNX Runtime and the runtime on one pair; FLOPs, GEMM floor,
+    per-block profile.
 
     Each backend runs in its own child process (peak RSS per backend); ONNX Runtime is timed
-    with and without enable_mem_pattern.
+    with and without enable_mem_pattern. The runtime (features in ONNX Runtime, the head in
+    the C kernels where they are built) is timed per pair, for the correlation + head, and per
+    further moving scan with the fixed features reused, beside the same runner with the head in
+    ONNX Runtime.
     """
 
     from pddnet._files import write_json

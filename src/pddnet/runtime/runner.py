@@ -29,6 +29,7 @@ class PairRun:
     model ran); ``head_ms`` the head's (or the whole model's) time, both in milliseconds.
     ``fixed_features`` / ``moving_features`` are the two feature maps the head ran on (``None``
     when the whole model ran): refinement on image evidence works on them.
+    ``kernel_ms``: the C head's share of ``head_ms`` (``None`` where ONNX Runtime ran the head).
     """
 
     outputs: dict[str, np.ndarray]
@@ -36,6 +37,7 @@ class PairRun:
     head_ms: float
     fixed_features: np.ndarray | None = None
     moving_features: np.ndarray | None = None
+    kernel_ms: float | None = None
 
 
 class PairRunner:
@@ -48,11 +50,18 @@ class PairRunner:
         share: another runner whose feature backend this one reuses when the feature graphs
             are identical (the stage-two model of the same weights).
         suffix: appended to the backends' labels (``"2"`` for stage two).
+        native: run the head's cost-volume part in the C kernel library
+            (:mod:`pddnet.backends.native`) where it is built, the backend is ONNX Runtime on the
+            CPU and the head is the standard float32 one; else (or with ``False``, or
+            ``PDDNET_NATIVE=off``) ONNX Runtime runs the head's function bodies.
+            :attr:`head_impl` says which ran and why.
     """
 
     def __init__(self, proto: Any, backend: str, options: dict[str, Any], *, split: bool = True,
-                 share: "PairRunner | None" = None, suffix: str = ""):
+                 share: "PairRunner | None" = None, suffix: str = "", native: bool = True):
         self.split_error: PddnetError | None = None
+        self.head_impl: dict[str, Any] = {"implementation": "onnxruntime",
+                                          "reason": "the model is not split"}
         self.features_graph = None
         self._features = self._head = self._full = None
         self._owns_features = False
@@ -75,11 +84,57 @@ class PairRunner:
                 self._features = create_backend(backend, parts.features,
                                                 label=f"features{suffix}", **options).activate()
                 self._owns_features = True
-            self._head = create_backend(backend, parts.head, label=f"head{suffix}",
-                                        **options).activate()
+            self._head = self._native_head(parts.head, backend, options, suffix, native)
+            if self._head is None:
+                self._head = create_backend(backend, parts.head, label=f"head{suffix}",
+                                            **options).activate()
         except BaseException:
             self.close()
             raise
+
+    def _native_head(self, head: Any, backend: str, options: dict[str, Any], suffix: str,
+                     native: bool):
+        """The C head backend, or ``None`` with the reason in :attr:`head_impl`."""
+        from pddnet.backends import native as nat
+
+        why = None
+        if not native:
+            why = "the C head was not asked for"
+        elif backend != "onnxruntime":
+            why = f"backend {backend!r} (the C head serves the onnxruntime backend)"
+        elif options.get("profile") is not None:
+            why = "profiling ONNX Runtime's nodes"
+        else:
+            provs = options.get("providers") or ["cpu"]
+            provs = [p for p in (provs.split(",") if isinstance(provs, str) else provs) if p]
+            if any(str(p).strip().lower() not in ("cpu", "cpuexecutionprovider")
+                   for p in provs):
+                why = f"providers {provs} (the C head replaces the CPU provider only)"
+        if why is None:
+            st = nat.status()
+            if st["isa"] is None:
+                why = st["reason"]
+        if why is not None:
+            self.head_impl = {"implementation": "onnxruntime", "reason": why}
+            return None
+        ort_opts = {k: v for k, v in options.items() if k not in ("threads", "stages")}
+        try:
+            b = nat.NativeHeadBackend(head, label=f"head{suffix}", threads=options.get("threads"),
+                                      **ort_opts).activate()
+        except PddnetError as exc:
+            self.head_impl = {"implementation": "onnxruntime",
+                              "reason": f"the C head does not run this model: {exc}"}
+            return None
+        d = b.describe()
+        self.head_impl = {"implementation": f"native-{d['isa']}", "reason": None,
+                          "isa": d["isa"], "threads": d["threads"],
+                          "scratch_mb": d["scratch_mb"], "minconv": d["plan"]["minconv"]}
+        return b
+
+    @property
+    def head_implementation(self) -> str:
+        """``"native-avx2"`` / ``"native-sse2"`` / ``"native-portable"`` or ``"onnxruntime"``."""
+        return self.head_impl["implementation"]
 
     @property
     def is_split(self) -> bool:
@@ -112,11 +167,14 @@ class PairRunner:
         outs = self._head.run({C.FIXED_FEATURES: fixed_features,
                                C.MOVING_FEATURES: moving_features})
         return PairRun(outs, feat_ms + ms, self._head.last_run_ms, fixed_features,
-                       moving_features)
+                       moving_features, getattr(self._head, "last_kernel_ms", None))
 
     def describe(self) -> dict[str, Any]:
-        """The backend's description (the feature backend's when split)."""
-        return (self._features if self._full is None else self._full).describe()
+        """The backend's description (the feature backend's when split), with ``head``: which
+        implementation ran the head (:attr:`head_impl`)."""
+        d = (self._features if self._full is None else self._full).describe()
+        d["head"] = dict(self.head_impl)
+        return d
 
     def close(self) -> None:
         """Release the backends this runner created (a shared feature backend stays)."""

@@ -15,7 +15,13 @@ One run measures, on the same input pair and with the same thread count:
   ONNX Runtime (and in PyTorch, for comparison) with the same thread count;
 * a per-block time breakdown of the ONNX Runtime run from its profiler, grouped by contract
   prefix (``fixed/``, ``moving/``, ``head/``) and by custom op (:mod:`pddnet.validation.profile`);
-* the largest difference between the two backends' displacement fields (a sanity check).
+* the runtime as a user gets it (:class:`~pddnet.runtime.runner.PairRunner`: the features in
+  ONNX Runtime, the head in the C kernels where they are built, :mod:`pddnet.backends.native`),
+  each setting in its own child process: a whole pair (both feature passes and the head), the
+  correlation + head alone, and a further moving scan with the fixed scan's features reused;
+  beside the same runner with the head in ONNX Runtime (``runtime-ort-head``). The settings
+  (:data:`RUNTIME_MODES`) re-measure ``enable_mem_pattern`` and the CPU arena with the C head;
+* the largest difference between the backends' displacement fields (a sanity check).
 
 The result schema is documented in ``docs/benchmarks.md``.
 """
@@ -37,6 +43,13 @@ from pddnet.spec import contract as C
 SCHEMA = "pddnet.bench/1"
 #: the ONNX Runtime settings timed: name -> enable_mem_pattern (the backend's default first)
 ORT_MODES = {"onnxruntime": True, "onnxruntime-no-mem-pattern": False}
+#: the runtime settings timed: name -> (C head, ONNX Runtime options); the default first
+RUNTIME_MODES: dict[str, tuple[bool, dict[str, Any]]] = {
+    "runtime": (True, {}),
+    "runtime-no-mem-pattern": (True, {"mem_pattern": False}),
+    "runtime-arena": (True, {"mem_arena": True}),
+    "runtime-ort-head": (False, {}),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,6 +99,58 @@ def bench_backend(backend: str, model: str, feeds_path: str, threads: int, warmu
            "load_ms": be.load_ms, "describe": desc, "torch_loaded": "torch" in sys.modules}
     if gemm_size:
         res["gemm"] = gemm_rate(backend, gemm_size, threads)
+    return res
+
+
+def bench_runtime(model: str, feeds_path: str, threads: int, warmup: int, repeats: int,
+                  native: bool, options: dict[str, Any], disp_out: str | None) -> dict[str, Any]:
+    """Time the runtime's pair runner (split model; C head when ``native`` and built): whole
+    pairs, then further moving scans with the fixed features reused; peak RSS over all of it.
+    Runs in a child process."""
+    import sys
+
+    import onnx
+
+    from pddnet.runtime.runner import PairRunner
+    from pddnet.validation import machine
+
+    with np.load(feeds_path) as z:
+        fixed, moving = (np.ascontiguousarray(z[k]) for k in C.INPUTS)
+    proto = onnx.load(model)
+    parts: dict[str, list[float]] = {k: [] for k in ("pair", "features", "head", "kernel",
+                                                     "extra")}
+    with machine.PeakRss() as mem:
+        t0 = time.perf_counter()
+        r = PairRunner(proto, "onnxruntime", {"threads": threads, **options}, native=native)
+        load_ms = (time.perf_counter() - t0) * 1e3
+        del proto
+        try:
+            for _ in range(warmup + repeats):
+                t0 = time.perf_counter()
+                run = r.run_pair(fixed, moving)
+                parts["pair"].append(time.perf_counter() - t0)
+                parts["features"].append((run.features_ms or 0.0) / 1e3)
+                parts["head"].append(run.head_ms / 1e3)
+                parts["kernel"].append((run.kernel_ms or 0.0) / 1e3)
+                out = run.outputs
+                del run
+            ff, _ = r.features(fixed)
+            for _ in range(warmup + repeats):
+                t0 = time.perf_counter()
+                r.run_pair(fixed, moving, fixed_features=ff)
+                parts["extra"].append(time.perf_counter() - t0)
+            desc = r.describe()
+        finally:
+            r.close()
+    if disp_out:
+        np.save(disp_out, out["disp"])
+    res = {"latency": _stats(parts["pair"], warmup), "memory": mem.as_dict(isolated=True),
+           "load_ms": load_ms, "describe": desc, "head_impl": desc.get("head"),
+           "torch_loaded": "torch" in sys.modules,
+           "parts": {k: _stats(v, warmup) for k, v in parts.items() if k != "pair"}}
+    if not native or not str((desc.get("head") or {}).get("implementation", "")).startswith(
+            "native"):
+        res["parts"].pop("kernel")
     return res
 
 
@@ -228,9 +293,15 @@ def run_bench(preset_name: str, *, shape: Sequence[int] | None = None, threads: 
                 warmup, repeats, {"mem_pattern": pattern}, str(work / f"disp_{name}.npy"),
                 gemm_size if i == 0 and gemm_size else None)
             runs[name]["mem_pattern"] = pattern
+        for name, (use_native, opts) in RUNTIME_MODES.items():
+            say(f"{name} (pair runner, C head {'on' if use_native else 'off'}, {opts or 'defaults'}"
+                f"): {warmup} warm-up + {repeats} timed runs per part, {threads} thread(s)")
+            runs[name] = _isolated(
+                name, bench_runtime, str(model_path), str(feeds_path), threads, warmup, repeats,
+                use_native, opts, str(work / f"disp_{name}.npy"))
         d_torch = np.load(work / "disp_torch.npy")
         diffs = {name: float(np.abs(np.load(work / f"disp_{name}.npy") - d_torch).max())
-                 for name in ORT_MODES}
+                 for name in (*ORT_MODES, *RUNTIME_MODES)}
         prof = None
         if profile_runs:
             best = min(ORT_MODES, key=lambda n: runs[n]["latency"]["p50_ms"])
@@ -241,7 +312,8 @@ def run_bench(preset_name: str, *, shape: Sequence[int] | None = None, threads: 
 
     flops = count_flops(cfg, image_shape)
     t_p50 = runs["pytorch"]["latency"]["p50_ms"]
-    speedup = {name: t_p50 / runs[name]["latency"]["p50_ms"] for name in ORT_MODES}
+    speedup = {name: t_p50 / runs[name]["latency"]["p50_ms"]
+               for name in (*ORT_MODES, *RUNTIME_MODES)}
     gemm = {"onnxruntime": runs["onnxruntime"].pop("gemm", None),
             "torch": runs["pytorch"].pop("gemm", None)}
     floor = None
@@ -272,6 +344,7 @@ def run_bench(preset_name: str, *, shape: Sequence[int] | None = None, threads: 
         "runs": runs,
         "speedup_vs_pytorch": speedup,
         "onnxruntime_better": {"latency": best_time, "peak_rss": best_mem},
+        "runtime_head": runs["runtime"].get("head_impl"),
         "gemm": gemm,
         "floor": floor,
         "check": {"disp_max_abs_diff_vs_pytorch_vox": diffs},
@@ -339,6 +412,22 @@ def format_bench(r: dict[str, Any]) -> str:
         fr = r["floor"]["fraction_of_floor"]
         lines.append(f"floor (FLOPs / ORT GEMM rate): {r['floor']['floor_ms']:.1f} ms; runs reach "
                      + ", ".join(f"{n} {100 * v:.1f}%" for n, v in fr.items()) + " of it")
+    rt = [(n, run) for n, run in r["runs"].items() if "parts" in run]
+    if rt:
+        lines.append("")
+        lines.append(f"runtime (pair runner), p50 ms: {'setting':<24} {'head impl':<16} "
+                     f"{'features':>9} {'corr+head':>10} {'C kernels':>10} {'extra scan':>11}")
+        for name, run in rt:
+            pp = run["parts"]
+            kern = pp.get("kernel", {}).get("p50_ms")
+            impl = (run.get("head_impl") or {}).get("implementation", "?")
+            lines.append(f"{'':31}{name:<24} {impl:<16} {pp['features']['p50_ms']:9.1f} "
+                         f"{pp['head']['p50_ms']:10.1f} "
+                         f"{kern if kern is not None else float('nan'):10.1f} "
+                         f"{pp['extra']['p50_ms']:11.1f}")
+        why = (r["runs"]["runtime"].get("head_impl") or {}).get("reason")
+        if why:
+            lines.append(f"  the runtime's head ran in ONNX Runtime: {why}")
     lines.append("max |disp - disp_pytorch| (voxels): " + ", ".join(
         f"{n} {v:.2e}" for n, v in r["check"]["disp_max_abs_diff_vs_pytorch_vox"].items()))
     lines.append(f"better ORT setting: latency {r['onnxruntime_better']['latency']}, peak RSS "

@@ -72,6 +72,11 @@ def format_table(report: dict[str, Any]) -> str:
                  f"latency: model execution, {st['warmup']} warm-up + {st['repeats']} timed runs, "
                  f"threads {st['threads'] or 'default'}; peak MB: process peak RSS "
                  f"({'one process per backend' if st['isolated'] else 'shared process'})")
+    for name, c in report["candidates"].items():  # which implementation ran the head
+        head = (c.get("describe") or {}).get("head")
+        if head:
+            why = f" ({head['reason']})" if head.get("reason") else ""
+            lines.append(f"head of {name}: {head['implementation']}{why}")
     if any(c.get("mode", "ff") != "ff" for c in report["candidates"].values()):
         lines += format_modes(report)
     for name, c in report["candidates"].items():

@@ -1,0 +1,61 @@
+/* pddnet fused head: correlation -> two mean-field steps -> softmax, expectation, entropy.
+ * Plain C (no Python API); loaded by pddnet.backends.native through ctypes.
+ * The spec of every step is docs/ops.md; the float64 reference is pddnet.model.ops. */
+#ifndef PDD_HEAD_H
+#define PDD_HEAD_H
+
+#include <stddef.h>
+
+#define PDD_ABI_VERSION 1
+
+enum { PDD_ISA_PORTABLE = 0, PDD_ISA_SSE2 = 1, PDD_ISA_AVX2 = 2 };
+enum { PDD_MODE_APPROX = 0, PDD_MODE_EXACT = 1 };
+
+/* taps of one axis: sample at position p is w0[p] * x[i0[p]] + w1[p] * x[i1[p]] */
+typedef struct {
+    int *i0, *i1;
+    float *w0, *w1;
+} pdd_taps;
+
+typedef struct pdd_head {
+    int C, n[3], G[3], L, LP, threads, mode, isa;
+    long long ncp;            /* G_i G_j G_k */
+    long long L3;             /* L^3 */
+    /* affine pieces read from the model:
+     * mfs1 input = a1 * ssd + b1; mfs2 input = a2 * ssd + c2 * mfs1 + b2; logits = s * mfs2 + t */
+    float a1, b1, a2, b2, c2, s, t, pen1, pen2;
+    float ex[3][64];          /* displacement values of the expectation, per axis */
+    pdd_taps ctl[3];          /* control points (fixed features) */
+    pdd_taps dsp[3];          /* control point + displacement, index g * L + d */
+    float *A, *B;             /* two cost volumes (G^3 L^3) */
+    float *F;                 /* fixed features at the control points: G^3 C */
+    float *scratch;           /* per-thread scratch */
+    size_t scratch_per_thread; /* floats */
+} pdd_head;
+
+typedef struct pdd_kernels {
+    const char *name;
+    void (*prepare)(pdd_head *h, const float *fixed, const float *moving);
+    /* one slab g_i: (correlation | min-convolution of src) -> smoothing along g_j and g_k.
+     * moving != NULL: the slab's SSD from the features (written to ssd_out), else read src. */
+    void (*slab)(pdd_head *h, int gi, const float *moving, const float *src, float *ssd_out,
+                 float *dst, float a, float b, float pen, int smooth, float *scr);
+    /* i-smoothing of src row (gi, gj) (all g_k), combined: out = p * base + q * smooth + r */
+    void (*irow)(pdd_head *h, int gi, int gj, const float *src, float *out, const float *base,
+                 float p, float q, float r, int smooth);
+    /* i-smoothing of src at (gi, gj) then the softmax, expectation and entropy of each g_k */
+    void (*final_row)(pdd_head *h, int gi, int gj, const float *src, float *probs, float *disp,
+                      float *entropy, int smooth, float *scr);
+} pdd_kernels;
+
+const pdd_kernels *pdd_kernels_portable(void);
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+const pdd_kernels *pdd_kernels_sse2(void);
+const pdd_kernels *pdd_kernels_avx2(void);
+#endif
+
+/* the run-time helper every kernel set shares: fn(ctx, item) for item in [0, n) on T threads */
+void pdd_parallel_for(int threads, long long n, void (*fn)(void *ctx, long long item, int tid),
+                      void *ctx);
+
+#endif
