@@ -10,7 +10,7 @@ DEMO_OUT ?= demo-out
 
 .PHONY: setup demo test test-all clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(wildcard src/pddnet/backends/native/*.c src/pddnet/backends/native/*.h src/pddnet/backends/native/*.inc)
 	$(PYTHON) -c 'import sys; assert (3, 10) <= sys.version_info[:2] <= (3, 12), "pddnet needs Python 3.10-3.12, got " + sys.version'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

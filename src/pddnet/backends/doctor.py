@@ -26,6 +26,9 @@ from types import ModuleType
 from typing import Any
 
 GPU_EXTRA = "pip install 'pddnet[gpu]'"
+#: replaces the CPU onnxruntime wheel (a core dependency) with the GPU one (docs/install.md)
+ORT_GPU_SWAP = ("pip uninstall -y onnxruntime onnxruntime-gpu && pip install --force-reinstall "
+                "--no-deps 'onnxruntime-gpu>=1.18'")
 
 
 class Probe:
@@ -122,9 +125,9 @@ def _onnxruntime(p: Probe, rep: dict[str, Any], f: _Found) -> None:
     rep["onnxruntime_wheels"] = {"onnxruntime": ort_cpu, "onnxruntime-gpu": ort_gpu}
     if ort_cpu and ort_gpu:
         rep["problems"].append("both onnxruntime and onnxruntime-gpu are installed (they "
-                               "overwrite each other); fix: pip uninstall -y onnxruntime "
-                               "onnxruntime-gpu && " + GPU_EXTRA + " (GPU) or pip install "
-                               "onnxruntime (CPU)")
+                               "overwrite each other); fix: " + ORT_GPU_SWAP + " (GPU) or "
+                               "pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
+                               "onnxruntime (CPU); see docs/install.md")
     f.ort, f.ort_err = _try(p.module, "onnxruntime")
     f.providers = list(f.ort.get_available_providers()) if f.ort else []
     rep["onnxruntime_providers"] = f.providers
@@ -178,7 +181,7 @@ def _ort_backends(f: _Found) -> list[Item]:
             out.append(_backend(
                 f"onnxruntime ({alias})", False,
                 f"{prov} not in this onnxruntime build; GPU providers need onnxruntime-gpu "
-                f"instead of onnxruntime: pip uninstall -y onnxruntime && {GPU_EXTRA}"))
+                f"instead of onnxruntime: {ORT_GPU_SWAP} (docs/install.md)"))
     return out
 
 
