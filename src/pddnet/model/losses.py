@@ -53,21 +53,72 @@ def nonlocal_label_loss(probs: Tensor, fixed_onehot: Tensor, moving_onehot: Tens
         averaged, over classes: averaged, the label term of small organs is so small that the
         diffusion penalty with the paper's weight 1.5 wins and training collapses to a flat
         distribution (zero displacement).
+
+    The expectation ``sum_d p(k, d) M_c(x_k + d)`` is :func:`expected_labels` (separable, the
+    labels are never sampled at every displacement); :func:`nonlocal_label_loss_direct` is the
+    same loss written as its definition.
     """
+    predicted = expected_labels(probs, moving_onehot, grid, disp_size, capture)
+    return _weighted_mse(predicted, fixed_onehot, grid, weights)
+
+
+def _weighted_mse(predicted: Tensor, fixed_onehot: Tensor, grid, weights: Tensor) -> Tensor:
+    target = ops.control_features(fixed_onehot.to(predicted.dtype), grid)[0]  # (n, Gi, Gj, Gk)
+    per_class = (predicted - target).square().mean(dim=(1, 2, 3))
+    return (weights.to(predicted.dtype) * per_class).sum()
+
+
+def expected_labels(probs: Tensor, moving_onehot: Tensor, grid, disp_size: int,
+                    capture: float, *, max_elems: int = 1 << 25) -> Tensor:
+    """``sum_d p(k, d) M_c(x_k + d)`` for every class ``c`` and control point ``k``:
+    ``(n_classes, G_i, G_j, G_k)``, differentiable in ``probs``.
+
+    Separable: the labels are interpolated along ``i`` and ``j`` at the displaced control
+    points (``T2`` of :func:`ops.sample_j`, ``(S, G_j, L_j, L_i, K, n)``); the probabilities
+    are spread onto the label voxels along ``k`` with the two-tap weights
+    (:func:`ops.spread_blocks`, ``Q[.., e, g_k] = sum_d p(.., g_k, d) W_k[g_k, d, e]``); one
+    batched product over ``(L_j, L_i, e)`` per control column ``(g_i, g_j)`` contracts them.
+    Neither the ``n_classes x (G L)^3`` sampled labels nor anything of that size is formed.
+    Slabs of control slices along ``i`` bound ``Q`` to ``max_elems`` elements.
+    """
+    grid = tuple(int(g) for g in grid)
+    gi, gj, gk = grid
+    L = int(disp_size)
+    labels = moving_onehot[0].to(probs.dtype)  # (n, I, J, K)
+    n_cls, nk = labels.shape[0], labels.shape[-1]
+    wi, wj, wk = ops.lattice_weights(grid, L, capture, labels.shape[1:], dtype=probs.dtype,
+                                     device=probs.device)
+    taps = ops.two_taps(wk)
+    p = probs.reshape(gi, gj, gk, L, L, L)
+    step = max(1, min(gi, max_elems // (gj * L * L * nk * gk)))
+    parts = []
+    for i0 in range(0, gi, step):
+        s = min(step, gi - i0)
+        t2 = ops.sample_j(ops.sample_i(labels, wi[i0:i0 + s]), wj)  # (S, Gj, Lj, Li, K, n)
+        pt = p[i0:i0 + s].permute(0, 1, 4, 3, 2, 5)  # (S, Gj, Lj, Li, Gk, Lk)
+        q = ops.spread_blocks(pt, taps, nk)  # (S, Gj, Lj, Li, K, Gk)
+        pred = q.reshape(s * gj, L * L * nk, gk).transpose(1, 2) @ t2.reshape(s * gj, -1, n_cls)
+        parts.append(pred.reshape(s, gj, gk, n_cls))
+    return torch.cat(parts, 0).permute(3, 0, 1, 2)
+
+
+def nonlocal_label_loss_direct(probs: Tensor, fixed_onehot: Tensor, moving_onehot: Tensor, grid,
+                               disp_size: int, capture: float, weights: Tensor) -> Tensor:
+    """:func:`nonlocal_label_loss` as its definition: the moving labels sampled at every
+    displacement of every control point (``n_classes x (G L)^3`` values), weighted by the
+    probabilities. The reference the separable form is tested against."""
     L = disp_size
     dt, dev = probs.dtype, probs.device
     disp = torch.linspace(-capture, capture, L, dtype=dt, device=dev)
     pos = [(ops.cell_centres(int(g), dtype=dt, device=dev)[:, None] + disp).reshape(1, -1)
            for g in grid]
     n_cls = moving_onehot.shape[1]
-    moving = ops.lattice_sample(moving_onehot, *pos)  # (1, n, 1, Gi*L, Gj*L, Gk*L)
+    moving = ops.lattice_sample(moving_onehot.to(dt), *pos)  # (1, n, 1, Gi*L, Gj*L, Gk*L)
     moving = moving.reshape(n_cls, grid[0], L, grid[1], L, grid[2], L)
     # bring the (small) probabilities into the lattice layout instead of permuting the labels
     p = probs.reshape(*grid, L, L, L).permute(0, 3, 1, 4, 2, 5)
     predicted = torch.stack([(m * p).sum(dim=(1, 3, 5)) for m in moving.unbind(0)])
-    target = ops.control_features(fixed_onehot, grid)[0]  # (n, Gi, Gj, Gk)
-    per_class = (predicted - target).square().mean(dim=(1, 2, 3))
-    return (weights.to(dt) * per_class).sum()
+    return _weighted_mse(predicted, fixed_onehot, grid, weights)
 
 
 def diffusion_penalty(grid_disp: Tensor) -> Tensor:
