@@ -123,6 +123,14 @@ def test_block_interpolation_and_its_adjoint(gen):
     assert torch.autograd.gradcheck(lambda v: ops.spread_blocks(v, taps, n), (y,))
 
 
+def test_one_hot_matches_torch(gen):
+    lab = torch.randint(0, 6, (5, 4, 7), generator=gen)
+    want = torch.nn.functional.one_hot(lab, 7).permute(3, 0, 1, 2)[None].float()
+    assert torch.equal(losses.one_hot(lab, 7), want)
+    with pytest.raises(Exception, match="one_hot"):
+        losses.one_hot(lab, 5)
+
+
 LABEL_CASES = [((4, 3, 5), 5, 0.4, (9, 8, 10)), ((3, 4, 2), 3, 0.9, (7, 6, 5)),
                ((5, 5, 6), 7, 0.3, (12, 10, 14))]
 

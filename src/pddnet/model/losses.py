@@ -10,14 +10,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pddnet.errors import PddnetError
 from pddnet.model import ops
 
 Tensor = torch.Tensor
 
 
 def one_hot(labels: Tensor, num_classes: int) -> Tensor:
-    """``(I, J, K)`` integer labels -> ``(1, num_classes, I, J, K)`` float one-hot."""
-    return F.one_hot(labels.long(), num_classes).permute(3, 0, 1, 2).unsqueeze(0).float()
+    """``(I, J, K)`` integer labels -> ``(1, num_classes, I, J, K)`` float one-hot.
+
+    Labels outside ``[0, num_classes)`` are refused (as ``F.one_hot`` does)."""
+    labels = labels.long()
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise PddnetError(f"one_hot: labels must lie in [0, {num_classes}), got "
+                          f"[{int(labels.min())}, {int(labels.max())}]")
+    out = torch.zeros((num_classes, *labels.shape), dtype=torch.float32, device=labels.device)
+    return out.scatter_(0, labels[None], 1.0)[None]
 
 
 def class_weights(label_maps, num_classes: int, power: float = 0.5) -> Tensor:
@@ -97,9 +105,10 @@ def expected_labels(probs: Tensor, moving_onehot: Tensor, grid, disp_size: int,
         t2 = ops.sample_j(ops.sample_i(labels, wi[i0:i0 + s]), wj)  # (S, Gj, Lj, Li, K, n)
         pt = p[i0:i0 + s].permute(0, 1, 4, 3, 2, 5)  # (S, Gj, Lj, Li, Gk, Lk)
         q = ops.spread_blocks(pt, taps, nk)  # (S, Gj, Lj, Li, K, Gk)
-        pred = q.reshape(s * gj, L * L * nk, gk).transpose(1, 2) @ t2.reshape(s * gj, -1, n_cls)
-        parts.append(pred.reshape(s, gj, gk, n_cls))
-    return torch.cat(parts, 0).permute(3, 0, 1, 2)
+        # (n, x) @ (x, Gk) per control column: the gradient for q comes out in q's layout
+        pred = t2.reshape(s * gj, -1, n_cls).transpose(1, 2) @ q.reshape(s * gj, -1, gk)
+        parts.append(pred.reshape(s, gj, n_cls, gk))
+    return torch.cat(parts, 0).permute(2, 0, 1, 3)
 
 
 def nonlocal_label_loss_direct(probs: Tensor, fixed_onehot: Tensor, moving_onehot: Tensor, grid,

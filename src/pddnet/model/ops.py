@@ -664,15 +664,17 @@ def correlation_separable(feat_fixed: Tensor, feat_moving: Tensor, grid, disp_si
 
 
 def minpool3_pooled(x: Tensor) -> Tensor:
-    """:func:`minpool3` as three one-axis max-poolings of ``-x`` (kernel 3, stride 1, implicit
-    ``-inf`` padding, which equals the clipped window of replicate padding for a minimum).
+    """:func:`minpool3` as one 3x3x3 max-pooling of ``-x`` (stride 1, implicit ``-inf``
+    padding, which equals the clipped window of replicate padding for a minimum).
 
-    Exactly the values of :func:`minpool3_direct`. Its gradient is PyTorch's native pooling
-    backward (one scatter per axis through the saved argmax), several times cheaper than the
-    backward of six ``torch.minimum``; where neighbours tie, the whole gradient goes to one of
-    them, where ``torch.minimum`` splits it (elsewhere the gradients are identical).
+    Exactly the values of :func:`minpool3_direct`. The leading axes are the pooling's channels,
+    stored channels-last so that the kernel runs over them vectorised; the gradient is
+    PyTorch's native pooling backward (one scatter through the saved argmax), several times
+    cheaper than the backward of six ``torch.minimum``. Where neighbours tie, the whole gradient
+    goes to one of them, where ``torch.minimum`` splits it (elsewhere the gradients are
+    identical).
     """
-    v = torch.neg(x.reshape(-1, 1, *x.shape[-3:]))
-    for kernel, pad in (((3, 1, 1), (1, 0, 0)), ((1, 3, 1), (0, 1, 0)), ((1, 1, 3), (0, 0, 1))):
-        v = F.max_pool3d(v, kernel, stride=1, padding=pad)
-    return torch.neg(v).reshape(x.shape)
+    v = torch.neg(x.reshape(1, -1, *x.shape[-3:])).contiguous(
+        memory_format=torch.channels_last_3d)
+    v = F.max_pool3d(v, 3, stride=1, padding=1)
+    return torch.neg(v).contiguous().reshape(x.shape)
