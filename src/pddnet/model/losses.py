@@ -28,8 +28,12 @@ def one_hot(labels: Tensor, num_classes: int) -> Tensor:
     return out.scatter_(0, labels[None], 1.0)[None]
 
 
-def class_weights(label_maps, num_classes: int, power: float = 0.5) -> Tensor:
-    """``frequency^-power`` per class, normalised to mean 1 over the classes present."""
+def class_weights(label_maps, num_classes: int, power: float = 0.5,
+                  background: float | None = None) -> Tensor:
+    """``frequency^-power`` per class, normalised to mean 1 over the classes present.
+
+    With ``background``, class 0 then gets that weight instead (the authors' code: inverse
+    square root of the frequency, mean 1, background 0.15)."""
     counts = torch.zeros(num_classes, dtype=torch.float64)
     for lab in label_maps:
         counts += torch.bincount(torch.as_tensor(lab).long().reshape(-1), minlength=num_classes)[
@@ -38,6 +42,8 @@ def class_weights(label_maps, num_classes: int, power: float = 0.5) -> Tensor:
     w = torch.zeros(num_classes, dtype=torch.float64)
     w[present] = (counts[present] / counts.sum()).pow(-power)
     w[present] /= w[present].mean()
+    if background is not None:
+        w[0] = float(background)
     return w.float()
 
 
@@ -47,7 +53,8 @@ def soft_labels(labels_onehot: Tensor, factor: int = 2) -> Tensor:
 
 
 def nonlocal_label_loss(probs: Tensor, fixed_onehot: Tensor, moving_onehot: Tensor, grid,
-                        disp_size: int, capture: float, weights: Tensor) -> Tensor:
+                        disp_size: int, capture: float, weights: Tensor,
+                        reduction: str = "sum") -> Tensor:
     """Class-weighted MSE between fixed labels and probability-weighted moving labels.
 
     Args:
@@ -55,25 +62,34 @@ def nonlocal_label_loss(probs: Tensor, fixed_onehot: Tensor, moving_onehot: Tens
         fixed_onehot, moving_onehot: ``(1, n_classes, I, J, K)`` one-hot or soft labels.
         grid, disp_size, capture: the model's control grid and displacement set.
         weights: ``(n_classes,)`` class weights.
+        reduction: ``"sum"`` or ``"mean"`` over the classes.
 
     Returns:
-        scalar: ``sum_c w_c mean_k (sum_d p(k, d) M_c(x_k + d) - F_c(x_k))^2``. Summed, not
-        averaged, over classes: averaged, the label term of small organs is so small that the
-        diffusion penalty with the paper's weight 1.5 wins and training collapses to a flat
-        distribution (zero displacement).
+        scalar: ``sum_c w_c mean_k (sum_d p(k, d) M_c(x_k + d) - F_c(x_k))^2`` (``"sum"``), or
+        that divided by ``n_classes`` (``"mean"``, the authors' code). Averaged, the label term
+        is ``n_classes`` times smaller against the diffusion penalty: with the frequency weights
+        and the paper's diffusion weight 1.5 training collapses to a flat distribution (zero
+        displacement); the authors pair it with a background weight of 0.15.
 
     The expectation ``sum_d p(k, d) M_c(x_k + d)`` is :func:`expected_labels` (separable, the
     labels are never sampled at every displacement); :func:`nonlocal_label_loss_direct` is the
     same loss written as its definition.
     """
     predicted = expected_labels(probs, moving_onehot, grid, disp_size, capture)
-    return _weighted_mse(predicted, fixed_onehot, grid, weights)
+    return _weighted_mse(predicted, fixed_onehot, grid, weights, reduction)
 
 
-def _weighted_mse(predicted: Tensor, fixed_onehot: Tensor, grid, weights: Tensor) -> Tensor:
+REDUCTIONS = ("sum", "mean")
+
+
+def _weighted_mse(predicted: Tensor, fixed_onehot: Tensor, grid, weights: Tensor,
+                  reduction: str = "sum") -> Tensor:
+    if reduction not in REDUCTIONS:
+        raise PddnetError(f"label loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     target = ops.control_features(fixed_onehot.to(predicted.dtype), grid)[0]  # (n, Gi, Gj, Gk)
     per_class = (predicted - target).square().mean(dim=(1, 2, 3))
-    return (weights.to(predicted.dtype) * per_class).sum()
+    total = (weights.to(predicted.dtype) * per_class).sum()
+    return total / per_class.shape[0] if reduction == "mean" else total
 
 
 def expected_labels(probs: Tensor, moving_onehot: Tensor, grid, disp_size: int,
@@ -112,7 +128,8 @@ def expected_labels(probs: Tensor, moving_onehot: Tensor, grid, disp_size: int,
 
 
 def nonlocal_label_loss_direct(probs: Tensor, fixed_onehot: Tensor, moving_onehot: Tensor, grid,
-                               disp_size: int, capture: float, weights: Tensor) -> Tensor:
+                               disp_size: int, capture: float, weights: Tensor,
+                               reduction: str = "sum") -> Tensor:
     """:func:`nonlocal_label_loss` as its definition: the moving labels sampled at every
     displacement of every control point (``n_classes x (G L)^3`` values), weighted by the
     probabilities. The reference the separable form is tested against."""
@@ -127,7 +144,7 @@ def nonlocal_label_loss_direct(probs: Tensor, fixed_onehot: Tensor, moving_oneho
     # bring the (small) probabilities into the lattice layout instead of permuting the labels
     p = probs.reshape(*grid, L, L, L).permute(0, 3, 1, 4, 2, 5)
     predicted = torch.stack([(m * p).sum(dim=(1, 3, 5)) for m in moving.unbind(0)])
-    return _weighted_mse(predicted, fixed_onehot, grid, weights)
+    return _weighted_mse(predicted, fixed_onehot, grid, weights, reduction)
 
 
 def diffusion_penalty(grid_disp: Tensor) -> Tensor:

@@ -33,6 +33,10 @@ class TrainOptions:
     decay_start: float = 0.6     # fraction of the iterations run at the full learning rate
     final_lr_factor: float = 0.1
     diffusion_weight: float = 1.5
+    # the label loss (docs/training.md: each measured on a selection set)
+    label_pool: int = 2          # 1: labels at full resolution (the authors); 2: average-pooled 2x
+    class_reduction: str = "sum"  # "mean": averaged over the classes (the authors)
+    background_weight: float | None = None  # None: frequency weight; the authors: 0.15
     seed: int = 0
     augment: bool = True
     max_rotation_deg: float = 6.0
@@ -108,7 +112,15 @@ class Trainer:
         top = max(int(lab.max()) for lab in labels)
         if top >= NUM_CLASSES:
             raise PddnetError(f"label value {top} found; PDD-Net trains on labels 0..{NUM_CLASSES - 1}")
-        self.weights = losses.class_weights(labels, NUM_CLASSES).to(dev)
+        if opts.label_pool not in (1, 2):
+            raise PddnetError(f"label_pool must be 1 (full resolution) or 2, got {opts.label_pool}")
+        if opts.class_reduction not in losses.REDUCTIONS:
+            raise PddnetError(f"class_reduction must be one of {losses.REDUCTIONS}, got "
+                              f"{opts.class_reduction!r}")
+        if opts.background_weight is not None and not opts.background_weight >= 0:
+            raise PddnetError(f"background_weight must be >= 0, got {opts.background_weight}")
+        self.weights = losses.class_weights(labels, NUM_CLASSES,
+                                            background=opts.background_weight).to(dev)
         self.labels = [lab.to(dev) for lab in labels]
         self.optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
 
@@ -139,11 +151,12 @@ class Trainer:
         cfg = self.model.config
         fast = ops.fast_gradients_enabled()
         out = forward_fast(self.model, fixed, moving) if fast else self.model(fixed, moving)
-        f_oh = losses.soft_labels(losses.one_hot(fixed_lab[0, 0], NUM_CLASSES))
-        m_oh = losses.soft_labels(losses.one_hot(moving_lab[0, 0], NUM_CLASSES))
+        pool = self.opts.label_pool
+        f_oh = losses.soft_labels(losses.one_hot(fixed_lab[0, 0], NUM_CLASSES), pool)
+        m_oh = losses.soft_labels(losses.one_hot(moving_lab[0, 0], NUM_CLASSES), pool)
         label_loss = losses.nonlocal_label_loss if fast else losses.nonlocal_label_loss_direct
         label = label_loss(out.probs, f_oh, m_oh, cfg.grid, cfg.disp_size, cfg.capture,
-                           self.weights)
+                           self.weights, self.opts.class_reduction)
         return label, losses.diffusion_penalty(out.grid_disp)
 
     def step(self, iteration: int) -> dict[str, float]:
