@@ -62,16 +62,28 @@ def profile_parts(trainer: Trainer, iteration: int) -> None:
         return out
 
     ff = timed("features (2 images)", lambda: (model.features(fixed), model.features(moving)))
-    ssd = timed("correlation", ops.correlation_separable, *ff, cfg.grid, cfg.disp_size,
-                cfg.capture)
-    cost = timed("mean field", lambda: model.regularise(model.alpha[1] + model.alpha[0] * ssd))
-    probs = ops.displacement_probabilities(cost, model.alpha[5])
-    disp = ops.expected_displacement(probs, cfg.disp_size, cfg.capture)
-    f_oh = losses.soft_labels(losses.one_hot(fl[0, 0], NUM_CLASSES))
-    m_oh = losses.soft_labels(losses.one_hot(ml[0, 0], NUM_CLASSES))
-    label = timed("label loss", losses.nonlocal_label_loss, probs, f_oh, m_oh, cfg.grid,
-                  cfg.disp_size, cfg.capture, trainer.weights)
-    loss = label + trainer.opts.diffusion_weight * losses.diffusion_penalty(disp)
+    ssd = timed("correlation", lambda: ops.correlation_separable(
+        *ff, cfg.grid, cfg.disp_size, cfg.capture, layout="disp"))
+    a = model.alpha
+
+    def mean_field():
+        cost = a[1] + a[0] * ssd
+        first = ops.mean_field_step_dmajor(cost, cfg.minconv, model.penalty)
+        return ops.mean_field_step_dmajor(a[4] + a[2] * cost + a[3] * first, cfg.minconv,
+                                          model.penalty)
+
+    cost = timed("mean field", mean_field)
+    L3 = cfg.disp_size ** 3
+    probs = torch.softmax(-a[5] * cost.reshape(L3, *cfg.grid), dim=0)
+    disp = ops.displacement_set(cfg.disp_size, cfg.capture).reshape(L3, 3)
+    grid_disp = (disp.T @ probs.reshape(L3, -1)).T.reshape(*cfg.grid, 3)
+    pool = trainer.opts.label_pool
+    f_oh = losses.soft_labels(losses.one_hot(fl[0, 0], NUM_CLASSES), pool)
+    m_oh = losses.soft_labels(losses.one_hot(ml[0, 0], NUM_CLASSES), pool)
+    label = timed("label loss", lambda: losses.nonlocal_label_loss(
+        probs, f_oh, m_oh, cfg.grid, cfg.disp_size, cfg.capture, trainer.weights,
+        trainer.opts.class_reduction, layout="disp"))
+    loss = label + trainer.opts.diffusion_weight * losses.diffusion_penalty(grid_disp)
     # backward per part: stop the graph at each part's inputs
     t0 = time.perf_counter()
     loss.backward()

@@ -80,6 +80,26 @@ def test_minpool_fast_path_equals_definition(gen):
     assert ops.fast_gradients_enabled()
 
 
+def test_displacement_major_paths_equal_the_definitions(gen):
+    grid, L = (4, 3, 5), 5
+    ff, fm = (torch.randn(1, 3, 9, 8, 10, dtype=F64, generator=gen) for _ in range(2))
+    want = ops.correlation(ff, fm, grid, L, 0.4)
+    for max_elems in (1 << 26, 1):
+        got = ops.correlation_separable(ff, fm, grid, L, 0.4, layout="disp", max_elems=max_elems)
+        torch.testing.assert_close(got.permute(3, 4, 5, 0, 1, 2), want, rtol=0, atol=1e-12)
+    x = torch.randn(*grid, L, L, L, dtype=F64, generator=gen, requires_grad=True)
+    g = torch.randn(x.shape, dtype=F64, generator=gen)
+    xd = x.permute(3, 4, 5, 0, 1, 2)
+    for mode, pen in (("approx", None), ("exact", 0.7)):
+        ref = ops.mean_field_step(x, mode, pen)
+        got = ops.mean_field_step_dmajor(xd, mode, pen).permute(3, 4, 5, 0, 1, 2)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(_grads(got, x, g)[0], _grads(ref, x, g)[0], rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(ops.minpool3_dmajor,
+                                    (torch.randn(4, 3, 5, 2, 3, dtype=F64, generator=gen,
+                                                 requires_grad=True),))
+
+
 def test_minpool_pooled_gradcheck(gen):
     x = torch.randn(2, 3, 4, 5, dtype=F64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(ops.minpool3_pooled, (x,))
@@ -150,6 +170,10 @@ def test_label_loss_separable_equals_definition(gen, grid, L, q, shape, max_elem
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     torch.testing.assert_close(losses.nonlocal_label_loss(probs, fixed, moving, grid, L, q,
                                                           weights), want, rtol=1e-12, atol=0)
+    probs_d = probs.detach().permute(3, 0, 1, 2).contiguous()
+    torch.testing.assert_close(losses.nonlocal_label_loss(probs_d, fixed, moving, grid, L, q,
+                                                          weights, layout="disp"),
+                               want.detach(), rtol=1e-12, atol=0)
     torch.testing.assert_close(_grads(got, probs, None)[0], _grads(want, probs, None)[0],
                                rtol=0, atol=1e-14)
 
@@ -191,12 +215,13 @@ def test_training_step_gradients_equal_the_reference_step(gen, minconv):
                                    msg=lambda m, k=k: f"{k}: {m}")
 
 
-def test_forward_fast_equals_the_model(gen):
-    cfg = preset("tiny")
+@pytest.mark.parametrize("minconv", ["approx", "exact"])
+def test_forward_fast_equals_the_model(gen, minconv):
+    cfg = preset("tiny", minconv=minconv)
     model = PDDNet(cfg, seed=3).double().train()
     fixed, moving = (torch.randn(1, 1, 24, 24, 24, dtype=F64, generator=gen) for _ in range(2))
     want = model(fixed, moving)
-    got = forward_fast(model, fixed, moving)
+    got = forward_fast(model, fixed, moving).registration()
     for name in ("cost", "probs", "grid_disp"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-10,
                                    atol=1e-12)

@@ -54,7 +54,7 @@ def soft_labels(labels_onehot: Tensor, factor: int = 2) -> Tensor:
 
 def nonlocal_label_loss(probs: Tensor, fixed_onehot: Tensor, moving_onehot: Tensor, grid,
                         disp_size: int, capture: float, weights: Tensor,
-                        reduction: str = "sum") -> Tensor:
+                        reduction: str = "sum", *, layout: str = "grid") -> Tensor:
     """Class-weighted MSE between fixed labels and probability-weighted moving labels.
 
     Args:
@@ -63,6 +63,8 @@ def nonlocal_label_loss(probs: Tensor, fixed_onehot: Tensor, moving_onehot: Tens
         grid, disp_size, capture: the model's control grid and displacement set.
         weights: ``(n_classes,)`` class weights.
         reduction: ``"sum"`` or ``"mean"`` over the classes.
+        layout: ``"grid"`` (probabilities ``(G_i, G_j, G_k, L^3)``) or ``"disp"``
+            (``(L^3, G_i, G_j, G_k)``, as :func:`pddnet.model.train.forward_fast` makes them).
 
     Returns:
         scalar: ``sum_c w_c mean_k (sum_d p(k, d) M_c(x_k + d) - F_c(x_k))^2`` (``"sum"``), or
@@ -75,7 +77,7 @@ def nonlocal_label_loss(probs: Tensor, fixed_onehot: Tensor, moving_onehot: Tens
     labels are never sampled at every displacement); :func:`nonlocal_label_loss_direct` is the
     same loss written as its definition.
     """
-    predicted = expected_labels(probs, moving_onehot, grid, disp_size, capture)
+    predicted = expected_labels(probs, moving_onehot, grid, disp_size, capture, layout=layout)
     return _weighted_mse(predicted, fixed_onehot, grid, weights, reduction)
 
 
@@ -93,7 +95,7 @@ def _weighted_mse(predicted: Tensor, fixed_onehot: Tensor, grid, weights: Tensor
 
 
 def expected_labels(probs: Tensor, moving_onehot: Tensor, grid, disp_size: int,
-                    capture: float, *, max_elems: int = 1 << 25) -> Tensor:
+                    capture: float, *, max_elems: int = 1 << 25, layout: str = "grid") -> Tensor:
     """``sum_d p(k, d) M_c(x_k + d)`` for every class ``c`` and control point ``k``:
     ``(n_classes, G_i, G_j, G_k)``, differentiable in ``probs``.
 
@@ -103,8 +105,11 @@ def expected_labels(probs: Tensor, moving_onehot: Tensor, grid, disp_size: int,
     (:func:`ops.spread_blocks`, ``Q[.., e, g_k] = sum_d p(.., g_k, d) W_k[g_k, d, e]``); one
     batched product over ``(L_j, L_i, e)`` per control column ``(g_i, g_j)`` contracts them.
     Neither the ``n_classes x (G L)^3`` sampled labels nor anything of that size is formed.
-    Slabs of control slices along ``i`` bound ``Q`` to ``max_elems`` elements.
+    Slabs of control slices along ``i`` bound ``Q`` to ``max_elems`` elements. ``layout`` is
+    that of ``probs``: ``"grid"`` ``(G_i, G_j, G_k, L^3)`` or ``"disp"`` ``(L^3, G_i, G_j, G_k)``.
     """
+    if layout not in ("grid", "disp"):
+        raise PddnetError(f"expected_labels: layout must be 'grid' or 'disp', got {layout!r}")
     grid = tuple(int(g) for g in grid)
     gi, gj, gk = grid
     L = int(disp_size)
@@ -113,7 +118,10 @@ def expected_labels(probs: Tensor, moving_onehot: Tensor, grid, disp_size: int,
     wi, wj, wk = ops.lattice_weights(grid, L, capture, labels.shape[1:], dtype=probs.dtype,
                                      device=probs.device)
     taps = ops.two_taps(wk)
-    p = probs.reshape(gi, gj, gk, L, L, L)
+    if layout == "disp":  # (Li, Lj, Lk, Gi, Gj, Gk) -> the grid-major order, as a view
+        p = probs.reshape(L, L, L, gi, gj, gk).permute(3, 4, 5, 0, 1, 2)
+    else:
+        p = probs.reshape(gi, gj, gk, L, L, L)
     step = max(1, min(gi, max_elems // (gj * L * L * nk * gk)))
     parts = []
     for i0 in range(0, gi, step):

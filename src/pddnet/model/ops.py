@@ -597,7 +597,8 @@ class _NeighbourGram(torch.autograd.Function):
 
 
 def correlation_separable(feat_fixed: Tensor, feat_moving: Tensor, grid, disp_size: int,
-                          capture: float, *, max_elems: int = 1 << 26) -> Tensor:
+                          capture: float, *, max_elems: int = 1 << 26,
+                          layout: str = "grid") -> Tensor:
     """:func:`correlation` in the separable, expanded form of the ONNX body (same values).
 
     ``D = |f|^2 - 2 f.m + |m|^2`` per control point ``g`` and displacement ``d``: the moving
@@ -612,10 +613,16 @@ def correlation_separable(feat_fixed: Tensor, feat_moving: Tensor, grid, disp_si
     Slabs of control slices along ``i`` bound memory (``max_elems`` elements of ``T2`` per
     slab); with several slabs and gradients enabled, each slab's intermediates are recomputed
     in the backward pass instead of being kept.
+
+    ``layout="grid"`` returns ``(G_i, G_j, G_k, L, L, L)`` like :func:`correlation`;
+    ``"disp"`` the displacement-major ``(L, L, L, G_i, G_j, G_k)`` of
+    :func:`mean_field_step_dmajor`.
     """
     if feat_fixed.shape != feat_moving.shape or feat_fixed.dim() != 5 or feat_fixed.shape[0] != 1:
         raise PddnetError(f"correlation_separable: feature maps must both be (1,C,I,J,K); got "
                           f"{tuple(feat_fixed.shape)} and {tuple(feat_moving.shape)}")
+    if layout not in ("grid", "disp"):
+        raise PddnetError(f"correlation_separable: layout must be 'grid' or 'disp', got {layout!r}")
     grid = tuple(int(g) for g in grid)
     gj, gk = grid[1], grid[2]
     c, ni, nj, nk = feat_moving.shape[1:]
@@ -647,12 +654,15 @@ def correlation_separable(feat_fixed: Tensor, feat_moving: Tensor, grid, disp_si
               + wj_pair @ a11.reshape(s, nj - 1, L * (nk - 1)))
         gram = torch.cat([g0.reshape(s, gj, L, L, nk), g1.reshape(s, gj, L, L, nk - 1)], dim=-1)
         norm = (gram @ wk_norm).reshape(s, gj, L, L, gk, L)  # (S, Gj, Lj, Li, Gk, Lk)
-        f_sq = f.square().sum(-1)[..., None, None, None]
-        return (norm + cross).permute(0, 1, 4, 3, 2, 5) + f_sq  # (S, Gj, Gk, Li, Lj, Lk)
+        f_sq = f.square().sum(-1)
+        if layout == "disp":
+            return (norm + cross).permute(3, 2, 5, 0, 1, 4) + f_sq  # (Li, Lj, Lk, S, Gj, Gk)
+        return (norm + cross).permute(0, 1, 4, 3, 2, 5) + f_sq[..., None, None, None]
 
     step = max(1, min(grid[0], max_elems // (gj * L * L * nk * c)))
     if step >= grid[0]:
         return slab(fixed, moving, wi)
+    axis = 3 if layout == "disp" else 0
     from torch.utils.checkpoint import checkpoint
 
     recompute = torch.is_grad_enabled()
@@ -660,7 +670,7 @@ def correlation_separable(feat_fixed: Tensor, feat_moving: Tensor, grid, disp_si
     for i0 in range(0, grid[0], step):
         args = (fixed[i0:i0 + step], moving, wi[i0:i0 + step])
         parts.append(checkpoint(slab, *args, use_reentrant=False) if recompute else slab(*args))
-    return torch.cat(parts, 0)
+    return torch.cat(parts, axis)
 
 
 def minpool3_pooled(x: Tensor) -> Tensor:
@@ -678,3 +688,42 @@ def minpool3_pooled(x: Tensor) -> Tensor:
         memory_format=torch.channels_last_3d)
     v = F.max_pool3d(v, 3, stride=1, padding=1)
     return torch.neg(v).contiguous().reshape(x.shape)
+
+
+def minpool3_dmajor(x: Tensor) -> Tensor:
+    """:func:`minpool3` over the *first* three axes of ``x`` ``(L_i, L_j, L_k, ...)``.
+
+    In this displacement-major layout the trailing axes are the contiguous channels of a
+    channels-last 3x3x3 max-pooling of ``-x``: no transposes, and PyTorch's native pooling
+    backward (one scatter through the saved argmax). Values exactly those of the definition;
+    where neighbours tie, the whole gradient goes to one of them.
+    """
+    lead = x.shape[:3]
+    v = torch.neg(x.reshape(1, *lead, -1)).permute(0, 4, 1, 2, 3)  # channels-last view
+    v = F.max_pool3d(v, 3, stride=1, padding=1)
+    return torch.neg(v.permute(0, 2, 3, 4, 1)).reshape(x.shape)
+
+
+def mean_field_step_dmajor(cost: Tensor, mode: str = "approx",
+                           penalty: Tensor | float | None = None) -> Tensor:
+    """:func:`mean_field_step` for a displacement-major cost ``(L, L, L, G_i, G_j, G_k)``.
+
+    The same operations on permuted axes (min-convolution over the first three, grid smoothing
+    over the last three), so the same values up to float rounding; the layout makes the
+    min-pooling transpose-free (:func:`minpool3_dmajor`) and the smoothing products large.
+    """
+    if mode == "approx":
+        x = minpool3_dmajor(cost)
+    elif mode == "exact":
+        if penalty is None:
+            raise PddnetError("mean_field_step_dmajor(mode='exact') needs a penalty")
+        pen = torch.as_tensor(penalty, dtype=cost.dtype, device=cost.device)
+        x = cost
+        for axis in (0, 1, 2):
+            x = _minconv_exact_1d(x, pen, axis)
+    else:
+        raise PddnetError(f"mean_field_step_dmajor: unknown mode {mode!r}")
+    axes = (0, 1, 2, 3, 4, 5) if mode == "approx" else (3, 4, 5)
+    for axis in axes:
+        x = _along(x, smoothing_matrix(x.shape[axis], dtype=x.dtype, device=x.device), axis)
+    return x

@@ -144,19 +144,24 @@ class Trainer:
         """The label loss and the diffusion penalty of one pair (images ``(1, 1, I, J, K)``,
         integer labels of the same shape), with the graph for the backward pass.
 
-        With :func:`ops.fast_gradients` on (the default) the network runs in the separable form
-        of :func:`forward_fast`; off, the model's own forward and the direct label loss (the
-        reference step the fast one is tested and benchmarked against).
+        With :func:`ops.fast_gradients` on (the default) the network runs as
+        :func:`forward_fast` and the label loss in its separable form; off, the model's own
+        forward and the direct label loss (the reference step the fast one is tested and
+        benchmarked against).
         """
         cfg = self.model.config
         fast = ops.fast_gradients_enabled()
-        out = forward_fast(self.model, fixed, moving) if fast else self.model(fixed, moving)
         pool = self.opts.label_pool
         f_oh = losses.soft_labels(losses.one_hot(fixed_lab[0, 0], NUM_CLASSES), pool)
         m_oh = losses.soft_labels(losses.one_hot(moving_lab[0, 0], NUM_CLASSES), pool)
-        label_loss = losses.nonlocal_label_loss if fast else losses.nonlocal_label_loss_direct
-        label = label_loss(out.probs, f_oh, m_oh, cfg.grid, cfg.disp_size, cfg.capture,
-                           self.weights, self.opts.class_reduction)
+        args = (f_oh, m_oh, cfg.grid, cfg.disp_size, cfg.capture, self.weights,
+                self.opts.class_reduction)
+        if fast:
+            out = forward_fast(self.model, fixed, moving)
+            label = losses.nonlocal_label_loss(out.probs, *args, layout="disp")
+        else:
+            out = self.model(fixed, moving)
+            label = losses.nonlocal_label_loss_direct(out.probs, *args)
         return label, losses.diffusion_penalty(out.grid_disp)
 
     def step(self, iteration: int) -> dict[str, float]:
@@ -176,20 +181,43 @@ class Trainer:
         return {"loss": loss.item(), "label": label.item(), "diffusion": diff.item()}
 
 
-def forward_fast(model: PDDNet, fixed: torch.Tensor, moving: torch.Tensor) -> Registration:
-    """``model(fixed, moving)`` with the correlation in its separable form
-    (:func:`ops.correlation_separable`): the same values up to float rounding, and a backward
-    pass that never forms the ``C x G^3 x L^3`` sampled moving features."""
+@dataclass
+class FastForward:
+    """What :func:`forward_fast` produces: the cost and the probabilities displacement-major."""
+
+    cost: torch.Tensor       # (L, L, L, Gi, Gj, Gk)
+    probs: torch.Tensor      # (L^3, Gi, Gj, Gk)
+    grid_disp: torch.Tensor  # (Gi, Gj, Gk, 3), normalised units
+
+    def registration(self) -> Registration:
+        """The same as the model's :class:`Registration` (grid-major views)."""
+        return Registration(cost=self.cost.permute(3, 4, 5, 0, 1, 2),
+                            probs=self.probs.permute(1, 2, 3, 0), grid_disp=self.grid_disp)
+
+
+def forward_fast(model: PDDNet, fixed: torch.Tensor, moving: torch.Tensor) -> FastForward:
+    """``model(fixed, moving)`` computed for a cheap backward pass: the correlation in its
+    separable form (:func:`ops.correlation_separable`) and the cost displacement-major through
+    the mean field (:func:`ops.mean_field_step_dmajor`), so the min-pooling runs without
+    transposes. The same values as the model up to float rounding."""
     cfg = model.config
     if fixed.shape != moving.shape or fixed.dim() != 5 or fixed.shape[:2] != (1, 1):
         raise PddnetError(f"forward_fast expects fixed and moving as (1, 1, I, J, K) of one "
                           f"shape; got {tuple(fixed.shape)} and {tuple(moving.shape)}")
+    a = model.alpha
     ssd = ops.correlation_separable(model.features(fixed), model.features(moving), cfg.grid,
-                                    cfg.disp_size, cfg.capture)
-    cost = model.regularise(model.alpha[1] + model.alpha[0] * ssd)
-    probs = ops.displacement_probabilities(cost, model.alpha[5])
-    disp = ops.expected_displacement(probs, cfg.disp_size, cfg.capture)
-    return Registration(cost=cost, probs=probs, grid_disp=disp)
+                                    cfg.disp_size, cfg.capture, layout="disp")
+    cost = a[1] + a[0] * ssd
+    # model.regularise, displacement-major
+    mode, pen = cfg.minconv, model.penalty
+    first = ops.mean_field_step_dmajor(cost, mode, pen)
+    cost = ops.mean_field_step_dmajor(a[4] + a[2] * cost + a[3] * first, mode, pen)
+    L3 = cfg.disp_size ** 3
+    probs = torch.softmax(-a[5] * cost.reshape(L3, *cfg.grid), dim=0)
+    disp = ops.displacement_set(cfg.disp_size, cfg.capture, dtype=probs.dtype,
+                                device=probs.device).reshape(L3, 3)
+    grid_disp = (disp.T @ probs.reshape(L3, -1)).T.reshape(*cfg.grid, 3)
+    return FastForward(cost=cost, probs=probs, grid_disp=grid_disp)
 
 
 def train(subjects, config: PDDConfig, out, opts: TrainOptions, *, resume=None, init=None,
