@@ -76,6 +76,9 @@ def main() -> None:
                                             SPEC[mode][0]))
         print(f"{p}: " + "  ".join(f"{mode} {100 * rows[mode][-1]['dice_mean']:.2f}"
                                    for mode in MODES), flush=True)
+        if a.json:  # the pairs so far, so that an interrupted run leaves its rows
+            with open(a.json + ".partial", "w") as fh:
+                json.dump({"pairs": rows}, fh, indent=1, default=float)
     for r in regs.values():
         r.close()
 

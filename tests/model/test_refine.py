@@ -356,13 +356,16 @@ def test_register_stages_shapes_and_identity_of_stage_one():
     with torch.no_grad():
         direct = net(f, m).dense((24, 24, 24))
     assert torch.allclose(ff.disp, direct)
-    two = R.register_stages(net, f, m, stages=2, refine=S.RefineOptions(steps=3))
-    assert two.disp.shape == (24, 24, 24, 3) and len(two.stages) == 2
-    assert two.stages[1].config.grid == (9, 9, 9)
-    assert set(two.times_ms) == {"features", "head", "refine", "warp", "features2", "head2",
-                                 "refine2", "compose"}
-    expect = R.compose_fields(two.stages[0].disp, two.stages[1].disp)
-    assert torch.allclose(two.disp, expect)
+    for method, which in (("probs", [1, 2]), ("features", [2])):
+        two = R.register_stages(net, f, m, stages=2,
+                                refine=S.RefineOptions(steps=3, method=method))
+        assert two.disp.shape == (24, 24, 24, 3) and len(two.stages) == 2
+        assert two.stages[1].config.grid == (9, 9, 9)
+        assert two.refine_stages == which
+        assert set(two.times_ms) == {"features", "head", "warp", "features2", "head2",
+                                     "refine2", "compose"} | ({"refine"} if 1 in which else set())
+        expect = R.compose_fields(two.stages[0].disp, two.stages[1].disp)
+        assert torch.allclose(two.disp, expect)
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,13 +569,26 @@ def test_cli_export_stage2_and_register_modes(sharp_tiny, tmp_path):
                                "--moving", str(mp), "--out", str(tmp_path / "out"),
                                "--refine", "5", "--stages", "2", "--threads", "1"])
     assert res.exit_code == 0, res.output
-    assert "refine" in res.output and "stage2" in res.output
+    assert "stage2" in res.output  # stage two's time includes its refinement
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["stages"]["stages"] == 2
     assert summary["stages"]["refine"]["steps"] == 5
     assert summary["stages"]["refine"]["method"] == "features"
     assert summary["stages"]["per_stage"][1]["refine"]["method"] == "features"
     assert summary["stages"]["per_stage"][1]["grid"] == [8, 8, 8]
+    # features in two stages: stage two only (stages_refined "last"), recorded
+    assert summary["stages"]["refine"]["stages_refined"] == "last"
+    assert summary["stages"]["refine_stages"] == [2]
+    assert [s["refined"] for s in summary["stages"]["per_stage"]] == [False, True]
+    assert summary["timings_ms"]["refine"] is None and summary["timings_ms"]["stage2"] > 0
+    res = runner.invoke(main, ["register", "--model", str(tmp_path / "m.onnx"), "--fixed", str(fp),
+                               "--moving", str(mp), "--out", str(tmp_path / "out_all"),
+                               "--refine", "5", "--stages", "2", "--refine-stages", "all",
+                               "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "out_all" / "summary.json").read_text())
+    assert "refine" in res.output and "stage2" in res.output
+    assert summary["stages"]["refine_stages"] == [1, 2]
     assert summary["timings_ms"]["refine"] > 0 and summary["timings_ms"]["stage2"] > 0
     res = runner.invoke(main, ["register", "--model", str(tmp_path / "m.onnx"), "--fixed", str(fp),
                                "--moving", str(mp), "--out", str(tmp_path / "out2"),
@@ -607,8 +623,8 @@ def test_evaluate_reports_modes_side_by_side(tmp_path, sharp_tiny):
     assert per_mode["inst-probs"]["steps"] == 5
     assert result["pairs"] == result["modes"]["ff"]["pairs"]
     t = result["modes"]["2stage+inst"]["mean"]["times_ms"]
-    assert {"features", "head", "refine", "warp", "features2", "head2", "refine2",
-            "compose"} <= set(t)
+    assert {"features", "head", "warp", "features2", "head2", "refine2", "compose"} <= set(t)
+    assert "refine" not in t  # features: stage two only
     assert "refine" not in result["modes"]["ff"]["mean"]["times_ms"]
     table = format_table(result)
     assert "2stage+inst" in table and "refine2" in table
@@ -623,7 +639,8 @@ from pddnet.runtime.session import Registrar
 model, fixed, moving, out = sys.argv[1:5]
 with Registrar(model, threads=1, refine=5, stages=2) as reg:
     res = reg.register(fixed, moving)
-assert res.timings_ms["refine"] > 0 and res.timings_ms["stage2"] > 0
+assert res.stages["refine_stages"] == [2] and res.timings_ms["stage2"] > 0
+assert res.stages["per_stage"][1]["times_ms"]["refine"] > 0
 try:
     main(["register", "--model", model, "--fixed", fixed, "--moving", moving, "--out", out,
           "--refine", "3", "--stages", "2", "--threads", "1"], standalone_mode=False)

@@ -179,6 +179,17 @@ def test_refine_options_per_method_defaults():
         S.RefineOptions(components=0)
     with pytest.raises(PddnetError, match="features' only"):
         S.RefineOptions(method="probs", components=4)
+    # which stages two-stage registration refines: per method, explicit, validated
+    assert d.stages_refined == "last" and p.stages_refined == "all"
+    assert d.refined_stages(2) == [2] and d.refined_stages(1) == [1]
+    assert p.refined_stages(2) == [1, 2] and p.refined_stages(1) == [1]
+    assert S.RefineOptions(stages_refined="all").refined_stages(2) == [1, 2]
+    assert S.RefineOptions(method="probs", stages_refined="last").refined_stages(2) == [2]
+    assert S.RefineOptions.coerce({"stages_refined": "all"}).stages_refined == "all"
+    assert d.as_dict()["stages_refined"] == "last"
+    assert d.with_method("probs").stages_refined == "all"
+    with pytest.raises(PddnetError, match="stages_refined"):
+        S.RefineOptions(stages_refined="first")
 
 
 def test_mode_options():
@@ -259,7 +270,11 @@ def test_registrar_feature_refinement_equals_the_reference(tiny, stages):
     if stages == 1:
         np.testing.assert_allclose(res.disp_model, u.numpy(), atol=1e-4)
     else:
-        np.testing.assert_allclose(res.model_outputs["disp_stage1"], u.numpy(), atol=1e-4)
+        # stages_refined "last" (the features default): stage one feeds stage two unrefined
+        np.testing.assert_array_equal(res.model_outputs["disp_stage1"], run.outputs["disp"])
+        assert res.stages["refine_stages"] == [2]
+        assert [s["refined"] for s in res.stages["per_stage"]] == [False, True]
+        assert "refine" not in res.stages["per_stage"][0] and res.timings_ms["refine"] is None
         # stage two refines the warped moving scan's features against the same fixed ones
         from pddnet.runtime.resample import warp
 
@@ -275,6 +290,44 @@ def test_registrar_feature_refinement_equals_the_reference(tiny, stages):
         np.testing.assert_allclose(res.disp_model, expect.numpy(), atol=1e-3)
         assert res.stages["per_stage"][1]["refine"]["method"] == "features"
     assert np.abs(res.disp_model - res.model_outputs["disp_network"]).max() > 0.05
+
+
+@pytest.mark.parametrize("which", ["last", "all"])
+def test_two_stage_feature_refinement_matches_the_reference_end_to_end(tiny, which):
+    """Two stages with the feature fit, runtime (ONNX Runtime network, numpy refinement) vs
+    the PyTorch reference (:func:`register_stages`: PyTorch network, float64 autograd
+    refinement) end to end on the same pre-processed arrays of a fresh pair. The networks
+    differ by ~1e-6, so the bound is the 99th percentile (docs/refinement.md). With
+    ``stages_refined="last"`` stage one is the network's own field in both implementations."""
+    from pddnet.runtime.preprocess import prepare_fixed, prepare_moving
+    from pddnet.runtime.session import Registrar
+
+    net, model, _ = tiny
+    seed = int(np.random.default_rng().integers(100, 10_000))
+    fixed, moving = _pair(seed)
+    opts = S.RefineOptions(steps=25, stages_refined=which)
+    with Registrar(model, threads=1, refine=opts, stages=2) as reg:
+        res = reg.register(fixed, moving)
+        info = reg.info
+    pf = prepare_fixed(fixed, info)
+    pm = prepare_moving(moving, pf, info)
+    f, m = torch.from_numpy(pf.array), torch.from_numpy(pm.array)
+    ref = R.register_stages(net, f, m, refine=opts, stages=2)
+    assert ref.refine_stages == res.stages["refine_stages"] == ([2] if which == "last" else [1, 2])
+    assert (ref.stages[0].refined is None) == (which == "last")
+    assert ref.stages[1].refined is not None
+    if which == "last":
+        with torch.no_grad():
+            network = net(f, m).dense(SHAPE)
+        torch.testing.assert_close(ref.stages[0].disp, network)
+        np.testing.assert_array_equal(res.model_outputs["disp_stage1"],
+                                      res.model_outputs["disp_network"])
+    e2e = ref.disp.numpy()
+    assert np.abs(e2e).max() > 1.0, seed  # a real displacement
+    d1 = np.abs(res.model_outputs["disp_stage1"] - ref.stages[0].disp.numpy())
+    diff = np.abs(res.disp_model - e2e)
+    assert np.quantile(d1, 0.99) < 0.05 and np.quantile(diff, 0.99) < 0.05, (which, seed)
+    assert diff.max() < 0.5, (which, seed)
 
 
 def test_unsplit_model_falls_back_to_the_probability_fit_and_says_so(tiny, tmp_path):

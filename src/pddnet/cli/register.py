@@ -98,6 +98,9 @@ class _ManyValuesCommand(click.Command):
               show_default=True, help="features: fit a dense field to the two scans' features "
               "(docs/refinement.md); probs: the paper's fit to the network's probabilities "
               "(needs a model exported with --probs).")
+@click.option("--refine-stages", type=click.Choice(["last", "all"]), default=None,
+              help="With --stages 2 --refine: refine stage two only (last) or both stages "
+              "(all). Default per method: features last, probs all (docs/refinement.md).")
 @click.option("--stages", default=1, show_default=True, type=click.IntRange(1, 2),
               help="2: warp the moving scan with stage one and register it again with the "
                    "finer stage-two model (pddnet export --stage2), composing the fields.")
@@ -106,7 +109,8 @@ class _ManyValuesCommand(click.Command):
 @friendly
 def register(model, fixed, moving, moving_labels, fixed_labels, data, split, names, out, threads,
              backend, precision, providers, spacing_tolerance, max_voxels, l2r_half, overwrite,
-             as_json, no_progress, refine, refine_method, stages, stage2_model) -> None:
+             as_json, no_progress, refine, refine_method, refine_stages, stages,
+             stage2_model) -> None:
     """Register moving CT scan(s) to a fixed one with an exported model (no torch needed).
 
     Writes disp.nii.gz (voxels of the fixed grid, warped(x) = moving(x + u(x))), disp.npz
@@ -143,7 +147,8 @@ def register(model, fixed, moving, moving_labels, fixed_labels, data, split, nam
         note(f"note: {msg}")
 
     provider_list = [p for p in providers.split(",") if p.strip()] if providers else None
-    refine = RefineOptions(steps=refine, method=refine_method) if refine else None
+    refine = RefineOptions(steps=refine, method=refine_method,
+                           stages_refined=refine_stages) if refine else None
     if data is not None:
         given = [n for n, v in (("--fixed", fixed), ("--moving", moving),
                                 ("--moving-labels", moving_labels),

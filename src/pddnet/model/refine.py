@@ -18,7 +18,8 @@ The definitions (written out in ``docs/refinement.md`` and the docstring of
 * :func:`compose_fields`: ``u(x) = u2(x) + u1(x + u2(x))`` in voxels.
 * :func:`register_stages`: stage one, optional refinement, warp, stage two with the finer grid
   and smaller capture range of :func:`pddnet.spec.refine.stage2_overrides` (same weights,
-  fixed features reused), optional refinement, composition.
+  fixed features reused), optional refinement, composition. Which stages are refined:
+  ``RefineOptions.stages_refined`` (``features``: stage two only; ``probs``: both).
 
 The authors' ``fit_sparse2dense`` (pdd_net, ``pdd_abdomen_unsupervised_2warps.py``) is the
 model for this; the differences are stated in ``docs/refinement.md`` (replicate instead of zero
@@ -320,6 +321,7 @@ class Stages:
     disp: Tensor
     stages: list[StageOutput]
     times_ms: dict[str, float]
+    refine_stages: list[int] = field(default_factory=list)  # 1-based, the refined stages
 
 
 def _ms(t0: float) -> float:
@@ -333,7 +335,9 @@ def register_stages(model, fixed: Tensor, moving: Tensor, *, refine: RefineOptio
     Args:
         model: a :class:`~pddnet.model.network.PDDNet` (eval mode).
         fixed, moving: ``(1, 1, I, J, K)`` normalised intensities.
-        refine: instance optimisation of every stage's field (``None``: feed-forward fields).
+        refine: instance optimisation (``None``: feed-forward fields) of the stages
+            ``refine.refined_stages(stages)`` names (``stages_refined``: ``"last"`` refines
+            stage two only, stage one's network field feeding it; ``"all"`` every stage).
         stages: 1 or 2.
         stage2: the stage-two network, or a dict of config overrides (default:
             :func:`stage2_network` of ``model``).
@@ -347,11 +351,12 @@ def register_stages(model, fixed: Tensor, moving: Tensor, *, refine: RefineOptio
     shape = tuple(fixed.shape[2:])
     times: dict[str, float] = {}
     out: list[StageOutput] = []
+    which = refine.refined_stages(stages) if refine is not None else []
     with torch.no_grad():
         t0 = time.perf_counter()
         ff, fm = model.features(fixed), model.features(moving)
         times["features"] = _ms(t0)
-        u = _stage(model, ff, fm, refine, shape, times, "", out)
+        u = _stage(model, ff, fm, refine if 1 in which else None, shape, times, "", out)
         if stages == 2:
             net2 = stage2 if isinstance(stage2, torch.nn.Module) else stage2_network(model, stage2)
             t0 = time.perf_counter()
@@ -360,11 +365,11 @@ def register_stages(model, fixed: Tensor, moving: Tensor, *, refine: RefineOptio
             t0 = time.perf_counter()
             fm2 = net2.features(m1)
             times["features2"] = _ms(t0)
-            u2 = _stage(net2, ff, fm2, refine, shape, times, "2", out)
+            u2 = _stage(net2, ff, fm2, refine if 2 in which else None, shape, times, "2", out)
             t0 = time.perf_counter()
             u = compose_fields(u, u2)
             times["compose"] = _ms(t0)
-    return Stages(u, out, times)
+    return Stages(u, out, times, which)
 
 
 def _stage(net, ff, fm, refine, shape, times, suffix, out) -> Tensor:

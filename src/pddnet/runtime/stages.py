@@ -86,7 +86,9 @@ class StagePipeline:
     Args:
         loaded: the stage-one model (for the ``probs`` method it must output ``probs``).
         refine: :class:`~pddnet.spec.refine.RefineOptions`, a number of Adam steps, or
-            ``None`` (no refinement). Applied to every stage. The ``features`` method needs
+            ``None`` (no refinement). Applied to the stages ``refine.stages_refined`` names
+            (``"last"``: stage two only in two stages, stage one's network field feeding it;
+            ``"all"``: every stage; :attr:`refine_stages`). The ``features`` method needs
             the two feature maps, which only a split model gives (``PairRun``); where the
             model cannot be split the pipeline falls back to the ``probs`` method and says so
             (:attr:`note`, ``describe()["refine_fallback"]``), or refuses without ``probs``.
@@ -123,14 +125,19 @@ class StagePipeline:
                          f"model runs whole ({why}); fell back to method 'probs' (the "
                          "probability fit)")
             self.refine = self.refine.with_method("probs")
-        self._check_probs(loaded)
+        #: the refined stages, 1-based (``[]`` without refinement)
+        self.refine_stages: list[int] = [] if self.refine is None else \
+            self.refine.refined_stages(self.stages)
+        if 1 in self.refine_stages:
+            self._check_probs(loaded)
         self.loaded2: LoadedModel | None = None
         self.config2: dict[str, Any] | None = None
         self._runner2: PairRunner | None = None
         if self.stages == 2:
             self.loaded2 = load_model(resolve_stage2(loaded, stage2_model))
             check_stage2(loaded, self.loaded2)
-            self._check_probs(self.loaded2)
+            if 2 in self.refine_stages:
+                self._check_probs(self.loaded2)
             self.config2 = dict(self.loaded2.info.config)
             self._runner2 = PairRunner(self.loaded2.proto, backend, dict(backend_options or {}),
                                        split=stage1 is not None and stage1.is_split,
@@ -151,7 +158,8 @@ class StagePipeline:
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"stages": self.stages,
-                             "refine": None if self.refine is None else self.refine.as_dict()}
+                             "refine": None if self.refine is None else self.refine.as_dict(),
+                             "refine_stages": list(self.refine_stages)}
         if self.note:
             d["refine_fallback"] = self.note
         if self.loaded2 is not None:
@@ -166,8 +174,10 @@ class StagePipeline:
     # ------------------------------------------------------------------------------------
     def _refined(self, outs: dict[str, np.ndarray], config: dict[str, Any], info: dict,
                  features: tuple[np.ndarray | None, np.ndarray | None]) -> np.ndarray | None:
-        """The refined dense field (model-grid voxels), or ``None`` without refinement."""
-        if self.refine is None:
+        """The refined dense field (model-grid voxels) of stage ``info["stage"]``, or ``None``
+        where that stage is not refined."""
+        info["refined"] = info["stage"] in self.refine_stages
+        if not info["refined"]:
             return None
         if self.refine.method == "features":
             if features[0] is None or features[1] is None:

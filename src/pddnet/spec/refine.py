@@ -23,8 +23,9 @@ from pddnet.errors import PddnetError
 
 #: registration modes reported side by side by ``pddnet evaluate`` / ``pddnet validate``:
 #: name -> (stages, refined). ``ff`` is the network alone; ``inst`` the paper's pdd+inst;
-#: ``2stage`` two warps without and ``2stage+inst`` with refinement of both stages (the
-#: authors' two-warp script).
+#: ``2stage`` two warps without and ``2stage+inst`` with refinement (of the stages
+#: :attr:`RefineOptions.stages_refined` names: by default the last one for ``features``, both
+#: for ``probs`` as the authors' two-warp script).
 #: ``inst-probs`` / ``2stage+inst-probs`` refine with the paper's probability fit
 #: (:data:`MODE_METHODS`); the other refined modes use the options' method (default
 #: ``features``).
@@ -65,9 +66,14 @@ METHODS = ("features", "probs")
 #: per-method defaults of :class:`RefineOptions` (``docs/refinement.md`` says how they were
 #: chosen: ``probs`` as the authors' two-warp script, ``features`` on a selection set)
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "features": {"steps": 40, "lr": 0.02, "weight": 4.0, "components": 4},
-    "probs": {"steps": 50, "lr": 0.02, "weight": 1.5},
+    "features": {"steps": 40, "lr": 0.02, "weight": 4.0, "components": 4,
+                 "stages_refined": "last"},
+    "probs": {"steps": 50, "lr": 0.02, "weight": 1.5, "stages_refined": "all"},
 }
+
+#: which stages of a multi-stage registration are refined: ``last`` (only the last stage; the
+#: earlier ones feed it unrefined) or ``all`` (every stage)
+STAGES_REFINED = ("last", "all")
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,10 @@ class RefineOptions:
         method: ``"features"`` (default) or ``"probs"`` (:data:`METHODS`).
         components: ``features`` only: the number of principal components of the normalised
             fixed features the SSD is measured in (``None`` for ``probs``).
+        stages_refined: in two stages, ``"last"`` (refine stage two only; stage one's network
+            field feeds stage two unrefined) or ``"all"`` (refine both). Default per method:
+            ``features`` ``"last"`` (selection set, docs/benchmarks.md), ``probs`` ``"all"``
+            (the authors' two-warp script). One stage is always refined.
     """
 
     steps: int | None = None
@@ -96,6 +106,7 @@ class RefineOptions:
     eps: float = 1e-8
     method: str = "features"
     components: int | None = None
+    stages_refined: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -119,6 +130,9 @@ class RefineOptions:
                 self.components, (int, np.integer)) or self.components < 1):
             raise PddnetError(f"RefineOptions: components must be an integer >= 1, got "
                               f"{self.components!r}")
+        if self.stages_refined not in STAGES_REFINED:
+            raise PddnetError(f"RefineOptions: stages_refined must be one of "
+                              f"{list(STAGES_REFINED)}, got {self.stages_refined!r}")
         object.__setattr__(self, "steps", int(self.steps))
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
 
@@ -150,8 +164,16 @@ class RefineOptions:
         raise PddnetError(f"refine must be None, a number of steps or RefineOptions, got "
                           f"{value!r}")
 
+    def refined_stages(self, stages: int) -> list[int]:
+        """The stages (1-based) refined in a registration of ``stages`` stages: ``[stages]``
+        for ``"last"``, ``[1, ..., stages]`` for ``"all"``."""
+        if isinstance(stages, bool) or not isinstance(stages, (int, np.integer)) or stages < 1:
+            raise PddnetError(f"refined_stages: stages must be an integer >= 1, got {stages!r}")
+        return [int(stages)] if self.stages_refined == "last" else list(range(1, int(stages) + 1))
+
     def with_method(self, method: str) -> "RefineOptions":
-        """The same number of steps (and Adam constants) with ``method``'s lr and weight."""
+        """The same number of steps (and Adam constants) with ``method``'s lr, weight and
+        ``stages_refined``."""
         if method == self.method:
             return self
         return RefineOptions(steps=self.steps, betas=self.betas, eps=self.eps, method=method)
