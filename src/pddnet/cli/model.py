@@ -24,6 +24,14 @@ from pddnet.errors import PddnetError
 @click.option("--lr", default=0.01, show_default=True, type=float, help="Adam learning rate.")
 @click.option("--diffusion-weight", default=1.5, show_default=True, type=float,
               help="Weight of the diffusion penalty (the paper: 1.5).")
+@click.option("--label-resolution", type=click.Choice(["half", "full"]), default="half",
+              show_default=True, help="Moving labels sampled at the displacements at full "
+                                      "resolution (the authors) or average-pooled 2x.")
+@click.option("--class-reduction", type=click.Choice(["sum", "mean"]), default="sum",
+              show_default=True, help="Label loss summed or averaged (the authors) over classes.")
+@click.option("--background-weight", type=click.FloatRange(min=0),
+              help="Class weight of the background (the authors: 0.15; default: its frequency "
+                   "weight like every class).")
 @click.option("--minconv", type=click.Choice(["approx", "exact"]),
               help="Override the preset's min-convolution.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -38,8 +46,8 @@ from pddnet.errors import PddnetError
                    "within the foreground (MR or any image without an absolute scale).")
 @friendly
 def train_cmd(data_dir, preset_name, iterations, out, init, grid, resume, lr, diffusion_weight,
-              minconv, seed, no_augment, checkpoint_every, threads, device,
-              intensity_mode) -> None:
+              label_resolution, class_reduction, background_weight, minconv, seed, no_augment,
+              checkpoint_every, threads, device, intensity_mode) -> None:
     """Train PDD-Net (non-local label loss + diffusion penalty) and write a checkpoint."""
     from pddnet.model.train import TrainOptions, load_training_subjects, train
     from pddnet.spec.config import Intensity, preset
@@ -53,7 +61,9 @@ def train_cmd(data_dir, preset_name, iterations, out, init, grid, resume, lr, di
     cfg = preset(preset_name, **overrides)
     opts = TrainOptions(iterations=iterations, lr=lr, diffusion_weight=diffusion_weight,
                         seed=seed, augment=not no_augment, checkpoint_every=checkpoint_every,
-                        threads=threads, device=device)
+                        threads=threads, device=device,
+                        label_pool=1 if label_resolution == "full" else 2,
+                        class_reduction=class_reduction, background_weight=background_weight)
     click.echo(f"training preset {preset_name!r} on {len(subjects)} subjects "
                f"({meta['image_shape']} @ {meta['spacing_mm']} mm), {iterations} iterations")
     state = train(subjects, cfg, out, opts, resume=resume, init=init,

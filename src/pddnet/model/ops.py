@@ -14,6 +14,9 @@ Shapes used below: ``G = (G_i, G_j, G_k)`` control grid, ``L`` displacements per
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 
@@ -279,7 +282,19 @@ def minpool3(x: Tensor) -> Tensor:
     With replicate padding the minimum over a border window equals the minimum over the
     window clipped to the volume (``-max_pool3d(-x, 3, 1, padding=1)``). The box minimum is
     separable: a 3-neighbour minimum along each axis in turn.
+
+    The values are those of :func:`minpool3_direct`. When a gradient is recorded (and
+    :func:`fast_gradients` is on), :func:`minpool3_pooled` computes them, for its cheaper
+    backward pass.
     """
+    if torch.is_grad_enabled() and x.requires_grad and _FAST.get():
+        return minpool3_pooled(x)
+    return minpool3_direct(x)
+
+
+def minpool3_direct(x: Tensor) -> Tensor:
+    """:func:`minpool3` written as its definition: replicate padding and six ``torch.minimum``
+    (autograd splits the gradient between ties). The reference of the fast path."""
     v = F.pad(x.reshape(-1, 1, *x.shape[-3:]), (1, 1, 1, 1, 1, 1), mode="replicate")
     v = torch.minimum(torch.minimum(v[..., :-2], v[..., 1:-1]), v[..., 2:])
     v = torch.minimum(torch.minimum(v[..., :-2, :], v[..., 1:-1, :]), v[..., 2:, :])
@@ -397,3 +412,269 @@ def warp(moving: Tensor, disp_voxels: Tensor, *, mode: str = "bilinear") -> Tens
     coords = identity_grid(shape, dtype=moving.dtype, device=moving.device) + disp_voxels * scale
     coords = coords.unsqueeze(0).expand(moving.shape[0], *coords.shape)
     return grid_sample3d(moving, coords, mode=mode)
+
+
+# --------------------------------------------------------------------------------------------
+# Fast paths for training (same values as the definitions above, cheaper gradients)
+# --------------------------------------------------------------------------------------------
+#
+# The definitions above are the reference every other implementation is tested against. The
+# functions below compute the same quantities in the separable form the ONNX bodies use (see
+# docs/ops.md), so that a training step's backward pass touches no tensor larger than the cost
+# volume. tests/model/test_fast_paths.py compares their values and gradients with the
+# definitions (float64, fresh random inputs) and checks the custom Functions by finite
+# differences.
+
+_FAST = contextvars.ContextVar("pddnet_fast_gradients", default=True)
+
+
+@contextlib.contextmanager
+def fast_gradients(enabled: bool = True):
+    """Switch the fast paths below on or off (on by default) within a ``with`` block.
+
+    Off, :func:`minpool3` records the gradient of its definition (:func:`minpool3_direct`) and
+    training (``pddnet.model.train``) computes the cost with :func:`correlation` and the label
+    loss with its direct form: today's reference step, which the benchmark and the tests compare
+    the fast step with.
+    """
+    token = _FAST.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _FAST.reset(token)
+
+
+def fast_gradients_enabled() -> bool:
+    """Whether :func:`fast_gradients` is on (the default)."""
+    return _FAST.get()
+
+
+def lattice_weights(grid, disp_size: int, capture: float, shape, *, dtype=torch.float32,
+                    device=None) -> list[Tensor]:
+    """Interpolation matrices of the displaced control points ``x_g + d``, one per axis.
+
+    Returns ``[W_i, W_j, W_k]`` with ``W_a`` of shape ``(G_a, L, n_a)``: row ``(g, d)`` holds the
+    (two-tap) trilinear weights of position ``u_g + d`` on an axis of ``n_a`` voxels, where
+    ``u_g`` is the control point's cell centre and ``d`` runs over the displacement steps.
+    """
+    disp = torch.linspace(-capture, capture, disp_size, dtype=dtype, device=device)
+    return [interp_weights(cell_centres(int(g), dtype=dtype, device=device)[:, None] + disp,
+                           int(n)) for g, n in zip(grid, shape)]
+
+
+def sample_i(x: Tensor, wi: Tensor) -> Tensor:
+    """Interpolate ``x`` ``(C, I, J, K)`` along ``i`` at displaced control points, channels last.
+
+    ``wi`` ``(S, L, I)``: :func:`lattice_weights` of ``S`` control slices. Returns ``T1`` of
+    shape ``(S, J, L, K, C)``: ``T1[s, v, a, k, c] = sum_u W_i[s, a, u] x[c, u, v, k]``.
+    """
+    c, ni, nj, nk = x.shape
+    s, L = wi.shape[0], wi.shape[1]
+    t1 = wi.reshape(s * L, ni) @ x.permute(1, 2, 3, 0).reshape(ni, nj * nk * c)
+    return t1.reshape(s, L, nj, nk, c).transpose(1, 2)
+
+
+def sample_j(t1: Tensor, wj: Tensor) -> Tensor:
+    """Continue :func:`sample_i` along ``j`` with ``wj`` ``(G_j, L, J)``: ``T2`` of shape
+    ``(S, G_j, L_j, L_i, K, C)``,
+    ``T2[s, g, b, a, k, c] = sum_v W_j[g, b, v] T1[s, v, a, k, c]``.
+    """
+    s, nj = t1.shape[:2]
+    t2 = wj.reshape(-1, nj) @ t1.reshape(s, nj, -1)  # (S, Gj*Lj, Li*K*C)
+    return t2.reshape(s, *wj.shape[:2], *t1.shape[2:])
+
+
+def two_taps(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The two taps of each row of interpolation weights ``w`` ``(G, L, n)`` (from
+    :func:`interp_weights`): voxel indices ``e0, e1`` and weights ``w0, w1``, each ``(G, L)``,
+    with ``w[g, d] @ s == w0 s[e0] + w1 s[e1]`` for any signal ``s``."""
+    n = w.shape[-1]
+    e0 = (w > 0).to(torch.uint8).argmax(-1).clamp_max(max(n - 2, 0))
+    e1 = (e0 + 1).clamp_max(n - 1)
+    w0 = w.gather(-1, e0[..., None])[..., 0]
+    w1 = w.gather(-1, e1[..., None])[..., 0] * (e1 != e0)
+    return e0, e1, w0, w1
+
+
+def interpolate_blocks(z: Tensor, taps, scale: float = 1.0) -> Tensor:
+    """``out[..., g, d] = scale * sum_e W[g, d, e] z[..., e, g]``: the last-axis interpolation
+    of a tensor whose values differ per control point ``g`` (``z`` ``(..., K, G)``), with the
+    :func:`two_taps` of ``W``; returns ``(..., G, L)``."""
+    e0, e1, w0, w1 = taps
+    g, n = e0.shape[0], z.shape[-2]
+    col = torch.arange(g, device=z.device)[:, None]
+    out = _TapGather.apply(z.reshape(-1, n * g), (e0 * g + col).reshape(-1),
+                           (e1 * g + col).reshape(-1), scale * w0.reshape(-1),
+                           scale * w1.reshape(-1))
+    return out.reshape(*z.shape[:-2], g, e0.shape[1])
+
+
+class _TapGather(torch.autograd.Function):
+    """``out[r, q] = w0[q] x[r, i0[q]] + w1[q] x[r, i1[q]]`` for a 2D ``x``; the backward pass
+    scatters into one zero-filled gradient (gradients for ``x`` only)."""
+
+    @staticmethod
+    def forward(ctx, x, i0, i1, w0, w1):
+        ctx.save_for_backward(i0, i1, w0, w1)
+        ctx.n = x.shape[1]
+        out = x.index_select(1, i0).mul_(w0)
+        return out.addcmul_(x.index_select(1, i1), w1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        i0, i1, w0, w1 = ctx.saved_tensors
+        gx = grad.new_zeros(grad.shape[0], ctx.n)
+        gx.index_add_(1, i0, grad * w0)
+        gx.index_add_(1, i1, grad * w1)
+        return gx, None, None, None, None
+
+
+def spread_blocks(x: Tensor, taps, n: int) -> Tensor:
+    """The adjoint of :func:`interpolate_blocks`: ``out[..., e, g] = sum_d W[g, d, e] x[..., g, d]``
+    for ``x`` ``(..., G, L)`` and weights over ``n`` voxels; returns ``(..., n, G)``."""
+    e0, e1, w0, w1 = taps
+    g = e0.shape[0]
+    col = torch.arange(g, device=x.device)[:, None]
+    out = _TapScatter.apply(x.reshape(-1, x.shape[-2] * x.shape[-1]), (e0 * g + col).reshape(-1),
+                            (e1 * g + col).reshape(-1), w0.reshape(-1), w1.reshape(-1), n * g)
+    return out.reshape(*x.shape[:-2], n, g)
+
+
+class _TapScatter(torch.autograd.Function):
+    """``out[r, i0[q]] += w0[q] x[r, q]; out[r, i1[q]] += w1[q] x[r, q]`` into ``n`` zeroed
+    columns (the adjoint of :class:`_TapGather`, which is its backward pass)."""
+
+    @staticmethod
+    def forward(ctx, x, i0, i1, w0, w1, n):
+        ctx.save_for_backward(i0, i1, w0, w1)
+        out = x.new_zeros(x.shape[0], n)
+        out.index_add_(1, i0, x * w0)
+        return out.index_add_(1, i1, x * w1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        i0, i1, w0, w1 = ctx.saved_tensors
+        gx = grad.index_select(1, i0).mul_(w0)
+        return gx.addcmul_(grad.index_select(1, i1), w1), None, None, None, None, None
+
+
+class _NeighbourGram(torch.autograd.Function):
+    """Channel Gram terms of neighbouring voxels of ``t`` ``(S, J, L, K, C)`` along ``J`` and
+    ``K`` (sums over the last axis): ``a00 = sum t[v,e]^2``, ``a01 = sum t[v,e] t[v,e+1]``,
+    ``a10 = sum t[v,e] t[v+1,e]``, ``a11 = sum t[v,e] t[v+1,e+1] + t[v,e+1] t[v+1,e]``. The
+    backward pass accumulates into one gradient tensor."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.save_for_backward(t)
+        a00 = t.square().sum(-1)
+        a01 = (t[..., :-1, :] * t[..., 1:, :]).sum(-1)
+        a10 = (t[:, :-1] * t[:, 1:]).sum(-1)
+        a11 = (t[:, :-1, :, :-1] * t[:, 1:, :, 1:] + t[:, :-1, :, 1:] * t[:, 1:, :, :-1]).sum(-1)
+        return a00, a01, a10, a11
+
+    @staticmethod
+    def backward(ctx, g00, g01, g10, g11):
+        (t,) = ctx.saved_tensors
+        g = torch.zeros_like(t)
+        if g00 is not None:
+            g.addcmul_(g00[..., None], t, value=2.0)
+        if g01 is not None:
+            g01 = g01[..., None]
+            g[..., :-1, :].addcmul_(g01, t[..., 1:, :])
+            g[..., 1:, :].addcmul_(g01, t[..., :-1, :])
+        if g10 is not None:
+            g10 = g10[..., None]
+            g[:, :-1].addcmul_(g10, t[:, 1:])
+            g[:, 1:].addcmul_(g10, t[:, :-1])
+        if g11 is not None:
+            g11 = g11[..., None]
+            g[:, :-1, :, :-1].addcmul_(g11, t[:, 1:, :, 1:])
+            g[:, 1:, :, 1:].addcmul_(g11, t[:, :-1, :, :-1])
+            g[:, :-1, :, 1:].addcmul_(g11, t[:, 1:, :, :-1])
+            g[:, 1:, :, :-1].addcmul_(g11, t[:, :-1, :, 1:])
+        return g
+
+
+def correlation_separable(feat_fixed: Tensor, feat_moving: Tensor, grid, disp_size: int,
+                          capture: float, *, max_elems: int = 1 << 26) -> Tensor:
+    """:func:`correlation` in the separable, expanded form of the ONNX body (same values).
+
+    ``D = |f|^2 - 2 f.m + |m|^2`` per control point ``g`` and displacement ``d``: the moving
+    features are interpolated along ``i`` and ``j`` only (``T2``, :func:`sample_i`,
+    :func:`sample_j`); the cross term contracts the channels with the fixed features before the
+    last interpolation axis (:func:`interpolate_blocks`), and ``|m|^2`` is a quadratic form of
+    the two-tap weights over the channel Gram terms of neighbouring voxels of ``T1``. The
+    ``C x G^3 x L^3`` sampled moving features of the definition are never formed, in the
+    forward pass or the backward pass. Equal to :func:`correlation` up to float rounding of the
+    expansion (``~1e-6`` of ``max(cost)`` in float32).
+
+    Slabs of control slices along ``i`` bound memory (``max_elems`` elements of ``T2`` per
+    slab); with several slabs and gradients enabled, each slab's intermediates are recomputed
+    in the backward pass instead of being kept.
+    """
+    if feat_fixed.shape != feat_moving.shape or feat_fixed.dim() != 5 or feat_fixed.shape[0] != 1:
+        raise PddnetError(f"correlation_separable: feature maps must both be (1,C,I,J,K); got "
+                          f"{tuple(feat_fixed.shape)} and {tuple(feat_moving.shape)}")
+    grid = tuple(int(g) for g in grid)
+    gj, gk = grid[1], grid[2]
+    c, ni, nj, nk = feat_moving.shape[1:]
+    L = int(disp_size)
+    kw = dict(dtype=feat_moving.dtype, device=feat_moving.device)
+    wi, wj, wk = lattice_weights(grid, L, capture, (ni, nj, nk), **kw)
+    taps = two_taps(wk)
+    # |m|^2 along k: sum_e wk[e]^2 G0[e] + 2 wk[e] wk[e+1] G1[e], as one (2K-1, Gk*L) matrix
+    wk_norm = torch.cat([wk.square(), 2.0 * wk[..., :-1] * wk[..., 1:]], dim=-1)
+    wk_norm = wk_norm.reshape(gk * L, 2 * nk - 1).T
+    wj_sq = wj.square().reshape(gj * L, nj)                               # same voxel twice
+    wj_pair = (wj[..., :-1] * wj[..., 1:]).reshape(gj * L, nj - 1)         # voxels b and b + 1
+    fixed = control_features(feat_fixed, grid)[0].permute(1, 2, 3, 0)  # (Gi, Gj, Gk, C)
+    moving = feat_moving[0]
+
+    def slab(f: Tensor, m: Tensor, w_i: Tensor) -> Tensor:
+        s = w_i.shape[0]
+        t1 = sample_i(m, w_i)  # (S, J, Li, K, C)
+        t2 = sample_j(t1, wj)  # (S, Gj, Lj, Li, K, C)
+        # cross term: channels contracted with the fixed features, then interpolated along k
+        z = t2.reshape(s * gj, L * L * nk, c) @ f.reshape(s * gj, gk, c).transpose(1, 2)
+        cross = interpolate_blocks(z.reshape(s, gj, L, L, nk, gk), taps, -2.0)  # -2 f.m
+        # |m|^2: Gram terms of neighbouring voxels of T1 (along j: v, v+1; along k: e, e+1),
+        # interpolated along j with products of the two-tap weights into
+        # G0[e] = sum_c T2[e]^2 and G1[e] = sum_c T2[e] T2[e+1], then along k
+        a00, a01, a10, a11 = _NeighbourGram.apply(t1)
+        g0 = wj_sq @ a00.reshape(s, nj, L * nk) + 2.0 * (wj_pair @ a10.reshape(s, nj - 1, L * nk))
+        g1 = (wj_sq @ a01.reshape(s, nj, L * (nk - 1))
+              + wj_pair @ a11.reshape(s, nj - 1, L * (nk - 1)))
+        gram = torch.cat([g0.reshape(s, gj, L, L, nk), g1.reshape(s, gj, L, L, nk - 1)], dim=-1)
+        norm = (gram @ wk_norm).reshape(s, gj, L, L, gk, L)  # (S, Gj, Lj, Li, Gk, Lk)
+        f_sq = f.square().sum(-1)[..., None, None, None]
+        return (norm + cross).permute(0, 1, 4, 3, 2, 5) + f_sq  # (S, Gj, Gk, Li, Lj, Lk)
+
+    step = max(1, min(grid[0], max_elems // (gj * L * L * nk * c)))
+    if step >= grid[0]:
+        return slab(fixed, moving, wi)
+    from torch.utils.checkpoint import checkpoint
+
+    recompute = torch.is_grad_enabled()
+    parts = []
+    for i0 in range(0, grid[0], step):
+        args = (fixed[i0:i0 + step], moving, wi[i0:i0 + step])
+        parts.append(checkpoint(slab, *args, use_reentrant=False) if recompute else slab(*args))
+    return torch.cat(parts, 0)
+
+
+def minpool3_pooled(x: Tensor) -> Tensor:
+    """:func:`minpool3` as one 3x3x3 max-pooling of ``-x`` (stride 1, implicit ``-inf``
+    padding, which equals the clipped window of replicate padding for a minimum).
+
+    Exactly the values of :func:`minpool3_direct`. The leading axes are the pooling's channels,
+    stored channels-last so that the kernel runs over them vectorised; the gradient is
+    PyTorch's native pooling backward (one scatter through the saved argmax), several times
+    cheaper than the backward of six ``torch.minimum``. Where neighbours tie, the whole gradient
+    goes to one of them, where ``torch.minimum`` splits it (elsewhere the gradients are
+    identical).
+    """
+    v = torch.neg(x.reshape(1, -1, *x.shape[-3:])).contiguous(
+        memory_format=torch.channels_last_3d)
+    v = F.max_pool3d(v, 3, stride=1, padding=1)
+    return torch.neg(v).contiguous().reshape(x.shape)

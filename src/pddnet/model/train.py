@@ -20,7 +20,7 @@ import torch
 from pddnet.errors import PddnetError
 from pddnet.model import losses, ops
 from pddnet.model.checkpoint import read_checkpoint, save_checkpoint
-from pddnet.model.network import PDDNet, normalise_intensity
+from pddnet.model.network import PDDNet, Registration, normalise_intensity
 from pddnet.spec.config import PDDConfig
 
 NUM_CLASSES = 14  # background + the 13 Learn2Reg abdomen labels
@@ -33,6 +33,10 @@ class TrainOptions:
     decay_start: float = 0.6     # fraction of the iterations run at the full learning rate
     final_lr_factor: float = 0.1
     diffusion_weight: float = 1.5
+    # the label loss (docs/training.md: each measured on a selection set)
+    label_pool: int = 2          # 1: labels at full resolution (the authors); 2: average-pooled 2x
+    class_reduction: str = "sum"  # "mean": averaged over the classes (the authors)
+    background_weight: float | None = None  # None: frequency weight; the authors: 0.15
     seed: int = 0
     augment: bool = True
     max_rotation_deg: float = 6.0
@@ -108,7 +112,15 @@ class Trainer:
         top = max(int(lab.max()) for lab in labels)
         if top >= NUM_CLASSES:
             raise PddnetError(f"label value {top} found; PDD-Net trains on labels 0..{NUM_CLASSES - 1}")
-        self.weights = losses.class_weights(labels, NUM_CLASSES).to(dev)
+        if opts.label_pool not in (1, 2):
+            raise PddnetError(f"label_pool must be 1 (full resolution) or 2, got {opts.label_pool}")
+        if opts.class_reduction not in losses.REDUCTIONS:
+            raise PddnetError(f"class_reduction must be one of {losses.REDUCTIONS}, got "
+                              f"{opts.class_reduction!r}")
+        if opts.background_weight is not None and not opts.background_weight >= 0:
+            raise PddnetError(f"background_weight must be >= 0, got {opts.background_weight}")
+        self.weights = losses.class_weights(labels, NUM_CLASSES,
+                                            background=opts.background_weight).to(dev)
         self.labels = [lab.to(dev) for lab in labels]
         self.optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
 
@@ -128,8 +140,27 @@ class Trainer:
         low = opts.final_lr_factor
         return opts.lr * (low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
+    def losses(self, fixed, fixed_lab, moving, moving_lab):
+        """The label loss and the diffusion penalty of one pair (images ``(1, 1, I, J, K)``,
+        integer labels of the same shape), with the graph for the backward pass.
+
+        With :func:`ops.fast_gradients` on (the default) the network runs in the separable form
+        of :func:`forward_fast`; off, the model's own forward and the direct label loss (the
+        reference step the fast one is tested and benchmarked against).
+        """
+        cfg = self.model.config
+        fast = ops.fast_gradients_enabled()
+        out = forward_fast(self.model, fixed, moving) if fast else self.model(fixed, moving)
+        pool = self.opts.label_pool
+        f_oh = losses.soft_labels(losses.one_hot(fixed_lab[0, 0], NUM_CLASSES), pool)
+        m_oh = losses.soft_labels(losses.one_hot(moving_lab[0, 0], NUM_CLASSES), pool)
+        label_loss = losses.nonlocal_label_loss if fast else losses.nonlocal_label_loss_direct
+        label = label_loss(out.probs, f_oh, m_oh, cfg.grid, cfg.disp_size, cfg.capture,
+                           self.weights, self.opts.class_reduction)
+        return label, losses.diffusion_penalty(out.grid_disp)
+
     def step(self, iteration: int) -> dict[str, float]:
-        opts, cfg = self.opts, self.model.config
+        opts = self.opts
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(iteration)
         rng = np.random.default_rng([opts.seed, iteration])
@@ -137,17 +168,28 @@ class Trainer:
         fixed, fixed_lab = self._sample(rng, int(a))
         moving, moving_lab = self._sample(rng, int(b))
         self.model.train()
-        out = self.model(fixed, moving)
-        f_oh = losses.soft_labels(losses.one_hot(fixed_lab[0, 0], NUM_CLASSES))
-        m_oh = losses.soft_labels(losses.one_hot(moving_lab[0, 0], NUM_CLASSES))
-        label = losses.nonlocal_label_loss(out.probs, f_oh, m_oh, cfg.grid, cfg.disp_size,
-                                           cfg.capture, self.weights)
-        diff = losses.diffusion_penalty(out.grid_disp)
+        label, diff = self.losses(fixed, fixed_lab, moving, moving_lab)
         loss = label + opts.diffusion_weight * diff
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         return {"loss": loss.item(), "label": label.item(), "diffusion": diff.item()}
+
+
+def forward_fast(model: PDDNet, fixed: torch.Tensor, moving: torch.Tensor) -> Registration:
+    """``model(fixed, moving)`` with the correlation in its separable form
+    (:func:`ops.correlation_separable`): the same values up to float rounding, and a backward
+    pass that never forms the ``C x G^3 x L^3`` sampled moving features."""
+    cfg = model.config
+    if fixed.shape != moving.shape or fixed.dim() != 5 or fixed.shape[:2] != (1, 1):
+        raise PddnetError(f"forward_fast expects fixed and moving as (1, 1, I, J, K) of one "
+                          f"shape; got {tuple(fixed.shape)} and {tuple(moving.shape)}")
+    ssd = ops.correlation_separable(model.features(fixed), model.features(moving), cfg.grid,
+                                    cfg.disp_size, cfg.capture)
+    cost = model.regularise(model.alpha[1] + model.alpha[0] * ssd)
+    probs = ops.displacement_probabilities(cost, model.alpha[5])
+    disp = ops.expected_displacement(probs, cfg.disp_size, cfg.capture)
+    return Registration(cost=cost, probs=probs, grid_disp=disp)
 
 
 def train(subjects, config: PDDConfig, out, opts: TrainOptions, *, resume=None, init=None,
