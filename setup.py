@@ -23,6 +23,7 @@ COMMON = ["-O3", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping
 #: per-source flags; the x86 kernel sets only on x86
 SOURCES = {
     "pdd_head.c": [],
+    "pdd_refine.c": [],
     "pdd_k_portable.c": ["-fno-tree-vectorize", "-fno-tree-slp-vectorize"],
 }
 if X86:
