@@ -29,8 +29,10 @@ typedef struct {
 } fr_ctx;
 
 /* one grid axis of S (transpose = 0: replicate padding, valid taps) or S^T (transpose = 1: zero
- * padding plus the two padded entries at each end folded back, as _smooth_t_axis) */
-static void smooth_axis(const double *src, double *dst, const int *n, int axis, int transpose)
+ * padding plus the two padded entries at each end folded back, as _smooth_t_axis).  zero: a row
+ * of at least `inner` zeros (the zero padding of S^T) */
+static void smooth_axis(const double *src, double *dst, const int *n, int axis, int transpose,
+                        const double *zero)
 {
     long long outer = 1, inner = 3;
     int na = n[axis];
@@ -42,22 +44,18 @@ static void smooth_axis(const double *src, double *dst, const int *n, int axis, 
         const double *s = src + o * na * inner;
         double *d = dst + o * na * inner;
         for (int i = 0; i < na; ++i) {
+            const double *x[5];
             double *out = d + (long long)i * inner;
-            for (long long e = 0; e < inner; ++e)
-                out[e] = 0.0;
             for (int t = 0; t < 5; ++t) {
                 int p = i + t - 2;
-                if (transpose) {
-                    if (p < 0 || p >= na)
-                        continue;
-                } else {
-                    p = p < 0 ? 0 : (p >= na ? na - 1 : p);
-                }
-                const double *x = s + (long long)p * inner;
-                const double w = TAPS[t];
-                for (long long e = 0; e < inner; ++e)
-                    out[e] += w * x[e];
+                if (p < 0 || p >= na)
+                    x[t] = transpose ? zero : s + (long long)(p < 0 ? 0 : na - 1) * inner;
+                else
+                    x[t] = s + (long long)p * inner;
             }
+            for (long long e = 0; e < inner; ++e)
+                out[e] = TAPS[0] * x[0][e] + TAPS[1] * x[1][e] + TAPS[2] * x[2][e]
+                         + TAPS[3] * x[3][e] + TAPS[4] * x[4][e];
         }
         if (transpose) {
             /* entries -2, -1 (n, n + 1) of the padded signal were copies of element 0 (n - 1) */
@@ -75,26 +73,32 @@ static void smooth_axis(const double *src, double *dst, const int *n, int axis, 
 }
 
 /* S (or S^T) over the three axes: src -> dst, tmp as scratch (all N * 3) */
-static void smooth3(const double *src, double *dst, double *tmp, const int *n, int transpose)
+static void smooth3(const double *src, double *dst, double *tmp, const int *n, int transpose,
+                    const double *zero)
 {
-    smooth_axis(src, tmp, n, 0, transpose);
-    smooth_axis(tmp, dst, n, 1, transpose);
-    smooth_axis(dst, tmp, n, 2, transpose);
+    smooth_axis(src, tmp, n, 0, transpose, zero);
+    smooth_axis(tmp, dst, n, 1, transpose, zero);
+    smooth_axis(dst, tmp, n, 2, transpose, zero);
     memcpy(dst, tmp, sizeof(double) * (size_t)n[0] * n[1] * n[2] * 3);
 }
 
-/* one slab x_i = i: the data term (sampler) and the diffusion term, their gradients in u */
-static void slab(void *p, long long item, int tid)
+#if defined(__GNUC__)
+#define PDD_INLINE static inline __attribute__((always_inline))
+#else
+#define PDD_INLINE static inline
+#endif
+
+/* one slab x_i = i: the data term (sampler) and the diffusion term, their gradients in u.
+ * K is the channel count, a constant where slab() inlines it for k = 1..4 */
+PDD_INLINE void slab_k(fr_ctx *c, long long item, const int K)
 {
-    fr_ctx *c = (fr_ctx *)p;
-    const int ni = c->n[0], nj = c->n[1], nk = c->n[2], K = c->k;
+    const int ni = c->n[0], nj = c->n[1], nk = c->n[2];
     const long long sj = nk, si = (long long)nj * nk;
     const int i = (int)item;
     const double scale = 1.0 / ((double)c->N * K);
     double data = 0.0, reg[3] = {0.0, 0.0, 0.0};
     long long off[8];
     double r[64], dcorner[8];
-    (void)tid;
     for (int a = 0; a < 2; ++a)
         for (int b = 0; b < 2; ++b)
             for (int d = 0; d < 2; ++d)
@@ -198,6 +202,19 @@ static void slab(void *p, long long item, int tid)
         c->reg_part[3 * i + a] = reg[a];
 }
 
+static void slab(void *p, long long item, int tid)
+{
+    fr_ctx *c = (fr_ctx *)p;
+    (void)tid;
+    switch (c->k) {
+    case 1: slab_k(c, item, 1); break;
+    case 2: slab_k(c, item, 2); break;
+    case 3: slab_k(c, item, 3); break;
+    case 4: slab_k(c, item, 4); break;
+    default: slab_k(c, item, c->k); break;
+    }
+}
+
 /* E, data of c->u (and dE/du into c->du when c->grad) */
 static void energy(fr_ctx *c, int threads, double *e, double *data)
 {
@@ -256,9 +273,11 @@ int pdd_feature_refine(const int *ints, const double *params, const double *fixe
     double *g = (double *)malloc(sz);
     double *m = (double *)calloc((size_t)c.N * 3, sizeof(double));
     double *v = (double *)calloc((size_t)c.N * 3, sizeof(double));
+    /* the widest row smooth_axis reads: axis 0, n_j n_k 3 */
+    double *zero = (double *)calloc((size_t)c.n[1] * c.n[2] * 3, sizeof(double));
     c.data_part = (double *)malloc(sizeof(double) * (size_t)c.n[0]);
     c.reg_part = (double *)malloc(sizeof(double) * 3 * (size_t)c.n[0]);
-    if (!u || !du || !tmp || !g || !m || !v || !c.data_part || !c.reg_part) {
+    if (!u || !du || !tmp || !g || !m || !v || !zero || !c.data_part || !c.reg_part) {
         rc = -2;
         goto done;
     }
@@ -266,14 +285,14 @@ int pdd_feature_refine(const int *ints, const double *params, const double *fixe
     c.du = du;
     for (int t = 1; t <= steps; ++t) {
         double e, d;
-        smooth3(theta, u, tmp, c.n, 0);
+        smooth3(theta, u, tmp, c.n, 0, zero);
         c.grad = 1;
         energy(&c, threads, &e, &d);
         if (t == 1) {
             out[0] = e;
             out[1] = d;
         }
-        smooth3(du, g, tmp, c.n, 1);
+        smooth3(du, g, tmp, c.n, 1, zero);
         /* Adam.step: PyTorch's update, in the numpy path's order of operations */
         const double step = lr / (1.0 - pow(b1, (double)t));
         const double bc2 = sqrt(1.0 - pow(b2, (double)t));
@@ -283,7 +302,7 @@ int pdd_feature_refine(const int *ints, const double *params, const double *fixe
             theta[p] -= (step * m[p]) / (sqrt(v[p]) / bc2 + eps);
         }
     }
-    smooth3(theta, u, tmp, c.n, 0);
+    smooth3(theta, u, tmp, c.n, 0, zero);
     c.grad = 0;
     energy(&c, threads, &out[2], &out[3]);
     if (steps == 0) {
@@ -292,7 +311,7 @@ int pdd_feature_refine(const int *ints, const double *params, const double *fixe
     }
     memcpy(u_out, u, sz);
 done:
-    free(u); free(du); free(tmp); free(g); free(m); free(v);
+    free(u); free(du); free(tmp); free(g); free(m); free(v); free(zero);
     free(c.data_part); free(c.reg_part);
     return rc;
 }
