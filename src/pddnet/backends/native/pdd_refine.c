@@ -22,7 +22,6 @@ typedef struct {
     const double *u;          /* S(theta) */
     double *du;               /* dE/du (grad) */
     double *data_part;        /* per slab i: sum of r^2 */
-    double *reg_part;         /* per slab i and axis: sum of (D_a w)^2 */
     double reg_size[3];       /* size_a: number of forward differences along a, times 3 */
     double reg_scale[3];      /* 2 / size_a */
     int grad;
@@ -88,15 +87,15 @@ static void smooth3(const double *src, double *dst, double *tmp, const int *n, i
 #define PDD_INLINE static inline
 #endif
 
-/* one slab x_i = i: the data term (sampler) and the diffusion term, their gradients in u.
+/* one slab x_i = i: the data term (the sampler) and its gradient in u (into c->du).
  * K is the channel count, a constant where slab() inlines it for k = 1..4 */
 PDD_INLINE void slab_k(fr_ctx *c, long long item, const int K)
 {
-    const int ni = c->n[0], nj = c->n[1], nk = c->n[2];
+    const int nj = c->n[1], nk = c->n[2];
     const long long sj = nk, si = (long long)nj * nk;
     const int i = (int)item;
     const double scale = 1.0 / ((double)c->N * K);
-    double data = 0.0, reg[3] = {0.0, 0.0, 0.0};
+    double data = 0.0;
     long long off[8];
     double r[64], dcorner[8];
     for (int a = 0; a < 2; ++a)
@@ -140,7 +139,7 @@ PDD_INLINE void slab_k(fr_ctx *c, long long item, const int K)
                 data += r[ch] * r[ch];
             }
             if (!c->grad)
-                goto diffusion;
+                continue;
             for (int q = 0; q < 8; ++q) {
                 double s = 0.0;
                 for (int ch = 0; ch < K; ++ch)
@@ -167,39 +166,9 @@ PDD_INLINE void slab_k(fr_ctx *c, long long item, const int K)
                     gx[a] = (v[a] > 0.0 && v[a] < c->top[a]) ? g[a] : 0.0;
                 }
             }
-        diffusion:
-            /* w = u * n / 2; forward differences from x along each axis, and the gradient
-             * c_a (d(x - e_a) - d(x)) of sum_a mean((D_a w)^2) at x, times lam * n / 2 */
-            {
-                const int at[3] = {i, j, l};
-                const int na[3] = {ni, nj, nk};
-                double gr[3] = {0.0, 0.0, 0.0};
-                for (int a = 0; a < 3; ++a) {
-                    const long long st = 3 * strides[a];
-                    for (int comp = 0; comp < 3; ++comp) {
-                        const double wx = ux[comp] * c->half[comp];
-                        if (at[a] < na[a] - 1) {
-                            const double dd = ux[st + comp] * c->half[comp] - wx;
-                            reg[a] += dd * dd;
-                            gr[comp] -= c->reg_scale[a] * dd;
-                        }
-                        if (at[a] > 0) {
-                            const double dd = wx - ux[-st + comp] * c->half[comp];
-                            gr[comp] += c->reg_scale[a] * dd;
-                        }
-                    }
-                }
-                if (c->grad) {
-                    double *gx = c->du + 3 * x;
-                    for (int comp = 0; comp < 3; ++comp)
-                        gx[comp] += (c->weight * c->half[comp]) * gr[comp];
-                }
-            }
         }
     }
     c->data_part[i] = data;
-    for (int a = 0; a < 3; ++a)
-        c->reg_part[3 * i + a] = reg[a];
 }
 
 static void slab(void *p, long long item, int tid)
@@ -215,20 +184,63 @@ static void slab(void *p, long long item, int tid)
     }
 }
 
+/* the diffusion term sum_a mean((D_a w)^2) of w = u n / 2 (returned) and, with grad, its
+ * gradient times lam n / 2 added to du; w is N * 3 scratch.  Each axis is a pass over
+ * contiguous runs: x with x_a < n_a - 1 and its neighbour x + e_a (3 s_a doubles on). */
+static double diffusion(const fr_ctx *c, double *w, double *du, int grad)
+{
+    const int *n = c->n;
+    const long long N3 = c->N * 3;
+    double total = 0.0;
+    for (long long p = 0; p < N3; p += 3)
+        for (int q = 0; q < 3; ++q)
+            w[p + q] = c->u[p + q] * c->half[q];
+    for (int a = 0; a < 3; ++a) {
+        long long outer = 1, inner = 3;
+        for (int b = 0; b < a; ++b)
+            outer *= n[b];
+        for (int b = a + 1; b < 3; ++b)
+            inner *= n[b];
+        const long long run = (long long)(n[a] - 1) * inner, block = (long long)n[a] * inner;
+        const double cs = c->reg_scale[a];
+        const double kh[3] = {c->weight * c->half[0], c->weight * c->half[1],
+                              c->weight * c->half[2]};
+        double sum[3] = {0.0, 0.0, 0.0};  /* one per component: independent chains */
+        for (long long o = 0; o < outer; ++o) {
+            const double *x = w + o * block, *y = x + inner;
+            double *g = du + o * block;
+            if (!grad) {
+                for (long long e = 0; e < run; e += 3)
+                    for (int q = 0; q < 3; ++q) {
+                        const double d = y[e + q] - x[e + q];
+                        sum[q] += d * d;
+                    }
+                continue;
+            }
+            /* g[x] -= cs d(x); g[x + e_a] += cs d(x), as diffusion(); times lam n / 2 */
+            for (long long e = 0; e < run; e += 3)
+                for (int q = 0; q < 3; ++q) {
+                    const double d = y[e + q] - x[e + q];
+                    const double t = kh[q] * (cs * d);
+                    sum[q] += d * d;
+                    g[e + q] -= t;
+                    g[inner + e + q] += t;
+                }
+        }
+        total += (sum[0] + sum[1] + sum[2]) / c->reg_size[a];
+    }
+    return total;
+}
+
 /* E, data of c->u (and dE/du into c->du when c->grad) */
-static void energy(fr_ctx *c, int threads, double *e, double *data)
+static void energy(fr_ctx *c, int threads, double *e, double *data, double *w)
 {
     const int ni = c->n[0];
-    double d = 0.0, reg = 0.0;
+    double d = 0.0, reg;
     pdd_parallel_for(threads, ni, slab, c);
     for (int i = 0; i < ni; ++i)
         d += c->data_part[i];
-    for (int a = 0; a < 3; ++a) {
-        double s = 0.0;
-        for (int i = 0; i < ni; ++i)
-            s += c->reg_part[3 * i + a];
-        reg += s / c->reg_size[a];
-    }
+    reg = diffusion(c, w, c->du, c->grad);
     d /= (double)c->N * c->k;
     *data = d;
     *e = d + c->weight * reg;
@@ -276,8 +288,7 @@ int pdd_feature_refine(const int *ints, const double *params, const double *fixe
     /* the widest row smooth_axis reads: axis 0, n_j n_k 3 */
     double *zero = (double *)calloc((size_t)c.n[1] * c.n[2] * 3, sizeof(double));
     c.data_part = (double *)malloc(sizeof(double) * (size_t)c.n[0]);
-    c.reg_part = (double *)malloc(sizeof(double) * 3 * (size_t)c.n[0]);
-    if (!u || !du || !tmp || !g || !m || !v || !zero || !c.data_part || !c.reg_part) {
+    if (!u || !du || !tmp || !g || !m || !v || !zero || !c.data_part) {
         rc = -2;
         goto done;
     }
@@ -287,7 +298,7 @@ int pdd_feature_refine(const int *ints, const double *params, const double *fixe
         double e, d;
         smooth3(theta, u, tmp, c.n, 0, zero);
         c.grad = 1;
-        energy(&c, threads, &e, &d);
+        energy(&c, threads, &e, &d, tmp);
         if (t == 1) {
             out[0] = e;
             out[1] = d;
@@ -304,7 +315,7 @@ int pdd_feature_refine(const int *ints, const double *params, const double *fixe
     }
     smooth3(theta, u, tmp, c.n, 0, zero);
     c.grad = 0;
-    energy(&c, threads, &out[2], &out[3]);
+    energy(&c, threads, &out[2], &out[3], tmp);
     if (steps == 0) {
         out[0] = out[2];
         out[1] = out[3];
@@ -312,6 +323,6 @@ int pdd_feature_refine(const int *ints, const double *params, const double *fixe
     memcpy(u_out, u, sz);
 done:
     free(u); free(du); free(tmp); free(g); free(m); free(v); free(zero);
-    free(c.data_part); free(c.reg_part);
+    free(c.data_part);
     return rc;
 }
