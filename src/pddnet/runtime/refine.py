@@ -68,6 +68,10 @@ network's outputs, on a third of the image grid) and the network's field ``E``:
   axis where ``v_a`` is clamped (``v_a <= 0`` or ``>= n_a - 1``, as PyTorch's border padding);
   ``d m / d v_a`` is the difference of the corner values along ``a`` weighted by the other two
   axes' weights. The eight corners are row gathers of the channels-last moving map.
+* **Implementations.** The Adam loop runs in C (``pddnet.backends.native.feature_refine``,
+  double precision, the same operations) where the kernel library is built and
+  ``PDDNET_NATIVE`` is not ``off``, else in numpy (:func:`feature_loop_numpy`);
+  :attr:`RefineResult.impl` says which.
 
 Two stages
 ----------

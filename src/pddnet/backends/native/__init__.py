@@ -13,6 +13,10 @@ their mode and penalties, the softmax scale, the displacement table of the expec
 refuses, with the reason, any head that is not the standard float32 one (a ``Cast``, a Q/DQ
 pair, an unknown node): that head runs in ONNX Runtime as before.
 
+The same library holds the ``features`` refinement loop in double precision
+(``pdd_refine.c``, :func:`feature_refine`; ``pddnet.runtime.refine.feature_optimise`` calls it
+where the library loads and ``PDDNET_NATIVE`` is not ``off``). It has no ISA-specific code.
+
 Kernel sets: ``avx2`` (AVX2 + FMA), ``sse2`` (x86-64 baseline) and ``portable`` (the same C
 without vectorisation; the only one built on other CPUs, e.g. aarch64). The best one this CPU
 runs is chosen at run time; ``PDDNET_NATIVE=off|auto|avx2|sse2|portable`` overrides it.
