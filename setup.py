@@ -44,7 +44,8 @@ class BuildNative(build_ext):
             self._build_native(ext)
         except Exception as exc:  # no compiler, unsupported flags, ...: install without it
             sys.stderr.write(f"warning: the pddnet C kernel library was not built ({exc}); "
-                             "the runtime will run the head in ONNX Runtime and the refinement in numpy\n")
+                             "the runtime will run the head in ONNX Runtime and the "
+                             "refinement in numpy\n")
 
     def _build_native(self, ext):
         objects = []

@@ -246,10 +246,10 @@ def bench_features(threads, repeats):
     if not ok:
         print(f"{line}; C loop not run: {why}")
         return med
-    for name in med:
+    for name, ms in med.items():
         if name != "numpy":
-            line += (f"  {name} {med[name]:.1f} ms ({med[name] / opts.steps:.2f} ms/step, "
-                     f"{med['numpy'] / med[name]:.1f}x)")
+            line += (f"  {name} {ms:.1f} ms ({ms / opts.steps:.2f} ms/step, "
+                     f"{med['numpy'] / ms:.1f}x)")
     err = float(np.abs(out["c"].grid_disp - out["numpy"].grid_disp).max())
     de = max(abs(a - b) / abs(b) for a, b in zip(out["c"].energy, out["numpy"].energy))
     print(f"{line}  max |c - numpy| field {err:.1e}, energy rel {de:.1e}")

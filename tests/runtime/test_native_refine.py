@@ -128,7 +128,7 @@ def test_probs_method_reports_numpy():
 def test_feature_refine_rejects_bad_arguments():
     rng = np.random.default_rng()
     _, _, s, theta = _case(rng, (4, 3, 5), 2)
-    kw = dict(steps=2, lr=0.01, weight=1.0)
+    kw = {"steps": 2, "lr": 0.01, "weight": 1.0}
     with pytest.raises(PddnetError, match="theta must be"):
         native.feature_refine(s.fixed, s.moving, theta[..., :2], **kw)
     with pytest.raises(PddnetError, match="features must both be"):
