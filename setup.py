@@ -1,4 +1,5 @@
-"""Build of the optional C kernel library (the fused head, src/pddnet/backends/native).
+"""Build of the optional C kernel library (the fused head and the `features` refinement loop,
+src/pddnet/backends/native).
 
 Everything else is in pyproject.toml.  The library is plain C (no Python API), loaded with
 ctypes; it is built by ``pip install .`` and ``pip install -e .`` (``make setup``).  Each kernel
@@ -23,6 +24,7 @@ COMMON = ["-O3", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping
 #: per-source flags; the x86 kernel sets only on x86
 SOURCES = {
     "pdd_head.c": [],
+    "pdd_refine.c": [],
     "pdd_k_portable.c": ["-fno-tree-vectorize", "-fno-tree-slp-vectorize"],
 }
 if X86:
@@ -42,7 +44,8 @@ class BuildNative(build_ext):
             self._build_native(ext)
         except Exception as exc:  # no compiler, unsupported flags, ...: install without it
             sys.stderr.write(f"warning: the pddnet C kernel library was not built ({exc}); "
-                             "the runtime will run the head in ONNX Runtime\n")
+                             "the runtime will run the head in ONNX Runtime and the "
+                             "refinement in numpy\n")
 
     def _build_native(self, ext):
         objects = []

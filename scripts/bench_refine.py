@@ -11,7 +11,12 @@ step run by ONNX Runtime, and the share of a feed-forward registration it adds.
    (:func:`step_graph`, 90-odd nodes; checked against the numpy step), run 50 times by ONNX
    Runtime with the state fed back -- the cheapest form an unrolled 50-step graph could take
    per step (an unrolled graph runs the same kernels, plus 50x the nodes to load).
-3. With ``--model`` (an export with ``probs``): the feed-forward latency of that model on a
+3. ``features`` (issue 13, the default method): :func:`pddnet.runtime.refine.feature_optimise`
+   (40 steps, k = 4) on the ``small`` preset's feature grid (32 x 26 x 42, 16 channels of
+   smooth random features, the moving map shifted), the numpy loop against the C loop of the
+   kernel library (``impl="numpy"`` / ``"c"``, single thread and ``--threads``), interleaved
+   repeats in one run, with the largest difference of the two fields.
+4. With ``--model`` (an export with ``probs``): the feed-forward latency of that model on a
    synthetic pair at its grid (``Registrar.register``: preprocess + features + head), to put the
    refinement's time in proportion.
 
@@ -202,6 +207,55 @@ def bench_geometry(name, grid, L, q, threads, repeats, steps=50):
     return med_np, med_ox
 
 
+def _smooth_features(rng, c, shape, shift=(1.5, -1.0, 2.0)):
+    """``c`` channels of a few random sinusoids each on ``shape``, and the same shifted."""
+    x = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
+    freq = rng.uniform(0.1, 0.5, (c, 3, 3)) * rng.choice([-1, 1], (c, 3, 3))
+    phase = rng.uniform(0, 2 * np.pi, (c, 3))
+
+    def f(pts):
+        return np.stack([sum(np.sin(np.einsum("a,a...->...", freq[ch, t], pts) + phase[ch, t])
+                             for t in range(3)) for ch in range(c)])
+
+    sh = np.asarray(shift)[:, None, None, None]
+    return f(x)[None].astype(np.float32), f(x - sh)[None].astype(np.float32)
+
+
+def bench_features(threads, repeats):
+    from pddnet.backends import native
+
+    cfg = preset("small")
+    shape = cfg.feature_shape((96, 80, 128))
+    rng = np.random.default_rng(0)
+    f, m = _smooth_features(rng, cfg.channels, shape)
+    g = rng.normal(0, 0.02, (*cfg.grid, 3))
+    opts = RefineOptions()  # features: 40 steps, lr 0.02, lam 4, k 4
+    ok, why = native.refine_status()
+    runs = [("numpy", "numpy", 1)] + ([("c", "c", 1), (f"c x{threads}", "c", threads)]
+                                      if ok else [])
+    times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    out = {}
+    for _ in range(repeats):
+        for name, impl, th in runs:
+            res = R.feature_optimise(f, m, g, opts, impl=impl, threads=th)
+            times[name].append(res.ms)
+            out[name] = res
+    med = {k: statistics.median(v) for k, v in times.items()}
+    line = (f"features grid {shape} k={opts.components} {opts.steps} steps: numpy "
+            f"{med['numpy']:.1f} ms ({med['numpy'] / opts.steps:.2f} ms/step)")
+    if not ok:
+        print(f"{line}; C loop not run: {why}")
+        return med
+    for name, ms in med.items():
+        if name != "numpy":
+            line += (f"  {name} {ms:.1f} ms ({ms / opts.steps:.2f} ms/step, "
+                     f"{med['numpy'] / ms:.1f}x)")
+    err = float(np.abs(out["c"].grid_disp - out["numpy"].grid_disp).max())
+    de = max(abs(a - b) / abs(b) for a, b in zip(out["c"].energy, out["numpy"].energy))
+    print(f"{line}  max |c - numpy| field {err:.1e}, energy rel {de:.1e}")
+    return med
+
+
 def bench_model(path, threads, repeats, steps=50):
     from pddnet.data.io import Volume
     from pddnet.runtime.session import Registrar
@@ -229,7 +283,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-paper", action="store_true", help="skip the 32^3 geometry")
+    ap.add_argument("--features-only", action="store_true",
+                    help="only the features refinement, numpy vs C")
     a = ap.parse_args()
+    bench_features(a.threads, a.repeats)
+    if a.features_only:
+        return
     small = preset("small")
     bench_geometry("small", small.grid, small.disp_size, small.capture, a.threads, a.repeats)
     if not a.no_paper:

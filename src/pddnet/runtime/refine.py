@@ -68,6 +68,10 @@ network's outputs, on a third of the image grid) and the network's field ``E``:
   axis where ``v_a`` is clamped (``v_a <= 0`` or ``>= n_a - 1``, as PyTorch's border padding);
   ``d m / d v_a`` is the difference of the corner values along ``a`` weighted by the other two
   axes' weights. The eight corners are row gathers of the channels-last moving map.
+* **Implementations.** The Adam loop runs in C (``pddnet.backends.native.feature_refine``,
+  double precision, the same operations) where the kernel library is built and
+  ``PDDNET_NATIVE`` is not ``off``, else in numpy (:func:`feature_loop_numpy`);
+  :attr:`RefineResult.impl` says which.
 
 Two stages
 ----------
@@ -291,6 +295,8 @@ class RefineResult:
         steps: number of Adam steps taken.
         ms: wall time in milliseconds.
         method: ``"probs"`` or ``"features"``.
+        impl: which loop ran: ``"numpy"`` or ``"c"`` (``features`` only, the kernel library).
+        impl_reason: why not ``"c"`` (``None`` when it ran, and for ``probs``).
     """
 
     grid_disp: np.ndarray
@@ -300,11 +306,17 @@ class RefineResult:
     ms: float
     options: dict[str, Any] = field(default_factory=dict)
     method: str = "probs"
+    impl: str = "numpy"
+    impl_reason: str | None = None
 
     def describe(self) -> dict[str, Any]:
         evidence = ({"mean_probability": [-d for d in self.data]} if self.method == "probs"
                     else {"feature_ssd": list(self.data)})
-        return {"method": self.method, "steps": self.steps, "energy": self.energy, **evidence,
+        impl = {"impl": self.impl}
+        if self.method == "features" and self.impl_reason is not None:
+            impl["impl_reason"] = self.impl_reason
+        return {"method": self.method, **impl, "steps": self.steps, "energy": self.energy,
+                **evidence,
                 "grid": list(self.grid_disp.shape[:3]), "ms": round(self.ms, 3),
                 "options": self.options}
 
@@ -475,7 +487,8 @@ def feature_energy(theta: np.ndarray, sampler: FeatureSampler, weight: float, *,
 
 
 def feature_optimise(fixed_features: np.ndarray, moving_features: np.ndarray,
-                     grid_disp: np.ndarray, options: RefineOptions | None = None) -> RefineResult:
+                     grid_disp: np.ndarray, options: RefineOptions | None = None, *,
+                     impl: str | None = None, threads: int = 1) -> RefineResult:
     """Refine the network's field against the two scans' features (module docstring).
 
     Args:
@@ -483,9 +496,15 @@ def feature_optimise(fixed_features: np.ndarray, moving_features: np.ndarray,
             the feature network's outputs (``PairRun.fixed_features`` / ``moving_features``).
         grid_disp: ``(G_i, G_j, G_k, 3)`` the network's field, normalised units.
         options: :class:`RefineOptions` with ``method="features"`` (the default method).
+        impl: ``None``/``"auto"``: the C loop of the kernel library
+            (``pddnet.backends.native.feature_refine``, double precision, the same numbers to
+            ~1e-12) where it is built and ``PDDNET_NATIVE`` is not ``off``, else numpy
+            (:func:`feature_loop_numpy`); ``"c"`` or ``"numpy"`` to force one.
+        threads: threads of the C loop (its results do not depend on it).
 
     Returns:
-        :class:`RefineResult` with the refined field on the feature grid.
+        :class:`RefineResult` with the refined field on the feature grid; ``impl`` says which
+        loop ran (``impl_reason`` why not C).
     """
     opts = options or RefineOptions(method="features")
     if opts.method != "features":
@@ -507,6 +526,42 @@ def feature_optimise(fixed_features: np.ndarray, moving_features: np.ndarray,
                           f"{g.shape}")
     sampler = FeatureSampler(*feature_inputs(f, m, opts.components))
     theta = upsample(g, sampler.shape)
+    use, why = _native_refine(impl)
+    if use:
+        from pddnet.backends import native
+
+        u, energies, data = native.feature_refine(
+            sampler.fixed, sampler.moving, theta, steps=opts.steps, lr=opts.lr,
+            betas=opts.betas, eps=opts.eps, weight=opts.weight, threads=threads)
+    else:
+        u, energies, data = feature_loop_numpy(sampler, theta, opts)
+    out = u.astype(np.float32)
+    return RefineResult(out, energies, data, opts.steps, (time.perf_counter() - t0) * 1e3,
+                        opts.as_dict(), "features", "c" if use else "numpy", why)
+
+
+def _native_refine(impl: str | None) -> tuple[bool, str | None]:
+    """Whether the C loop runs: ``impl`` ``None``/``"auto"`` where the library is loaded and
+    ``PDDNET_NATIVE`` is not ``off``, ``"c"`` (required: raises where it cannot run), or
+    ``"numpy"``. Returns ``(use C, why not)``."""
+    if impl == "numpy":
+        return False, "asked for numpy"
+    if impl not in (None, "auto", "c"):
+        raise PddnetError(f"feature_optimise: impl must be 'auto', 'c' or 'numpy', got {impl!r}")
+    from pddnet.backends import native
+
+    ok, why = native.refine_status()
+    if impl == "c" and not ok:
+        raise PddnetError(f"feature_optimise: the C refinement cannot run: {why}")
+    return ok, why
+
+
+def feature_loop_numpy(sampler: FeatureSampler, theta: np.ndarray, opts: RefineOptions
+                       ) -> tuple[np.ndarray, list[float], list[float]]:
+    """The numpy Adam loop of :func:`feature_optimise` from ``theta`` (copied): ``(S(theta)
+    float64, [E before, E after], [data before, data after])``. The C loop
+    (``pddnet.backends.native.feature_refine``) computes the same."""
+    theta = np.array(theta, np.float64)
     adam = Adam(opts.lr, opts.betas, opts.eps)
     e0 = d0 = None
     for _ in range(opts.steps):
@@ -517,9 +572,7 @@ def feature_optimise(fixed_features: np.ndarray, moving_features: np.ndarray,
     e1, d1, _ = feature_energy(theta, sampler, opts.weight)
     if e0 is None:
         e0, d0 = e1, d1
-    out = _apply_axes(theta).astype(np.float32)
-    return RefineResult(out, [e0, e1], [d0, d1], opts.steps, (time.perf_counter() - t0) * 1e3,
-                        opts.as_dict(), "features")
+    return _apply_axes(theta), [e0, e1], [d0, d1]
 
 
 # --------------------------------------------------------------------------------------------

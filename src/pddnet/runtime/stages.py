@@ -108,6 +108,8 @@ class StagePipeline:
             raise PddnetError(f"stages must be 1 or 2, got {stages!r}")
         self.refine = S.RefineOptions.coerce(refine)
         self.stages = int(stages)
+        #: threads of the C refinement loop: the backends' thread count (1 when unset)
+        self.refine_threads = max(1, int((backend_options or {}).get("threads") or 1))
         self.config = dict(loaded.info.config)
         self.image_shape = tuple(loaded.info.image_shape)
         self.note: str | None = None
@@ -185,7 +187,7 @@ class StagePipeline:
                                   "maps of the stage (PairRun.fixed_features / "
                                   "moving_features); pass them to StagePipeline.run")
             res = R.feature_optimise(features[0], features[1], outs[C.OUTPUT_GRID_DISP],
-                                     self.refine)
+                                     self.refine, threads=self.refine_threads)
         else:
             res = R.instance_optimise(outs[C.OUTPUT_PROBS], outs[C.OUTPUT_GRID_DISP],
                                       int(config["disp_size"]), float(config["capture"]),

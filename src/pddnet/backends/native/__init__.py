@@ -13,6 +13,10 @@ their mode and penalties, the softmax scale, the displacement table of the expec
 refuses, with the reason, any head that is not the standard float32 one (a ``Cast``, a Q/DQ
 pair, an unknown node): that head runs in ONNX Runtime as before.
 
+The same library holds the ``features`` refinement loop in double precision
+(``pdd_refine.c``, :func:`feature_refine`; ``pddnet.runtime.refine.feature_optimise`` calls it
+where the library loads and ``PDDNET_NATIVE`` is not ``off``). It has no ISA-specific code.
+
 Kernel sets: ``avx2`` (AVX2 + FMA), ``sse2`` (x86-64 baseline) and ``portable`` (the same C
 without vectorisation; the only one built on other CPUs, e.g. aarch64). The best one this CPU
 runs is chosen at run time; ``PDDNET_NATIVE=off|auto|avx2|sse2|portable`` overrides it.
@@ -38,7 +42,7 @@ ENV = "PDDNET_NATIVE"
 PASSES = ("prepare", "correlation+step1_jk", "step1_i+second_input", "step2_jk",
           "step2_i+softmax")
 ISAS = ("portable", "sse2", "avx2")
-ABI_VERSION = 1
+ABI_VERSION = 2
 #: where the build puts the library: a folder that is not a Python package, so nothing that
 #: walks the package's modules tries to import it as an extension module
 _HERE = Path(__file__).resolve().parent / "lib"
@@ -90,6 +94,9 @@ def _load() -> ctypes.CDLL | None:
     for name in ("pdd_head_minconv", "pdd_head_mean_field"):
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                        ctypes.c_float]
+    dp = ctypes.POINTER(ctypes.c_double)
+    lib.pdd_feature_refine.restype = ctypes.c_int
+    lib.pdd_feature_refine.argtypes = [ctypes.POINTER(ctypes.c_int), dp, dp, dp, dp, dp, dp]
     _lib, _lib_path = lib, str(path)
     return lib
 
@@ -125,6 +132,70 @@ def status() -> dict[str, Any]:
     else:
         out["reason"] = f"{ENV}={req} but this CPU or build has no {req} kernels"
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The `features` refinement loop (pdd_refine.c)
+# --------------------------------------------------------------------------------------------
+
+def refine_status() -> tuple[bool, str | None]:
+    """Whether :func:`feature_refine` runs here: ``(True, None)``, or ``(False, reason)`` where
+    the library is not built / does not load or ``PDDNET_NATIVE=off``. The loop has no
+    ISA-specific code: any other ``PDDNET_NATIVE`` value runs it."""
+    req = requested_isa()
+    if _load() is None:
+        return False, _lib_error
+    if req == "off":
+        return False, f"{ENV}=off"
+    return True, None
+
+
+def feature_refine(fixed: np.ndarray, moving: np.ndarray, theta: np.ndarray, *, steps: int,
+                   lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight: float,
+                   threads: int = 1) -> tuple[np.ndarray, list[float], list[float]]:
+    """The whole ``features`` refinement in C, double precision (``docs/refinement.md``; the
+    numpy path it equals is :func:`pddnet.runtime.refine.feature_optimise`).
+
+    Args:
+        fixed, moving: ``(N, k)`` channels-last normalised, projected features of the
+            ``(n_i, n_j, n_k)`` feature grid (``FeatureSampler.fixed`` / ``.moving``).
+        theta: ``(n_i, n_j, n_k, 3)`` the start, normalised units (not modified).
+        steps, lr, betas, eps, weight: as :class:`pddnet.spec.refine.RefineOptions`.
+        threads: pthreads over slabs of the grid (results do not depend on it).
+
+    Returns:
+        ``(S(theta) after the last step (n_i, n_j, n_k, 3) float64, [E before, E after],
+        [data before, data after])``.
+    """
+    lib = _load()
+    if lib is None:
+        raise PddnetError(_lib_error or "the C kernel library is not available")
+    th = np.array(theta, dtype=np.float64, order="C", copy=True)
+    if th.ndim != 4 or th.shape[-1] != 3:
+        raise PddnetError(f"feature_refine: theta must be (n_i, n_j, n_k, 3), got {th.shape}")
+    n = th.shape[:3]
+    N = int(np.prod(n))
+    f = np.ascontiguousarray(fixed, dtype=np.float64)
+    m = np.ascontiguousarray(moving, dtype=np.float64)
+    if f.shape != m.shape or f.ndim != 2 or f.shape[0] != N or not 1 <= f.shape[1] <= 64:
+        raise PddnetError(f"feature_refine: features must both be (N, k) with N = {N} and "
+                          f"1 <= k <= 64, got {f.shape} and {m.shape}")
+    if min(n) < 2:
+        raise PddnetError(f"feature_refine: the feature grid {n} needs >= 2 points per axis")
+    if int(steps) < 0:
+        raise PddnetError(f"feature_refine: steps must be >= 0, got {steps}")
+    ints = (ctypes.c_int * 6)(*n, f.shape[1], int(steps), max(1, int(threads)))
+    params = np.array([lr, betas[0], betas[1], eps, weight], np.float64)
+    u = np.empty_like(th)
+    out = np.zeros(4, np.float64)
+    dp = ctypes.POINTER(ctypes.c_double)
+    rc = lib.pdd_feature_refine(ints, *(a.ctypes.data_as(dp) for a in (params, f, m, th, u,
+                                                                          out)))
+    if rc == -2:
+        raise PddnetError(f"feature_refine: out of memory for the feature grid {n}")
+    if rc != 0:
+        raise PddnetError(f"feature_refine: the C library refused the arguments (status {rc})")
+    return u, [float(out[0]), float(out[2])], [float(out[1]), float(out[3])]
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 
 #include <stddef.h>
 
-#define PDD_ABI_VERSION 1
+#define PDD_ABI_VERSION 2
 
 enum { PDD_ISA_PORTABLE = 0, PDD_ISA_SSE2 = 1, PDD_ISA_AVX2 = 2 };
 enum { PDD_MODE_APPROX = 0, PDD_MODE_EXACT = 1 };
@@ -52,10 +52,18 @@ const pdd_kernels *pdd_kernels_portable(void);
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 const pdd_kernels *pdd_kernels_sse2(void);
 const pdd_kernels *pdd_kernels_avx2(void);
+/* the `features` refinement loop in double precision (pdd_refine.c; docs/refinement.md) */
+int pdd_feature_refine(const int *ints, const double *params, const double *fixed,
+                       const double *moving, double *theta, double *u_out, double *out);
+
 #endif
 
 /* the run-time helper every kernel set shares: fn(ctx, item) for item in [0, n) on T threads */
 void pdd_parallel_for(int threads, long long n, void (*fn)(void *ctx, long long item, int tid),
                       void *ctx);
+
+/* the `features` refinement loop in double precision (pdd_refine.c; docs/refinement.md) */
+int pdd_feature_refine(const int *ints, const double *params, const double *fixed,
+                       const double *moving, double *theta, double *u_out, double *out);
 
 #endif
