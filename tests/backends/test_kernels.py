@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover
     pytest.skip("triton is not importable (pip install 'pddnet[dev]'): the Triton kernels of the "
                 "TensorRT plugins cannot be run", allow_module_level=True)
 
+from helpers.fake_tensorrt import write_fake_tensorrt  # noqa: E402
 from pddnet.backends.trt import kernels as K  # noqa: E402
 
 if "Interpreted" not in type(K._minconv_kernel).__name__:
@@ -245,113 +246,6 @@ def test_strip_scratch_params():
         K.strip_scratch_params(_PTX, "k", 6)
 
 
-# A stand-in for ``tensorrt`` / ``tensorrt.plugin``: just enough of the documented API for the
-# plugin definitions to run, and the documented signature rules of register / impl / aot_impl
-# (tensors first, then attributes with real class annotations and no defaults; impl ends in
-# ``outputs, stream``; aot_impl in ``outputs, tactic`` and has a 4-tuple return annotation).
-_FAKE_TRT = '''
-float32, float16, int32 = "FLOAT", "HALF", "INT32"
-'''
-
-_FAKE_TRTP = r'''
-import inspect, typing
-import numpy as np
-
-class TensorDesc:
-    def __init__(self, shape_expr=None, dtype=None):
-        self.shape_expr, self.dtype = shape_expr, dtype
-    def like(self):
-        return TensorDesc(self.shape_expr, self.dtype)
-
-class Tensor:
-    pass
-
-class SymInt32:
-    def __init__(self, value):
-        self.value = value.value if isinstance(value, SymInt32) else int(value)
-
-class ShapeExpr(SymInt32):
-    is_fake = False
-    is_constant = True
-    def constant_value(self):
-        return self.value
-    def __mul__(self, other):
-        return ShapeExpr(self.value * (other.value if isinstance(other, SymInt32) else other))
-
-class SymExprs(list):
-    pass
-
-class SymIntExprs(SymExprs):
-    @classmethod
-    def from_tuple(cls, items):
-        return cls(items)
-
-class KernelLaunchParams:
-    _FIELDS = ("grid_x", "grid_y", "grid_z", "block_x", "block_y", "block_z", "shared_mem")
-    def __init__(self):
-        for f in self._FIELDS:
-            object.__setattr__(self, f, SymInt32(0 if f == "shared_mem" else 1))
-    def __setattr__(self, name, value):
-        if name not in self._FIELDS:
-            raise AttributeError(name)
-        object.__setattr__(self, name, SymInt32(value))
-
-def from_shape_expr(shape, dtype):
-    return TensorDesc(tuple(ShapeExpr(s) for s in shape), dtype)
-
-REG = {}
-ATTR_TYPES = (int, float, str, bool, bytes)
-
-def _params(fn):
-    return list(inspect.signature(fn).parameters.values())
-
-def register(pid):
-    def deco(fn):
-        assert pid not in REG, f"already has a definition for {pid}"
-        tensors, attrs = [], []
-        for p in _params(fn):
-            assert p.default is inspect.Parameter.empty, "defaults are not supported"
-            ann = p.annotation
-            assert not isinstance(ann, str), "annotations must be classes, not strings"
-            if issubclass(ann, TensorDesc):  # as tensorrt.plugin does (GenericAlias -> False)
-                assert not attrs, "tensors must come before attributes"
-                tensors.append(p.name)
-            else:
-                assert ann in ATTR_TYPES or typing.get_origin(ann) is np.ndarray, ann
-                attrs.append(p.name)
-        ret = inspect.signature(fn).return_annotation
-        assert inspect.isclass(ret) and issubclass(ret, TensorDesc)
-        REG[pid] = dict(register=fn, tensors=tensors, attrs=attrs)
-        return fn
-    return deco
-
-def _check(pid, fn, tail):
-    d = REG[pid]
-    names = [p.name for p in _params(fn)]
-    n = len(d["tensors"])
-    assert names[:n] == d["tensors"], names
-    assert [a for a in names[n:-2]] == [a for a in d["attrs"] if a in names[n:-2]], names
-    assert names[-2:] == tail, names
-    return d
-
-def impl(pid):
-    def deco(fn):
-        _check(pid, fn, ["outputs", "stream"])["impl"] = fn
-        return fn
-    return deco
-
-def aot_impl(pid):
-    def deco(fn):
-        d = _check(pid, fn, ["outputs", "tactic"])
-        ret = inspect.signature(fn).return_annotation
-        assert typing.get_origin(ret) is tuple and len(typing.get_args(ret)) == 4
-        assert issubclass(typing.get_args(ret)[2], KernelLaunchParams)
-        assert issubclass(typing.get_args(ret)[3], SymExprs)
-        d["aot"] = fn
-        return fn
-    return deco
-'''
-
 _AOT_SCRIPT = r'''
 import struct, sys
 import numpy as np
@@ -412,10 +306,7 @@ print("AOT-OK")
 
 def test_aot_kernels_compile_and_plugins_register(tmp_path):
     """In a process without the interpreter: PTX for sm_90 with TensorRT's parameter lists."""
-    fake = tmp_path / "fake"
-    (fake / "tensorrt").mkdir(parents=True)
-    (fake / "tensorrt" / "__init__.py").write_text(_FAKE_TRT)
-    (fake / "tensorrt" / "plugin.py").write_text(_FAKE_TRTP)
+    fake = write_fake_tensorrt(tmp_path / "fake")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")

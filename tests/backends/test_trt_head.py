@@ -31,6 +31,7 @@ import onnx  # noqa: E402
 import pytest  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
+from helpers.fake_tensorrt import write_fake_tensorrt  # noqa: E402
 from pddnet.backends.trt.binding import HEAD_OPS, BindingPlan, plan_binding  # noqa: E402
 from pddnet.backends.trt.build import plugins_label  # noqa: E402
 from pddnet.backends.trt.head import FuseHead, displacement_table  # noqa: E402
@@ -230,116 +231,6 @@ def test_plan_fuses_only_with_aot_plugins():
 
 # ------------------------------------------------------------------ AOT: PTX + plugin stand-in
 
-_FAKE_TRT = 'float32, float16, int32 = "FLOAT", "HALF", "INT32"\n'
-
-# The documented rules of tensorrt.plugin (register: tensors, then attributes of the supported
-# types, return TensorDesc or Tuple[TensorDesc, ...]; impl ends in (outputs, stream); aot_impl in
-# (outputs, tactic) with a 4-tuple return), and the SymInt/launch-parameter objects.
-_FAKE_TRTP = r'''
-import inspect, typing
-import numpy as np
-
-class TensorDesc:
-    def __init__(self, shape_expr=None, dtype=None):
-        self.shape_expr, self.dtype = shape_expr, dtype
-    def like(self):
-        return TensorDesc(self.shape_expr, self.dtype)
-
-class Tensor:
-    pass
-
-class SymInt32:
-    def __init__(self, value):
-        self.value = value.value if isinstance(value, SymInt32) else int(value)
-
-class ShapeExpr(SymInt32):
-    is_fake = False
-    is_constant = True
-    def constant_value(self):
-        return self.value
-    def __mul__(self, other):
-        return ShapeExpr(self.value * (other.value if isinstance(other, SymInt32) else other))
-
-class SymExprs(list):
-    pass
-
-class SymIntExprs(SymExprs):
-    @classmethod
-    def from_tuple(cls, items):
-        return cls(items)
-
-class KernelLaunchParams:
-    _F = ("grid_x", "grid_y", "grid_z", "block_x", "block_y", "block_z", "shared_mem")
-    def __init__(self):
-        for f in self._F:
-            object.__setattr__(self, f, SymInt32(0 if f == "shared_mem" else 1))
-    def __setattr__(self, name, value):
-        if name not in self._F:
-            raise AttributeError(name)
-        object.__setattr__(self, name, SymInt32(value))
-
-def from_shape_expr(shape, dtype):
-    return TensorDesc(tuple(s if isinstance(s, ShapeExpr) else ShapeExpr(s) for s in shape), dtype)
-
-REG = {}
-NP_DTYPES = (np.int32, np.float32)
-
-def _attr_ok(ann):
-    if ann in (int, float, str, bool, bytes):
-        return True
-    if typing.get_origin(ann) is np.ndarray:
-        dt = typing.get_args(typing.get_args(ann)[1])[0]
-        return dt in NP_DTYPES
-    return False
-
-def register(pid):
-    def deco(fn):
-        assert pid not in REG
-        tensors, attrs = [], []
-        for p in inspect.signature(fn).parameters.values():
-            assert p.default is inspect.Parameter.empty and not isinstance(p.annotation, str)
-            if inspect.isclass(p.annotation) and issubclass(p.annotation, TensorDesc):
-                assert not attrs
-                tensors.append(p.name)
-            else:
-                assert _attr_ok(p.annotation), (pid, p.name, p.annotation)
-                attrs.append(p.name)
-        ret = inspect.signature(fn).return_annotation
-        if typing.get_origin(ret) is tuple:
-            args = typing.get_args(ret)
-            assert args and all(issubclass(a, TensorDesc) for a in args), ret
-            n_out = len(args)
-        else:
-            assert inspect.isclass(ret) and issubclass(ret, TensorDesc)
-            n_out = 1
-        REG[pid] = dict(register=fn, tensors=tensors, attrs=attrs, n_out=n_out)
-        return fn
-    return deco
-
-def _check(pid, fn, tail):
-    d = REG[pid]
-    names = list(inspect.signature(fn).parameters)
-    n = len(d["tensors"])
-    assert names[:n] == d["tensors"] and names[-2:] == tail, names
-    assert [a for a in d["attrs"] if a in names[n:-2]] == names[n:-2], names
-    return d
-
-def impl(pid):
-    def deco(fn):
-        _check(pid, fn, ["outputs", "stream"])["impl"] = fn
-        return fn
-    return deco
-
-def aot_impl(pid):
-    def deco(fn):
-        d = _check(pid, fn, ["outputs", "tactic"])
-        ret = inspect.signature(fn).return_annotation
-        assert typing.get_origin(ret) is tuple and len(typing.get_args(ret)) == 4
-        d["aot"] = fn
-        return fn
-    return deco
-'''
-
 _AOT_SCRIPT = r'''
 import struct, sys
 import numpy as np
@@ -392,10 +283,7 @@ print("AOT-HEAD-OK")
 def test_head_kernels_compile_and_plugins_register(tmp_path):
     """In a process without the interpreter: PTX for sm_90 with TensorRT's parameter lists."""
     pytest.importorskip("triton")
-    fake = tmp_path / "fake"
-    (fake / "tensorrt").mkdir(parents=True)
-    (fake / "tensorrt" / "__init__.py").write_text(_FAKE_TRT)
-    (fake / "tensorrt" / "plugin.py").write_text(_FAKE_TRTP)
+    fake = write_fake_tensorrt(tmp_path / "fake")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(fake)], env=env,
