@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from pddnet.cli.errors import friendly
+from pddnet.cli.options import displacement_gates
 from pddnet.errors import CheckFailed, PddnetError
 
 
@@ -46,12 +47,8 @@ from pddnet.errors import CheckFailed, PddnetError
 @click.option("--allow-unvalidated", is_flag=True,
               help="Bundle models without passing validation, marked as such (run only when "
                    "asked for by precision).")
-@click.option("--max-disp-p99-mm", default=1.0, show_default=True, type=click.FloatRange(min=0),
-              help="FP16/INT8 models: 99th percentile over a pair's voxels of |delta u| vs the "
-                   "reference in the report, mm, every pair; a model over it is not validated "
-                   "(refused, or bundled unvalidated: never chosen automatically).")
-@click.option("--max-disp-mm", default=2.0, show_default=True, type=click.FloatRange(min=0),
-              help="FP16/INT8 models: max |delta u| vs the reference, mm, every pair.")
+@displacement_gates("the reference in the report", "; a model over a gate is not validated "
+                    "(refused, or bundled unvalidated: never chosen automatically)")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @friendly
 def package_cmd(onnx_model, fp16, int8, engines, report_dir, out, tar, triton, triton_kind,

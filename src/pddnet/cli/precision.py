@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from pddnet.cli.errors import friendly
+from pddnet.cli.options import displacement_gates
 
 
 def _blocks(value: str | None) -> list[str] | None:
@@ -87,11 +88,7 @@ def calibrate_cmd(onnx_model, data_dir, out_dir, method, pairs, split, blocks, o
               help="FP16 gate: worst-pair |delta Dice| vs FP32, points.")
 @click.option("--gate-int8", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="INT8 gate: worst-pair |delta Dice| vs FP32, points.")
-@click.option("--max-disp-p99-mm", default=1.0, show_default=True, type=click.FloatRange(min=0),
-              help="FP16/INT8 gate: 99th percentile over a pair's voxels of |delta u| vs FP32, "
-                   "mm, every pair.")
-@click.option("--max-disp-mm", default=2.0, show_default=True, type=click.FloatRange(min=0),
-              help="FP16/INT8 gate: max |delta u| vs FP32, mm, every pair.")
+@displacement_gates("FP32")
 @click.option("--blocks", help="Candidate blocks (default: all).")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from pddnet.cli.errors import friendly
+from pddnet.cli.options import displacement_gates
 from pddnet.errors import CheckFailed
 
 
@@ -56,11 +57,7 @@ from pddnet.errors import CheckFailed
               help="FP16 gate: |delta mean Dice| vs the reference, points, per pair.")
 @click.option("--gate-dice-int8", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="INT8 gate: |delta mean Dice| vs the reference, points, per pair.")
-@click.option("--max-disp-p99-mm", default=1.0, show_default=True, type=click.FloatRange(min=0),
-              help="FP16/INT8 gate: 99th percentile over a pair's voxels of |delta u| vs the "
-                   "reference, mm (the fixed scan's spacing), every pair.")
-@click.option("--max-disp-mm", default=2.0, show_default=True, type=click.FloatRange(min=0),
-              help="FP16/INT8 gate: max |delta u| vs the reference, mm, every pair.")
+@displacement_gates("the reference")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report.json.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @friendly
