@@ -117,6 +117,10 @@ def test_numbers_match_report_json(rendered):
     assert rows["onnxruntime-fp32"]["gates"] == "PASS"
     assert rows["onnxruntime-strict"]["gates"] == "FAIL"
     assert '<td class="FAIL">FAIL</td>' in page and "Validation report: FAILED" in page
+    failing = [n for n, c in rep["candidates"].items() if not c["reference"] and not c["passed"]]
+    assert failing == ["onnxruntime-strict"]        # the headline names what failed
+    assert f"# Validation report: FAILED (1 of {len(rep['candidates']) - 1} candidates: " \
+        f"onnxruntime-strict)" in md
     # Dice per label
     per = {r[0]: r[1:] for r in _md_table(md, "label")}
     names = rep["label_names"]

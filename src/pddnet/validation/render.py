@@ -549,7 +549,12 @@ def build_document(report: dict[str, Any], figures: FigureCollector | None = Non
     cands = report["candidates"]
     secs: list[Section] = []
     status = str(report.get("status", "?")).upper()
-    top = Section(f"Validation report: {status}")
+    others = [n for n, c in cands.items() if not c.get("reference")]
+    failed = [n for n in others if not cands[n].get("passed")]
+    # the headline says which candidates failed: one failing precision must not read as if
+    # every deployed form had failed
+    top = Section(f"Validation report: {status}" + (
+        f" ({len(failed)} of {len(others)} candidates: {', '.join(failed)})" if failed else ""))
     top.blocks.append(
         f"{st.get('pairs')} {st.get('split')} pair(s) of {st.get('data')}; reference "
         f"`{report.get('reference')}`; created {report.get('created')} in "
