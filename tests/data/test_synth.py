@@ -38,8 +38,12 @@ from pddnet.metrics import dice_per_label
 N_SUBJECTS = 8
 
 # plausible volumes (ml) per label at the small preset (4 mm voxels, so thin structures vary)
+# liver: the generator's livers average 1.5 L (sd 0.22 L over 32 subjects of four seeds), with a
+# rare upper tail from large subjects (2.73 L and 2.9 L seen in fresh-seed runs, e.g. seed 2037);
+# adult livers reach about 3 L, so the bound is 3.2 L (it was 2.7 L, which failed about one run
+# in a hundred)
 VOLUME_ML = {1: (40, 700), 2: (50, 320), 3: (50, 320), 4: (5, 150), 5: (5, 80),
-             6: (800, 2700), 7: (40, 1000), 8: (35, 350), 9: (35, 300), 10: (5, 60),
+             6: (800, 3200), 7: (40, 1000), 8: (35, 350), 9: (35, 300), 10: (5, 60),
              11: (20, 160), 12: (0.5, 12), 13: (0.5, 12)}
 # median HU per label (after blur and noise; thin structures are pulled towards fat)
 HU_MEDIAN = {1: (25, 80), 2: (100, 200), 3: (100, 200), 4: (-30, 45), 6: (35, 95),
