@@ -39,7 +39,8 @@ N_SUBJECTS = 8
 
 # plausible volumes (ml) per label at the small preset (4 mm voxels, so thin structures vary)
 # liver: the generator's livers average 1.5 L (sd 0.22 L over 32 subjects of four seeds), with a
-# rare upper tail from large subjects (2.73 L and 2.9 L seen in fresh-seed runs, e.g. seed 2037);
+# rare upper tail (2.73 L and 2.9 L seen in fresh-seed runs, e.g. seed 2037; its cause is not
+# investigated);
 # adult livers reach about 3 L, so the bound is 3.2 L (it was 2.7 L, which failed about one run
 # in a hundred)
 VOLUME_ML = {1: (40, 700), 2: (50, 320), 3: (50, 320), 4: (5, 150), 5: (5, 80),
