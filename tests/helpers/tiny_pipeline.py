@@ -36,3 +36,26 @@ def tiny_pipeline(tmp: Path, *, subjects: int = 4, outputs: tuple[str, ...] = ()
     path = tmp / "tiny.onnx"
     onnx.save(model, str(path))
     return {"tmp": tmp, "data": data, "net": net, "ckpt": ckpt, "model": model, "onnx": path}
+
+
+def sharp_tiny_two_stage(folder: Path, *, seed: int, shape=(24, 24, 24)):
+    """A ``tiny`` network made to see structure (larger OBELISK offsets, a larger cost scale and
+    softmax temperature than at initialisation, so its probabilities are peaked and its fields
+    reach a few voxels), its checkpoint, and an export of both stages with the probabilities:
+    ``(net, ckpt, model)``."""
+    import torch
+
+    from pddnet.export.onnx_export import export_checkpoint
+    from pddnet.model.checkpoint import save_checkpoint
+    from pddnet.model.network import PDDNet
+    from pddnet.spec.config import preset
+
+    net = PDDNet(preset("tiny"), seed=seed).eval()
+    with torch.no_grad():
+        net.features.offsets *= 10.0
+        net.alpha[0] = 1000.0
+        net.alpha[5] = 20.0
+    ckpt = save_checkpoint(Path(folder) / "tiny.pt", net, image_shape=shape,
+                           metadata={"spacing_mm": [4.0, 4.0, 4.0]})
+    model = export_checkpoint(ckpt, Path(folder) / "tiny.onnx", outputs=("probs",), stage2=True)
+    return net, ckpt, model

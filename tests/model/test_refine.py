@@ -380,21 +380,9 @@ def sharp_tiny(tmp_path_factory):
     softmax temperature than at initialisation, so that its probabilities are peaked and the
     fields reach a few voxels on :func:`_pair`), its checkpoint, and an export of both stages
     with the probabilities."""
-    from pddnet.export.onnx_export import export_checkpoint
-    from pddnet.model.checkpoint import save_checkpoint
-    from pddnet.model.network import PDDNet
-    from pddnet.spec.config import preset
+    from helpers.tiny_pipeline import sharp_tiny_two_stage
 
-    net = PDDNet(preset("tiny"), seed=3).eval()
-    with torch.no_grad():
-        net.features.offsets *= 10.0
-        net.alpha[0] = 1000.0
-        net.alpha[5] = 20.0
-    d = tmp_path_factory.mktemp("refine")
-    ckpt = save_checkpoint(d / "tiny.pt", net, image_shape=SHAPE,
-                           metadata={"spacing_mm": [4.0, 4.0, 4.0]})
-    model = export_checkpoint(ckpt, d / "tiny.onnx", outputs=("probs",), stage2=True)
-    return net, ckpt, model
+    return sharp_tiny_two_stage(tmp_path_factory.mktemp("refine"), seed=3, shape=SHAPE)
 
 
 def _pair(seed=13):

@@ -213,20 +213,10 @@ SHAPE = (24, 24, 24)
 def tiny(tmp_path_factory):
     """A tiny network with structured features (larger OBELISK offsets), its export with the
     probabilities and the stage-two model."""
-    from pddnet.export.onnx_export import export_checkpoint
-    from pddnet.model.checkpoint import save_checkpoint
-    from pddnet.model.network import PDDNet
-    from pddnet.spec.config import preset
+    from helpers.tiny_pipeline import sharp_tiny_two_stage
 
-    net = PDDNet(preset("tiny"), seed=5).eval()
-    with torch.no_grad():
-        net.features.offsets *= 10.0
-        net.alpha[0] = 1000.0
-        net.alpha[5] = 20.0
-    d = tmp_path_factory.mktemp("feat")
-    ckpt = save_checkpoint(d / "tiny.pt", net, image_shape=SHAPE,
-                           metadata={"spacing_mm": [4.0, 4.0, 4.0]})
-    return net, export_checkpoint(ckpt, d / "tiny.onnx", outputs=("probs",), stage2=True), ckpt
+    net, ckpt, model = sharp_tiny_two_stage(tmp_path_factory.mktemp("feat"), seed=5, shape=SHAPE)
+    return net, model, ckpt
 
 
 def _pair(seed):
