@@ -3,7 +3,7 @@ src/pddnet/backends/native).
 
 Everything else is in pyproject.toml.  The library is plain C (no Python API), loaded with
 ctypes; it is built by ``pip install .`` and ``pip install -e .`` (``make setup``).  Each kernel
-file gets its own code-generation flags (AVX2+FMA, SSE2, portable), chosen at run time by the
+file gets its own code-generation flags (AVX-512, AVX2+FMA, SSE2, portable), chosen at run time by the
 library.  Where no C compiler works the install still succeeds without it and the runtime runs
 the head in ONNX Runtime (``pddnet doctor`` says which).
 """
@@ -30,6 +30,8 @@ SOURCES = {
 if X86:
     SOURCES["pdd_k_sse2.c"] = ["-msse2"]
     SOURCES["pdd_k_avx2.c"] = ["-mavx2", "-mfma", "-ffp-contract=fast"]
+    SOURCES["pdd_k_avx512.c"] = ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
+                                 "-mprefer-vector-width=512", "-ffp-contract=fast"]
 
 
 class BuildNative(build_ext):

@@ -23,9 +23,11 @@ pytestmark = pytest.mark.skipif(not native.status()["built"],
                                 reason="the C kernel library is not built")
 
 ISAS = [i for i in native.ISAS if native.status()["isas"].get(i)]
-#: (channels, feature shape, grid, L): G not a multiple of anything, L = 3, 7, 11, 15
+#: (channels, feature shape, grid, L): G not a multiple of anything (G_k = 2 and 3: the slab
+#: pass's g_k ring at its shortest), L = 3, 5, 7, 11, 15
 SHAPES = [(3, (9, 11, 13), (5, 7, 6), 7), (2, (6, 7, 8), (3, 4, 5), 3),
-          (4, (12, 10, 14), (4, 5, 3), 11), (2, (10, 9, 11), (3, 2, 3), 15)]
+          (4, (12, 10, 14), (4, 5, 3), 11), (2, (10, 9, 11), (3, 2, 3), 15),
+          (17, (7, 8, 9), (4, 3, 2), 5)]
 
 
 def _kernels(C_, n, G, L, q, *, isa, mode="approx", **kw):
@@ -217,7 +219,7 @@ def test_library_absent_or_off_falls_back_and_says_so(monkeypatch):
 def test_forced_kernel_set_and_bad_values(monkeypatch):
     monkeypatch.setenv(native.ENV, "portable")
     assert native.status()["isa"] == "portable"
-    monkeypatch.setenv(native.ENV, "avx512")
+    monkeypatch.setenv(native.ENV, "avx1024")
     with pytest.raises(PddnetError, match="PDDNET_NATIVE"):
         native.status()
 

@@ -17,9 +17,10 @@ The same library holds the ``features`` refinement loop in double precision
 (``pdd_refine.c``, :func:`feature_refine`; ``pddnet.runtime.refine.feature_optimise`` calls it
 where the library loads and ``PDDNET_NATIVE`` is not ``off``). It has no ISA-specific code.
 
-Kernel sets: ``avx2`` (AVX2 + FMA), ``sse2`` (x86-64 baseline) and ``portable`` (the same C
-without vectorisation; the only one built on other CPUs, e.g. aarch64). The best one this CPU
-runs is chosen at run time; ``PDDNET_NATIVE=off|auto|avx2|sse2|portable`` overrides it.
+Kernel sets: ``avx512`` (AVX-512 F/VL/DQ + FMA), ``avx2`` (AVX2 + FMA), ``sse2`` (x86-64
+baseline) and ``portable`` (the same C without vectorisation; the only one built on other CPUs,
+e.g. aarch64). The best one this CPU runs is chosen at run time;
+``PDDNET_NATIVE=off|auto|avx512|avx2|sse2|portable`` overrides it.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ ENV = "PDDNET_NATIVE"
 #: the passes of one C head run, timed by the library (:attr:`HeadKernels.last_pass_ms`)
 PASSES = ("prepare", "correlation+step1_jk", "step1_i+second_input", "step2_jk",
           "step2_i+softmax")
-ISAS = ("portable", "sse2", "avx2")
-ABI_VERSION = 2
+ISAS = ("portable", "sse2", "avx2", "avx512")
+ABI_VERSION = 3
 #: where the build puts the library: a folder that is not a Python package, so nothing that
 #: walks the package's modules tries to import it as an extension module
 _HERE = Path(__file__).resolve().parent / "lib"

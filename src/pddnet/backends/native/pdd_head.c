@@ -32,6 +32,15 @@ int pdd_isa_available(int isa)
 #else
         return 0;
 #endif
+    case PDD_ISA_AVX512:
+#if defined(__GNUC__)
+        __builtin_cpu_init();
+        return (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
+                && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2")
+                && __builtin_cpu_supports("fma")) ? 1 : 0;
+#else
+        return 0;
+#endif
 #endif
     default:
         return 0;
@@ -42,13 +51,15 @@ int pdd_isa_available(int isa)
 static const pdd_kernels *pick(int isa, int *chosen)
 {
     if (isa < 0)
-        isa = pdd_isa_available(PDD_ISA_AVX2) ? PDD_ISA_AVX2
+        isa = pdd_isa_available(PDD_ISA_AVX512) ? PDD_ISA_AVX512
+            : pdd_isa_available(PDD_ISA_AVX2) ? PDD_ISA_AVX2
             : pdd_isa_available(PDD_ISA_SSE2) ? PDD_ISA_SSE2 : PDD_ISA_PORTABLE;
     if (!pdd_isa_available(isa))
         return NULL;
     *chosen = isa;
     switch (isa) {
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+    case PDD_ISA_AVX512: return pdd_kernels_avx512();
     case PDD_ISA_AVX2: return pdd_kernels_avx2();
     case PDD_ISA_SSE2: return pdd_kernels_sse2();
 #endif
@@ -165,7 +176,7 @@ void pdd_head_destroy(pdd_head *h)
         free_taps(&h->ctl[a]);
         free_taps(&h->dsp[a]);
     }
-    free(h->A); free(h->B); free(h->F); free(h->scratch);
+    free(h->A); free(h->B); free(h->F); free(h->V); free(h->scratch);
     free(h);
 }
 
@@ -199,7 +210,8 @@ pdd_head *pdd_head_create(const int *ints, const float *floats, const double *di
         return NULL;
     }
     h->isa = chosen;
-    h->LP = (h->L + 7) / 8 * 8;
+    /* displacement lines padded to whole vectors of the kernel set (16 lanes for AVX-512) */
+    h->LP = chosen == PDD_ISA_AVX512 ? (h->L + 15) / 16 * 16 : (h->L + 7) / 8 * 8;
     h->L3 = (long long)h->L * h->L * h->L;
     h->ncp = (long long)h->G[0] * h->G[1] * h->G[2];
     h->a1 = floats[0]; h->b1 = floats[1]; h->a2 = floats[2]; h->b2 = floats[3];
@@ -234,15 +246,16 @@ pdd_head *pdd_head_create(const int *ints, const float *floats, const double *di
     {
         const long long vol = h->ncp * h->L3;
         const long long L3P = (h->L3 + 15) / 16 * 16;
-        const long long GM = h->G[1] > h->G[2] ? h->G[1] : h->G[2];
+        /* per thread: Mi, one column and the five-column ring of the slab pass, two blocks */
         h->scratch_per_thread = (size_t)((long long)h->C * h->L * h->n[1] * h->LP
-                                         + (long long)h->C * h->L * h->n[1] * h->n[2]
-                                         + GM * L3P + 4 * L3P + 64);
+                                         + 6 * (long long)h->G[1] * L3P + 4 * L3P + 64);
         h->A = (float *)alloc_floats((size_t)vol);
         h->B = (float *)alloc_floats((size_t)vol);
         h->F = (float *)alloc_floats((size_t)(h->ncp * h->C));
+        h->V = (float *)alloc_floats((size_t)((long long)h->G[2] * h->C * h->n[0] * h->n[1]
+                                              * h->LP));
         h->scratch = (float *)alloc_floats(h->scratch_per_thread * (size_t)h->threads);
-        if (!h->A || !h->B || !h->F || !h->scratch) {
+        if (!h->A || !h->B || !h->F || !h->V || !h->scratch) {
             pdd_head_destroy(h);
             return NULL;
         }
@@ -257,6 +270,7 @@ size_t pdd_head_bytes(const pdd_head *h)
 {
     return sizeof(float) * ((size_t)(2 * h->ncp * h->L3)
                             + (size_t)(h->ncp * h->C)
+                            + (size_t)((long long)h->G[2] * h->C * h->n[0] * h->n[1] * h->LP)
                             + h->scratch_per_thread * (size_t)h->threads);
 }
 
@@ -287,6 +301,21 @@ static void slab_item(void *ctx, long long gi, int tid)
     pass *P = (pass *)ctx;
     P->k->slab(P->h, (int)gi, P->moving, P->src, P->ssd, P->dst, P->a, P->b, P->pen, P->smooth,
                scr(P, tid));
+}
+
+static void kcol_item(void *ctx, long long gk, int tid)
+{
+    pass *P = (pass *)ctx;
+    (void)tid;
+    P->k->kcol(P->h, P->moving, (int)gk);
+}
+
+/* the fixed features at the control points and V (the moving features along k) */
+static void prepare_pass(pass *P, const float *fixed, const float *moving)
+{
+    P->k->prepare(P->h, fixed, moving);
+    P->moving = moving;
+    pdd_parallel_for(P->h->threads, P->h->G[2], kcol_item, P);
 }
 
 static void irow_item(void *ctx, long long item, int tid)
@@ -337,7 +366,7 @@ int pdd_head_run(pdd_head *h, const float *fixed, const float *moving, float *pr
     if (!P.k)
         return -1;
     double t0 = now_ms(), t1;
-    P.k->prepare(h, fixed, moving);
+    prepare_pass(&P, fixed, moving);
     t1 = now_ms(); last_times[0] = t1 - t0; t0 = t1;
     /* correlation -> A (the SSD); min-convolution of a1 SSD + b1, smoothing along g_j, g_k -> B */
     P.moving = moving; P.smooth = 1; P.ssd = h->A; P.dst = h->B; P.a = h->a1; P.b = h->b1;
@@ -367,7 +396,7 @@ int pdd_head_correlation(pdd_head *h, const float *fixed, const float *moving, f
     memset(&P, 0, sizeof(P));
     P.h = h; P.k = kernels(h);
     if (!P.k) return -1;
-    P.k->prepare(h, fixed, moving);
+    prepare_pass(&P, fixed, moving);
     P.moving = moving; P.ssd = out; P.dst = NULL;
     pdd_parallel_for(h->threads, h->G[0], slab_item, &P);
     return 0;

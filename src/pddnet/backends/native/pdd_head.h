@@ -6,9 +6,9 @@
 
 #include <stddef.h>
 
-#define PDD_ABI_VERSION 2
+#define PDD_ABI_VERSION 3
 
-enum { PDD_ISA_PORTABLE = 0, PDD_ISA_SSE2 = 1, PDD_ISA_AVX2 = 2 };
+enum { PDD_ISA_PORTABLE = 0, PDD_ISA_SSE2 = 1, PDD_ISA_AVX2 = 2, PDD_ISA_AVX512 = 3 };
 enum { PDD_MODE_APPROX = 0, PDD_MODE_EXACT = 1 };
 
 /* taps of one axis: sample at position p is w0[p] * x[i0[p]] + w1[p] * x[i1[p]] */
@@ -29,6 +29,7 @@ typedef struct pdd_head {
     pdd_taps dsp[3];          /* control point + displacement, index g * L + d */
     float *A, *B;             /* two cost volumes (G^3 L^3) */
     float *F;                 /* fixed features at the control points: G^3 C */
+    float *V;                 /* moving features interpolated along k: G_k C n_i n_j LP */
     float *scratch;           /* per-thread scratch */
     size_t scratch_per_thread; /* floats */
 } pdd_head;
@@ -36,8 +37,10 @@ typedef struct pdd_head {
 typedef struct pdd_kernels {
     const char *name;
     void (*prepare)(pdd_head *h, const float *fixed, const float *moving);
+    /* column gk of V: the moving features interpolated along k (every column before a slab) */
+    void (*kcol)(pdd_head *h, const float *moving, int gk);
     /* one slab g_i: (correlation | min-convolution of src) -> smoothing along g_j and g_k.
-     * moving != NULL: the slab's SSD from the features (written to ssd_out), else read src. */
+     * moving != NULL: the slab's SSD from the features (V, written to ssd_out), else read src. */
     void (*slab)(pdd_head *h, int gi, const float *moving, const float *src, float *ssd_out,
                  float *dst, float a, float b, float pen, int smooth, float *scr);
     /* i-smoothing of src row (gi, gj) (all g_k), combined: out = p * base + q * smooth + r */
@@ -52,10 +55,7 @@ const pdd_kernels *pdd_kernels_portable(void);
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 const pdd_kernels *pdd_kernels_sse2(void);
 const pdd_kernels *pdd_kernels_avx2(void);
-/* the `features` refinement loop in double precision (pdd_refine.c; docs/refinement.md) */
-int pdd_feature_refine(const int *ints, const double *params, const double *fixed,
-                       const double *moving, double *theta, double *u_out, double *out);
-
+const pdd_kernels *pdd_kernels_avx512(void);
 #endif
 
 /* the run-time helper every kernel set shares: fn(ctx, item) for item in [0, n) on T threads */
