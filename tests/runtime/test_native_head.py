@@ -173,6 +173,67 @@ def test_runner_with_and_without_the_library_agree(case):
         without.close()
 
 
+def test_upsampling_in_c_matches_the_reference_and_onnx_runtime():
+    """The head's last linear map (grid displacements -> voxels on the image grid) in C,
+    against PyTorch's trilinear upsampling in float64 and the same graph in ONNX Runtime."""
+    from pddnet.backends.onnxrt import OnnxRuntimeBackend
+    from pddnet.graph.split import _make_part, _value_types, split_model
+    from pddnet.model import ops
+
+    _, model = _export()
+    head = split_model(model).head
+    plan = native.plan_head(head)
+    assert plan.upsample is not None and plan.tail is None
+    assert plan.describe()["upsampling"] == "native"
+    rng = np.random.default_rng()
+    grid = rng.uniform(-0.3, 0.3, (*plan.grid, 3)).astype(np.float32)
+    k = native.HeadKernels(plan, threads=2)
+    try:
+        got = k.upsample(plan.upsample, grid)
+    finally:
+        k.close()
+    up = ops.dense_displacement(_t(grid), SHAPE).numpy()
+    np.testing.assert_allclose(got, up, atol=1e-6)
+    # the same nodes in ONNX Runtime: everything downstream of the expectation
+    expect, rest = plan.produces["grid_disp"], []
+    reach = {expect}
+    for n in head.graph.node:
+        if any(x in reach for x in n.input):
+            rest.append(n)
+            reach |= set(n.output)
+    tail = _make_part(head, rest, "t", inputs=[(expect, expect)],
+                      outputs=[(C.OUTPUT_DISP, C.OUTPUT_DISP)], types=_value_types(head))
+    be = OnnxRuntimeBackend(tail, label="t", threads=1).activate()
+    try:
+        np.testing.assert_allclose(got, be.run({expect: grid})[C.OUTPUT_DISP], atol=1e-6)
+    finally:
+        be.deactivate()
+
+
+def test_an_fp16_upsampling_stays_in_onnx_runtime():
+    """A head whose upsampling is another computation (here float16) keeps the C head for the
+    cost volume and runs its rest in ONNX Runtime, with the same result as without the library."""
+    from pddnet.export.onnx_export import export_model
+    from pddnet.graph.split import split_model
+    from pddnet.runtime.runner import PairRunner
+
+    net, _ = _export()
+    model = export_model(net, SHAPE, precision={"upsample": "fp16"})
+    plan = native.plan_head(split_model(model).head)
+    assert plan.upsample is None and plan.tail is not None
+    assert plan.describe()["upsampling"] == "onnxruntime"
+    fixed, moving = _images()
+    a = PairRunner(model, "onnxruntime", {"threads": 2})
+    b = PairRunner(model, "onnxruntime", {"threads": 2}, native=False)
+    try:
+        assert a.head_implementation.startswith("native-")
+        np.testing.assert_allclose(a.run_pair(fixed, moving).outputs[C.OUTPUT_DISP],
+                                   b.run_pair(fixed, moving).outputs[C.OUTPUT_DISP], atol=2e-3)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_fp16_head_runs_in_onnx_runtime_and_says_why():
     from pddnet.export.onnx_export import export_model
     from pddnet.runtime.runner import PairRunner

@@ -95,6 +95,8 @@ def _load() -> ctypes.CDLL | None:
     for name in ("pdd_head_minconv", "pdd_head_mean_field"):
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                        ctypes.c_float]
+    lib.pdd_upsample.restype = ctypes.c_int
+    lib.pdd_upsample.argtypes = [ctypes.c_void_p] * 7
     dp = ctypes.POINTER(ctypes.c_double)
     lib.pdd_feature_refine.restype = ctypes.c_int
     lib.pdd_feature_refine.argtypes = [ctypes.POINTER(ctypes.c_int), dp, dp, dp, dp, dp, dp]
@@ -230,6 +232,10 @@ class HeadPlan:
     #: tensors the C head produces for the tail: {"probs"|"grid_disp"|"entropy": graph name}
     produces: dict[str, str] = field(default_factory=dict)
     tail: Any = None  # onnx.ModelProto of the remaining nodes (None: nothing left)
+    #: the upsampling to the image grid when the C library runs it (:class:`Upsampling`)
+    upsample: "Upsampling | None" = None
+    #: outputs that are another tensor under a second name (Identity nodes of the rest)
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         return {"grid": list(self.grid), "disp_size": self.disp_size, "capture": self.capture,
@@ -237,7 +243,77 @@ class HeadPlan:
                 "affine": {"a1": self.a1, "b1": self.b1, "a2": self.a2, "c2": self.c2,
                            "b2": self.b2, "logit_scale": self.scale, "logit_shift": self.shift},
                 "penalties": [self.pen1, self.pen2] if self.mode == "exact" else None,
-                "native_outputs": sorted(self.produces)}
+                "native_outputs": sorted(self.produces),
+                "upsampling": "native" if self.upsample is not None else "onnxruntime"}
+
+
+@dataclass
+class Upsampling:
+    """The head's last linear map, read from its graph: ``out = scale * (U_i x U_j x U_k)
+    grid`` (the trilinear upsampling of :meth:`pddnet.export.onnx_export` in voxels), with
+    each interpolation matrix as CSR rows (``ptr`` of the three axes one after the other)."""
+
+    shape: tuple[int, int, int]
+    ptr: np.ndarray
+    col: np.ndarray
+    val: np.ndarray
+    scale: np.ndarray
+    output: str
+
+    @classmethod
+    def from_matrices(cls, mats: list[np.ndarray], scale: np.ndarray, output: str):
+        ptr, col, val, base = [], [], [], 0
+        for m in mats:
+            rows, cols = np.nonzero(m)
+            counts = np.bincount(rows, minlength=m.shape[0])
+            ptr.append(base + np.concatenate([[0], np.cumsum(counts)]))
+            col.append(cols)
+            val.append(m[rows, cols])
+            base += len(cols)
+        return cls(tuple(int(m.shape[0]) for m in mats),
+                   np.ascontiguousarray(np.concatenate(ptr), np.int32),
+                   np.ascontiguousarray(np.concatenate(col), np.int32),
+                   np.ascontiguousarray(np.concatenate(val), np.float32),
+                   np.ascontiguousarray(scale, np.float32), output)
+
+
+def _plan_upsample(tail_nodes: list, consts: dict[str, np.ndarray], grid_disp: str,
+                   grid: tuple[int, int, int], outputs: list[str]) -> Upsampling | None:
+    """The upsampling when the rest of the head is exactly the exporter's chain (Transpose,
+    Reshape, three MatMuls by constant float32 matrices, Reshape, Transpose, Mul by a constant
+    per component; Identity nodes that name outputs aside), else ``None`` (ONNX Runtime runs
+    the rest)."""
+    from onnx import helper
+
+    chain = [n for n in tail_nodes
+             if not (n.op_type == "Identity" and n.input[0] == grid_disp)]
+    if [n.op_type for n in chain] != ["Transpose", "Reshape", "MatMul", "Reshape", "MatMul",
+                                      "MatMul", "Reshape", "Transpose", "Mul"]:
+        return None
+    if any(n.domain not in ("", "ai.onnx") for n in chain):
+        return None
+    for a, b in zip(chain, chain[1:]):      # a straight chain, each node reading the last
+        if a.output[0] not in b.input:
+            return None
+    t0, _, m0, _, m1, m2, _, t1, mul = chain
+
+    def perm(n):
+        return [int(x) for x in helper.get_attribute_value(n.attribute[0])] \
+            if len(n.attribute) == 1 and n.attribute[0].name == "perm" else None
+
+    def const(name, ndim):
+        v = consts.get(name)
+        return v if v is not None and v.dtype == np.float32 and v.ndim == ndim else None
+
+    gi, gj, gk = grid
+    ui, uj, ukt = const(m0.input[0], 2), const(m1.input[0], 2), const(m2.input[1], 2)
+    scale = const(mul.input[1], 1)
+    if (t0.input[0] != grid_disp or perm(t0) != [3, 0, 1, 2] or perm(t1) != [1, 2, 3, 0]
+            or ui is None or uj is None or ukt is None or scale is None or scale.shape != (3,)
+            or ui.shape[1] != gi or uj.shape[1] != gj or ukt.shape[0] != gk
+            or mul.output[0] not in outputs or mul.input[0] != t1.output[0]):
+        return None
+    return Upsampling.from_matrices([ui, uj, np.ascontiguousarray(ukt.T)], scale, mul.output[0])
 
 
 class _Form:
@@ -470,6 +546,10 @@ def plan_head(head: Any) -> HeadPlan:
     plan.produces = {k: v for k, v in produces.items() if v in tail_reads or v in outputs
                      or k == "grid_disp"}
     tail_out = [o for o in outputs if o in tail_made]
+    plan.upsample = _plan_upsample(tail_nodes, consts, produces["grid_disp"], grid, outputs)
+    if plan.upsample is not None:
+        tail_out = []   # the C library runs the whole rest; Identity outputs are aliases
+        plan.aliases = {n.output[0]: n.input[0] for n in tail_nodes if n.op_type == "Identity"}
     if tail_out:
         types = _value_types(head)
         tin = [v for v in plan.produces.values() if v in tail_reads]
@@ -564,6 +644,21 @@ class HeadKernels:
         times = np.zeros(5, np.float64)
         self._lib.pdd_head_last_times(_ptr(times))
         self.last_pass_ms = dict(zip(PASSES, (float(t) for t in times)))
+        return out
+
+    def upsample(self, up: Upsampling, grid_disp: np.ndarray) -> np.ndarray:
+        """The grid displacements on the image grid (``(n_i, n_j, n_k, 3)``, a new array)."""
+        g = self.plan.grid
+        grid_disp = np.ascontiguousarray(grid_disp, dtype=np.float32)
+        if grid_disp.shape != (*g, 3):
+            raise PddnetError(f"C upsampling: grid of shape {grid_disp.shape}, expected "
+                              f"{(*g, 3)}")
+        out = np.empty((*up.shape, 3), np.float32)
+        ints = np.array([*g, *up.shape, self.threads], np.int32)
+        rc = self._lib.pdd_upsample(_ptr(ints), _ptr(up.ptr), _ptr(up.col), _ptr(up.val),
+                                    _ptr(up.scale), _ptr(grid_disp), _ptr(out))
+        if rc != 0:
+            raise PddnetError("the C upsampling could not allocate its scratch (out of memory?)")
         return out
 
     # single steps (tests, diagnostics)
@@ -670,6 +765,9 @@ class NativeHeadBackend(Backend):
         self.last_kernel_ms = (time.perf_counter() - t0) * 1e3
         named = {p.produces[k]: v for k, v in got.items() if k in p.produces}
         out = dict(named)
+        if p.upsample is not None:
+            out[p.upsample.output] = self._kernels.upsample(p.upsample, got["grid_disp"])
+            out.update({alias: named[src] for alias, src in p.aliases.items()})
         if self._tail is not None:
             feeds2 = {s.name: named[s.name] for s in self._tail.input_specs}
             out.update(self._tail.run(feeds2))

@@ -436,3 +436,81 @@ int pdd_head_softmax(pdd_head *h, const float *cost, float *probs, float *disp, 
     pdd_parallel_for(h->threads, rows(h), final_item, &P);
     return 0;
 }
+
+/* ---- upsampling of the grid displacements to the image grid --------------------------------- */
+
+typedef struct {
+    int G[3], n[3];
+    const int *ptr[3], *col;      /* CSR rows of the three interpolation matrices (n_a x G_a) */
+    const float *val, *scale, *grid;
+    float *out, *scratch;
+    size_t per_thread;
+} upsample_job;
+
+/* one image slice i: the grid interpolated along i (row i), then along j per image row, then
+ * along k per voxel, times the voxels per normalised unit of each component */
+static void upsample_item(void *ctx, long long item, int tid)
+{
+    upsample_job *J = (upsample_job *)ctx;
+    const int i = (int)item, Gj = J->G[1], Gk = J->G[2], nj = J->n[1], nk = J->n[2];
+    const long long plane = (long long)Gj * Gk * 3;
+    float *t1 = J->scratch + J->per_thread * (size_t)tid, *t2 = t1 + plane;
+    for (long long x = 0; x < plane; ++x)
+        t1[x] = 0.0f;
+    for (int p = J->ptr[0][i]; p < J->ptr[0][i + 1]; ++p) {
+        const float w = J->val[p];
+        const float *g = J->grid + (long long)J->col[p] * plane;
+        for (long long x = 0; x < plane; ++x)
+            t1[x] += w * g[x];
+    }
+    for (int j = 0; j < nj; ++j) {
+        for (int x = 0; x < Gk * 3; ++x)
+            t2[x] = 0.0f;
+        for (int p = J->ptr[1][j]; p < J->ptr[1][j + 1]; ++p) {
+            const float w = J->val[p];
+            const float *g = t1 + (long long)J->col[p] * Gk * 3;
+            for (int x = 0; x < Gk * 3; ++x)
+                t2[x] += w * g[x];
+        }
+        float *y = J->out + ((long long)i * nj + j) * nk * 3;
+        for (int k = 0; k < nk; ++k) {
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f;
+            for (int p = J->ptr[2][k]; p < J->ptr[2][k + 1]; ++p) {
+                const float w = J->val[p];
+                const float *g = t2 + (long long)J->col[p] * 3;
+                a0 += w * g[0];
+                a1 += w * g[1];
+                a2 += w * g[2];
+            }
+            y[3 * k] = a0 * J->scale[0];
+            y[3 * k + 1] = a1 * J->scale[1];
+            y[3 * k + 2] = a2 * J->scale[2];
+        }
+    }
+}
+
+/* out (n_i, n_j, n_k, 3) = the separable interpolation of grid (G_i, G_j, G_k, 3), times scale.
+ * ints: G_i, G_j, G_k, n_i, n_j, n_k, threads; ptr: the three CSR row pointers one after the
+ * other (n_i + 1, n_j + 1, n_k + 1 entries, indices into col/val).  Returns -1 when out of
+ * memory. */
+int pdd_upsample(const int *ints, const int *ptr, const int *col, const float *val,
+                 const float *scale, const float *grid, float *out)
+{
+    upsample_job J;
+    int threads = ints[6] < 1 ? 1 : ints[6];
+    for (int a = 0; a < 3; ++a) {
+        J.G[a] = ints[a];
+        J.n[a] = ints[3 + a];
+    }
+    J.ptr[0] = ptr;
+    J.ptr[1] = ptr + J.n[0] + 1;
+    J.ptr[2] = J.ptr[1] + J.n[1] + 1;
+    J.col = col; J.val = val; J.scale = scale; J.grid = grid; J.out = out;
+    J.per_thread = (size_t)J.G[1] * J.G[2] * 3 + (size_t)J.G[2] * 3 + 16;
+    J.scratch = (float *)malloc(sizeof(float) * J.per_thread * (size_t)threads);
+    if (!J.scratch)
+        return -1;
+    pdd_parallel_for(threads, J.n[0], upsample_item, &J);
+    free(J.scratch);
+    return 0;
+}

@@ -62,6 +62,10 @@ const pdd_kernels *pdd_kernels_avx512(void);
 void pdd_parallel_for(int threads, long long n, void (*fn)(void *ctx, long long item, int tid),
                       void *ctx);
 
+/* the grid displacements upsampled to the image grid (the head's last linear map; pdd_head.c) */
+int pdd_upsample(const int *ints, const int *ptr, const int *col, const float *val,
+                 const float *scale, const float *grid, float *out);
+
 /* the `features` refinement loop in double precision (pdd_refine.c; docs/refinement.md) */
 int pdd_feature_refine(const int *ints, const double *params, const double *fixed,
                        const double *moving, double *theta, double *u_out, double *out);
