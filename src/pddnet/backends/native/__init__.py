@@ -43,7 +43,7 @@ ENV = "PDDNET_NATIVE"
 PASSES = ("prepare", "correlation+step1_jk", "step1_i+second_input", "step2_jk",
           "step2_i+softmax")
 ISAS = ("portable", "sse2", "avx2", "avx512")
-ABI_VERSION = 3
+ABI_VERSION = 4
 #: where the build puts the library: a folder that is not a Python package, so nothing that
 #: walks the package's modules tries to import it as an extension module
 _HERE = Path(__file__).resolve().parent / "lib"
@@ -98,6 +98,8 @@ def _load() -> ctypes.CDLL | None:
     dp = ctypes.POINTER(ctypes.c_double)
     lib.pdd_feature_refine.restype = ctypes.c_int
     lib.pdd_feature_refine.argtypes = [ctypes.POINTER(ctypes.c_int), dp, dp, dp, dp, dp, dp]
+    lib.pdd_obelisk_sample.restype = ctypes.c_int
+    lib.pdd_obelisk_sample.argtypes = [ctypes.POINTER(ctypes.c_int), f32p, f32p, f32p, f32p]
     _lib, _lib_path = lib, str(path)
     return lib
 
