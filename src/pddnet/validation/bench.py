@@ -146,6 +146,7 @@ def bench_runtime(model: str, feeds_path: str, threads: int, warmup: int, repeat
         np.save(disp_out, out["disp"])
     res = {"latency": _stats(parts["pair"], warmup), "memory": mem.as_dict(isolated=True),
            "load_ms": load_ms, "describe": desc, "head_impl": desc.get("head"),
+           "sampling_impl": desc.get("sampling"),
            "torch_loaded": "torch" in sys.modules,
            "parts": {k: _stats(v, warmup) for k, v in parts.items() if k != "pair"}}
     if not native or not str((desc.get("head") or {}).get("implementation", "")).startswith(
@@ -345,6 +346,7 @@ def run_bench(preset_name: str, *, shape: Sequence[int] | None = None, threads: 
         "speedup_vs_pytorch": speedup,
         "onnxruntime_better": {"latency": best_time, "peak_rss": best_mem},
         "runtime_head": runs["runtime"].get("head_impl"),
+        "runtime_sampling": runs["runtime"].get("sampling_impl"),
         "gemm": gemm,
         "floor": floor,
         "check": {"disp_max_abs_diff_vs_pytorch_vox": diffs},
@@ -428,6 +430,12 @@ def format_bench(r: dict[str, Any]) -> str:
         why = (r["runs"]["runtime"].get("head_impl") or {}).get("reason")
         if why:
             lines.append(f"  the runtime's head ran in ONNX Runtime: {why}")
+        for name, run in rt:
+            smp = run.get("sampling_impl") or {}
+            if smp:
+                lines.append(f"  {name}: features' OBELISK sampling in "
+                             f"{'C' if smp['implementation'] == 'native' else 'ONNX Runtime'}"
+                             + (f" ({smp['reason']})" if smp.get("reason") else ""))
     lines.append("max |disp - disp_pytorch| (voxels): " + ", ".join(
         f"{n} {v:.2e}" for n, v in r["check"]["disp_max_abs_diff_vs_pytorch_vox"].items()))
     lines.append(f"better ORT setting: latency {r['onnxruntime_better']['latency']}, peak RSS "
