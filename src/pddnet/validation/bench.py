@@ -16,11 +16,12 @@ One run measures, on the same input pair and with the same thread count:
 * a per-block time breakdown of the ONNX Runtime run from its profiler, grouped by contract
   prefix (``fixed/``, ``moving/``, ``head/``) and by custom op (:mod:`pddnet.validation.profile`);
 * the runtime as a user gets it (:class:`~pddnet.runtime.runner.PairRunner`: the features in
-  ONNX Runtime, the head in the C kernels where they are built, :mod:`pddnet.backends.native`),
-  each setting in its own child process: a whole pair (both feature passes and the head), the
-  correlation + head alone, and a further moving scan with the fixed scan's features reused;
-  beside the same runner with the head in ONNX Runtime (``runtime-ort-head``). The settings
-  (:data:`RUNTIME_MODES`) re-measure ``enable_mem_pattern`` and the CPU arena with the C head;
+  ONNX Runtime with their OBELISK sampling in C, the head in the C kernels, where the library
+  is built, :mod:`pddnet.backends.native`), each setting in its own child process: a whole
+  pair (both feature passes and the head), the correlation + head alone, and a further moving
+  scan with the fixed scan's features reused; beside the same runner without the library
+  (``runtime-ort-head``: the head and the sampling in ONNX Runtime). The settings
+  (:data:`RUNTIME_MODES`) re-measure ``enable_mem_pattern`` and the CPU arena with the library;
 * the largest difference between the backends' displacement fields (a sanity check).
 
 The result schema is documented in ``docs/benchmarks.md``.
@@ -43,7 +44,8 @@ from pddnet.spec import contract as C
 SCHEMA = "pddnet.bench/1"
 #: the ONNX Runtime settings timed: name -> enable_mem_pattern (the backend's default first)
 ORT_MODES = {"onnxruntime": True, "onnxruntime-no-mem-pattern": False}
-#: the runtime settings timed: name -> (C head, ONNX Runtime options); the default first
+#: the runtime settings timed: name -> (C library: head and features' sampling, ONNX Runtime
+#: options); the default first
 RUNTIME_MODES: dict[str, tuple[bool, dict[str, Any]]] = {
     "runtime": (True, {}),
     "runtime-no-mem-pattern": (True, {"mem_pattern": False}),
