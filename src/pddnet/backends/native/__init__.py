@@ -13,6 +13,10 @@ their mode and penalties, the softmax scale, the displacement table of the expec
 refuses, with the reason, any head that is not the standard float32 one (a ``Cast``, a Q/DQ
 pair, an unknown node): that head runs in ONNX Runtime as before.
 
+The same library computes the feature network's OBELISK sampling (the two
+``DeformableSample3D`` nodes and their difference, ``pdd_sample.c``): the runtime's features
+backend around it is :mod:`pddnet.backends.native.features`. It has no ISA-specific code.
+
 The same library holds the ``features`` refinement loop in double precision
 (``pdd_refine.c``, :func:`feature_refine`; ``pddnet.runtime.refine.feature_optimise`` calls it
 where the library loads and ``PDDNET_NATIVE`` is not ``off``). It has no ISA-specific code.
