@@ -1,5 +1,5 @@
-"""Build of the optional C kernel library (the fused head and the `features` refinement loop,
-src/pddnet/backends/native).
+"""Build of the optional C kernel library (the fused head, the OBELISK sampling of the features
+and the `features` refinement loop, src/pddnet/backends/native).
 
 Everything else is in pyproject.toml.  The library is plain C (no Python API), loaded with
 ctypes; it is built by ``pip install .`` and ``pip install -e .`` (``make setup``).  Each kernel
@@ -25,6 +25,7 @@ COMMON = ["-O3", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping
 SOURCES = {
     "pdd_head.c": [],
     "pdd_refine.c": [],
+    "pdd_sample.c": [],
     "pdd_k_portable.c": ["-fno-tree-vectorize", "-fno-tree-slp-vectorize"],
 }
 if X86:

@@ -234,6 +234,9 @@ def test_outputs_summary_and_metrics(models, tmp_path):
         assert isinstance(s["timings_ms"][k], float) and s["timings_ms"][k] >= 0, k
     assert s["reuse"]["fixed_features"] == "computed"
     assert s["model"]["image_shape"] == list(SHAPE) and s["backend"]["backend"] == "onnxruntime"
+    # which implementation ran the head and the features' sampling (this fake model has no
+    # DeformableSample3D nodes: ONNX Runtime, with the reason)
+    assert s["backend"]["head"]["implementation"] and s["backend"]["sampling"]["reason"]
     assert s["inputs"]["fixed"]["orientation"] == "RAS" and s["notes"] == res.notes
     assert 0 <= s["metrics"]["dice_mean"] <= 1 and "dice_mean_before" in s["metrics"]
     assert s["field"]["units"] == "voxels of the fixed image grid"

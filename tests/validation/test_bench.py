@@ -180,6 +180,11 @@ def test_bench_tiny_reports_every_field(tmp_path):
     assert impl == (f"native-{native.status()['isa']}" if native.status()["isa"]
                     else "onnxruntime")
     assert r["runs"]["runtime-ort-head"]["head_impl"]["implementation"] == "onnxruntime"
+    smp = r["runs"]["runtime"]["sampling_impl"]["implementation"]
+    assert smp == ("native" if native.status()["built"] else "onnxruntime")
+    assert r["runs"]["runtime-ort-head"]["sampling_impl"]["implementation"] == "onnxruntime"
+    assert r["runtime_sampling"]["implementation"] == smp
+    assert "runtime: features' OBELISK sampling in " in res.output
     for name in ("runtime", "runtime-ort-head"):
         parts = r["runs"][name]["parts"]
         assert all(parts[k]["p50_ms"] > 0 for k in ("features", "head", "extra"))

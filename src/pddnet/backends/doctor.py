@@ -283,7 +283,7 @@ def collect(probe: Probe | None = None) -> dict[str, Any]:
 def _native() -> dict[str, Any]:
     """The C kernel library of the fused head (:mod:`pddnet.backends.native`): built or not,
     the kernel sets this CPU runs, the one the runtime uses, or why the head runs in ONNX
-    Runtime."""
+    Runtime; ``sampling``: whether the runtime runs the features' OBELISK sampling in it."""
     import platform
 
     from pddnet.backends import native
@@ -294,6 +294,10 @@ def _native() -> dict[str, Any]:
         return {"built": None, "isa": None, "reason": str(exc), "isas": {}, "path": None,
                 "machine": platform.machine()}
     st["machine"] = platform.machine()
+    from pddnet.backends.native import features
+
+    ok, why = features.sampling_status()
+    st["sampling"] = {"runs": ok, "reason": why}
     return st
 
 
@@ -325,6 +329,13 @@ def format_report(rep: dict[str, Any]) -> str:
             line = (f"  [--] C head kernels: not used ({nat.get('reason')}); the head runs in "
                     "ONNX Runtime (its function bodies)")
         out.append(line)
+        smp = nat.get("sampling") or {}
+        if smp.get("runs"):
+            out.append("  [ok] C OBELISK sampling: the runtime runs the standard float32 features' "
+                       "two DeformableSample3D nodes and their difference in it")
+        else:
+            out.append(f"  [--] C OBELISK sampling: not used ({smp.get('reason')}); the "
+                       "features' DeformableSample3D nodes run in ONNX Runtime")
     out.append("")
     out.append("TensorRT plugin paths:")
     for pth in rep["plugin_paths"]:

@@ -54,7 +54,11 @@ class PairRunner:
             (:mod:`pddnet.backends.native`) where it is built, the backend is ONNX Runtime on the
             CPU and the head is the standard float32 one; else (or with ``False``, or
             ``PDDNET_NATIVE=off``) ONNX Runtime runs the head's function bodies.
-            :attr:`head_impl` says which ran and why.
+            :attr:`head_impl` says which ran and why. The same switch runs the features'
+            OBELISK sampling (the two ``DeformableSample3D`` nodes and their difference) in
+            the library, between two ONNX Runtime sessions
+            (:class:`pddnet.backends.native.features.NativeFeaturesBackend`), where the
+            features part is the standard float32 one; :attr:`sampling_impl` says which ran.
     """
 
     def __init__(self, proto: Any, backend: str, options: dict[str, Any], *, split: bool = True,
@@ -62,6 +66,7 @@ class PairRunner:
         self.split_error: PddnetError | None = None
         self.head_impl: dict[str, Any] = {"implementation": "onnxruntime",
                                           "reason": "the model is not split"}
+        self.sampling_impl: dict[str, Any] = dict(self.head_impl)
         self.features_graph = None
         self._features = self._head = self._full = None
         self._owns_features = False
@@ -80,9 +85,14 @@ class PairRunner:
             if share is not None and share.features_graph is not None and \
                     _same_graph(parts.features, share.features_graph):
                 self._features = share._features
+                self.sampling_impl = dict(share.sampling_impl)
             else:
-                self._features = create_backend(backend, parts.features,
-                                                label=f"features{suffix}", **options).activate()
+                self._features = self._native_features(parts.features, backend, options,
+                                                       suffix, native)
+                if self._features is None:
+                    self._features = create_backend(backend, parts.features,
+                                                    label=f"features{suffix}",
+                                                    **options).activate()
                 self._owns_features = True
             self._head = self._native_head(parts.head, backend, options, suffix, native)
             if self._head is None:
@@ -92,24 +102,37 @@ class PairRunner:
             self.close()
             raise
 
+    def _native_features(self, features: Any, backend: str, options: dict[str, Any],
+                         suffix: str, native: bool):
+        """The features backend with the C sampling, or ``None`` with the reason in
+        :attr:`sampling_impl`."""
+        from pddnet.backends.native import features as natf
+
+        why = _not_native("the C sampling", backend, options, native)
+        if why is None:
+            ok, why = natf.sampling_status()
+        if why is not None:
+            self.sampling_impl = {"implementation": "onnxruntime", "reason": why}
+            return None
+        ort_opts = {k: v for k, v in options.items() if k not in ("threads", "stages")}
+        try:
+            b = natf.NativeFeaturesBackend(features, label=f"features{suffix}",
+                                           threads=options.get("threads"),
+                                           **ort_opts).activate()
+        except PddnetError as exc:
+            self.sampling_impl = {"implementation": "onnxruntime",
+                                  "reason": f"the C sampling does not run this model: {exc}"}
+            return None
+        self.sampling_impl = {"implementation": "native", "reason": None,
+                              "threads": b.threads, "nodes": list(b.plan.nodes)}
+        return b
+
     def _native_head(self, head: Any, backend: str, options: dict[str, Any], suffix: str,
                      native: bool):
         """The C head backend, or ``None`` with the reason in :attr:`head_impl`."""
         from pddnet.backends import native as nat
 
-        why = None
-        if not native:
-            why = "the C head was not asked for"
-        elif backend != "onnxruntime":
-            why = f"backend {backend!r} (the C head serves the onnxruntime backend)"
-        elif options.get("profile") is not None:
-            why = "profiling ONNX Runtime's nodes"
-        else:
-            provs = options.get("providers") or ["cpu"]
-            provs = [p for p in (provs.split(",") if isinstance(provs, str) else provs) if p]
-            if any(str(p).strip().lower() not in ("cpu", "cpuexecutionprovider")
-                   for p in provs):
-                why = f"providers {provs} (the C head replaces the CPU provider only)"
+        why = _not_native("the C head", backend, options, native)
         if why is None:
             st = nat.status()
             if st["isa"] is None:
@@ -135,6 +158,12 @@ class PairRunner:
     def head_implementation(self) -> str:
         """``"native-avx2"`` / ``"native-sse2"`` / ``"native-portable"`` or ``"onnxruntime"``."""
         return self.head_impl["implementation"]
+
+    @property
+    def sampling_implementation(self) -> str:
+        """``"native"`` (the features' OBELISK sampling ran in the C library) or
+        ``"onnxruntime"``."""
+        return self.sampling_impl["implementation"]
 
     @property
     def is_split(self) -> bool:
@@ -171,9 +200,11 @@ class PairRunner:
 
     def describe(self) -> dict[str, Any]:
         """The backend's description (the feature backend's when split), with ``head``: which
-        implementation ran the head (:attr:`head_impl`)."""
+        implementation ran the head (:attr:`head_impl`), and ``sampling``: which ran the
+        features' OBELISK sampling (:attr:`sampling_impl`)."""
         d = (self._features if self._full is None else self._full).describe()
         d["head"] = dict(self.head_impl)
+        d["sampling"] = dict(self.sampling_impl)
         return d
 
     def close(self) -> None:
@@ -181,6 +212,22 @@ class PairRunner:
         for b in (self._features if self._owns_features else None, self._head, self._full):
             if b is not None:
                 b.deactivate()
+
+
+def _not_native(what: str, backend: str, options: dict[str, Any], native: bool) -> str | None:
+    """Why the C library may not replace part of ONNX Runtime's work here (``None``: it may,
+    where it is built and not switched off)."""
+    if not native:
+        return f"{what} was not asked for"
+    if backend != "onnxruntime":
+        return f"backend {backend!r} ({what} serves the onnxruntime backend)"
+    if options.get("profile") is not None:
+        return "profiling ONNX Runtime's nodes"
+    provs = options.get("providers") or ["cpu"]
+    provs = [p for p in (provs.split(",") if isinstance(provs, str) else provs) if p]
+    if any(str(p).strip().lower() not in ("cpu", "cpuexecutionprovider") for p in provs):
+        return f"providers {provs} ({what} replaces the CPU provider only)"
+    return None
 
 
 def _same_graph(a: Any, b: Any) -> bool:

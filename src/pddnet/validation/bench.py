@@ -16,11 +16,12 @@ One run measures, on the same input pair and with the same thread count:
 * a per-block time breakdown of the ONNX Runtime run from its profiler, grouped by contract
   prefix (``fixed/``, ``moving/``, ``head/``) and by custom op (:mod:`pddnet.validation.profile`);
 * the runtime as a user gets it (:class:`~pddnet.runtime.runner.PairRunner`: the features in
-  ONNX Runtime, the head in the C kernels where they are built, :mod:`pddnet.backends.native`),
-  each setting in its own child process: a whole pair (both feature passes and the head), the
-  correlation + head alone, and a further moving scan with the fixed scan's features reused;
-  beside the same runner with the head in ONNX Runtime (``runtime-ort-head``). The settings
-  (:data:`RUNTIME_MODES`) re-measure ``enable_mem_pattern`` and the CPU arena with the C head;
+  ONNX Runtime with their OBELISK sampling in C, the head in the C kernels, where the library
+  is built, :mod:`pddnet.backends.native`), each setting in its own child process: a whole
+  pair (both feature passes and the head), the correlation + head alone, and a further moving
+  scan with the fixed scan's features reused; beside the same runner without the library
+  (``runtime-ort-head``: the head and the sampling in ONNX Runtime). The settings
+  (:data:`RUNTIME_MODES`) re-measure ``enable_mem_pattern`` and the CPU arena with the library;
 * the largest difference between the backends' displacement fields (a sanity check).
 
 The result schema is documented in ``docs/benchmarks.md``.
@@ -43,7 +44,8 @@ from pddnet.spec import contract as C
 SCHEMA = "pddnet.bench/1"
 #: the ONNX Runtime settings timed: name -> enable_mem_pattern (the backend's default first)
 ORT_MODES = {"onnxruntime": True, "onnxruntime-no-mem-pattern": False}
-#: the runtime settings timed: name -> (C head, ONNX Runtime options); the default first
+#: the runtime settings timed: name -> (C library: head and features' sampling, ONNX Runtime
+#: options); the default first
 RUNTIME_MODES: dict[str, tuple[bool, dict[str, Any]]] = {
     "runtime": (True, {}),
     "runtime-no-mem-pattern": (True, {"mem_pattern": False}),
@@ -146,6 +148,7 @@ def bench_runtime(model: str, feeds_path: str, threads: int, warmup: int, repeat
         np.save(disp_out, out["disp"])
     res = {"latency": _stats(parts["pair"], warmup), "memory": mem.as_dict(isolated=True),
            "load_ms": load_ms, "describe": desc, "head_impl": desc.get("head"),
+           "sampling_impl": desc.get("sampling"),
            "torch_loaded": "torch" in sys.modules,
            "parts": {k: _stats(v, warmup) for k, v in parts.items() if k != "pair"}}
     if not native or not str((desc.get("head") or {}).get("implementation", "")).startswith(
@@ -345,6 +348,7 @@ def run_bench(preset_name: str, *, shape: Sequence[int] | None = None, threads: 
         "speedup_vs_pytorch": speedup,
         "onnxruntime_better": {"latency": best_time, "peak_rss": best_mem},
         "runtime_head": runs["runtime"].get("head_impl"),
+        "runtime_sampling": runs["runtime"].get("sampling_impl"),
         "gemm": gemm,
         "floor": floor,
         "check": {"disp_max_abs_diff_vs_pytorch_vox": diffs},
@@ -428,6 +432,12 @@ def format_bench(r: dict[str, Any]) -> str:
         why = (r["runs"]["runtime"].get("head_impl") or {}).get("reason")
         if why:
             lines.append(f"  the runtime's head ran in ONNX Runtime: {why}")
+        for name, run in rt:
+            smp = run.get("sampling_impl") or {}
+            if smp:
+                lines.append(f"  {name}: features' OBELISK sampling in "
+                             f"{'C' if smp['implementation'] == 'native' else 'ONNX Runtime'}"
+                             + (f" ({smp['reason']})" if smp.get("reason") else ""))
     lines.append("max |disp - disp_pytorch| (voxels): " + ", ".join(
         f"{n} {v:.2e}" for n, v in r["check"]["disp_max_abs_diff_vs_pytorch_vox"].items()))
     lines.append(f"better ORT setting: latency {r['onnxruntime_better']['latency']}, peak RSS "

@@ -77,6 +77,10 @@ def format_table(report: dict[str, Any]) -> str:
         if head:
             why = f" ({head['reason']})" if head.get("reason") else ""
             lines.append(f"head of {name}: {head['implementation']}{why}")
+        smp = (c.get("describe") or {}).get("sampling")
+        if smp:
+            why = f" ({smp['reason']})" if smp.get("reason") else ""
+            lines.append(f"features' OBELISK sampling of {name}: {smp['implementation']}{why}")
     if any(c.get("mode", "ff") != "ff" for c in report["candidates"].values()):
         lines += format_modes(report)
     for name, c in report["candidates"].items():

@@ -13,6 +13,10 @@ their mode and penalties, the softmax scale, the displacement table of the expec
 refuses, with the reason, any head that is not the standard float32 one (a ``Cast``, a Q/DQ
 pair, an unknown node): that head runs in ONNX Runtime as before.
 
+The same library computes the feature network's OBELISK sampling (the two
+``DeformableSample3D`` nodes and their difference, ``pdd_sample.c``): the runtime's features
+backend around it is :mod:`pddnet.backends.native.features`. It has no ISA-specific code.
+
 The same library holds the ``features`` refinement loop in double precision
 (``pdd_refine.c``, :func:`feature_refine`; ``pddnet.runtime.refine.feature_optimise`` calls it
 where the library loads and ``PDDNET_NATIVE`` is not ``off``). It has no ISA-specific code.
@@ -43,7 +47,7 @@ ENV = "PDDNET_NATIVE"
 PASSES = ("prepare", "correlation+step1_jk", "step1_i+second_input", "step2_jk",
           "step2_i+softmax")
 ISAS = ("portable", "sse2", "avx2", "avx512")
-ABI_VERSION = 3
+ABI_VERSION = 4
 #: where the build puts the library: a folder that is not a Python package, so nothing that
 #: walks the package's modules tries to import it as an extension module
 _HERE = Path(__file__).resolve().parent / "lib"
@@ -100,6 +104,8 @@ def _load() -> ctypes.CDLL | None:
     dp = ctypes.POINTER(ctypes.c_double)
     lib.pdd_feature_refine.restype = ctypes.c_int
     lib.pdd_feature_refine.argtypes = [ctypes.POINTER(ctypes.c_int), dp, dp, dp, dp, dp, dp]
+    lib.pdd_obelisk_sample.restype = ctypes.c_int
+    lib.pdd_obelisk_sample.argtypes = [ctypes.POINTER(ctypes.c_int), f32p, f32p, f32p, f32p]
     _lib, _lib_path = lib, str(path)
     return lib
 

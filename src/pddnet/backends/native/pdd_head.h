@@ -6,7 +6,7 @@
 
 #include <stddef.h>
 
-#define PDD_ABI_VERSION 3
+#define PDD_ABI_VERSION 4
 
 enum { PDD_ISA_PORTABLE = 0, PDD_ISA_SSE2 = 1, PDD_ISA_AVX2 = 2, PDD_ISA_AVX512 = 3 };
 enum { PDD_MODE_APPROX = 0, PDD_MODE_EXACT = 1 };
@@ -69,5 +69,12 @@ int pdd_upsample(const int *ints, const int *ptr, const int *col, const float *v
 /* the `features` refinement loop in double precision (pdd_refine.c; docs/refinement.md) */
 int pdd_feature_refine(const int *ints, const double *params, const double *fixed,
                        const double *moving, double *theta, double *u_out, double *out);
+
+/* OBELISK sampling: both DeformableSample3D nodes of the features and the Sub of their results
+ * in one pass (pdd_sample.c; docs/ops.md).  ints: C, n_i, n_j, n_k, S, m_i, m_j, m_k, threads;
+ * X (1, C, n_i, n_j, n_k), off0/off1 (S, 3), Y (1, C S, m_i, m_j, m_k) = sample(off0) -
+ * sample(off1).  Returns 0, -1 (bad arguments) or -2 (out of memory). */
+int pdd_obelisk_sample(const int *ints, const float *X, const float *off0, const float *off1,
+                       float *Y);
 
 #endif
