@@ -278,6 +278,13 @@ def test_library_absent_or_off_falls_back_and_says_so(monkeypatch):
 
 
 def test_forced_kernel_set_and_bad_values(monkeypatch):
+    monkeypatch.delenv(native.ENV, raising=False)
+    st = native.status()
+    assert st["isa"] == next(i for i in native.AUTO_ORDER if st["isas"][i])
+    assert st["isa"] != "avx512"          # only on request (slower where measured)
+    if st["isas"].get("avx512"):
+        monkeypatch.setenv(native.ENV, "avx512")
+        assert native.status()["isa"] == "avx512"
     monkeypatch.setenv(native.ENV, "portable")
     assert native.status()["isa"] == "portable"
     monkeypatch.setenv(native.ENV, "avx1024")

@@ -23,8 +23,8 @@ where the library loads and ``PDDNET_NATIVE`` is not ``off``). It has no ISA-spe
 
 Kernel sets: ``avx512`` (AVX-512 F/VL/DQ + FMA), ``avx2`` (AVX2 + FMA), ``sse2`` (x86-64
 baseline) and ``portable`` (the same C without vectorisation; the only one built on other CPUs,
-e.g. aarch64). The best one this CPU runs is chosen at run time;
-``PDDNET_NATIVE=off|auto|avx512|avx2|sse2|portable`` overrides it.
+e.g. aarch64). The best of ``avx2``, ``sse2``, ``portable`` that this CPU runs is chosen at run
+time (:data:`AUTO_ORDER`); ``PDDNET_NATIVE=off|auto|avx512|avx2|sse2|portable`` overrides it.
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ ENV = "PDDNET_NATIVE"
 PASSES = ("prepare", "correlation+step1_jk", "step1_i+second_input", "step2_jk",
           "step2_i+softmax")
 ISAS = ("portable", "sse2", "avx2", "avx512")
+#: the sets ``auto`` picks from, best first. ``avx512`` is built and tested but only runs when
+#: asked for: on the Xeon of docs/benchmarks.md it was slower than ``avx2`` (the head's passes
+#: are bound by the L1/L2 traffic of the L^3 blocks, not by vector width)
+AUTO_ORDER = ("avx2", "sse2", "portable")
 ABI_VERSION = 4
 #: where the build puts the library: a folder that is not a Python package, so nothing that
 #: walks the package's modules tries to import it as an extension module
@@ -135,7 +139,7 @@ def status() -> dict[str, Any]:
     if req == "off":
         out["reason"] = f"{ENV}=off"
     elif req == "auto":
-        out["isa"] = next(n for n in reversed(ISAS) if out["isas"][n])
+        out["isa"] = next(n for n in AUTO_ORDER if out["isas"][n])
     elif out["isas"][req]:
         out["isa"] = req
     else:
