@@ -92,12 +92,33 @@ def test_displacement_major_paths_equal_the_definitions(gen):
     xd = x.permute(3, 4, 5, 0, 1, 2)
     for mode, pen in (("approx", None), ("exact", 0.7)):
         ref = ops.mean_field_step(x, mode, pen)
-        got = ops.mean_field_step_dmajor(xd, mode, pen).permute(3, 4, 5, 0, 1, 2)
+        got = -ops.mean_field_step_dmajor_neg(-xd, mode, pen).permute(3, 4, 5, 0, 1, 2)
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
         torch.testing.assert_close(_grads(got, x, g)[0], _grads(ref, x, g)[0], rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(ops.minpool3_dmajor,
-                                    (torch.randn(4, 3, 5, 2, 3, dtype=F64, generator=gen,
-                                                 requires_grad=True),))
+    y = torch.randn(4, 3, 5, 2, 3, dtype=F64, generator=gen, requires_grad=True)
+    want = -ops.minpool3_direct(-y.permute(3, 4, 0, 1, 2)).permute(2, 3, 4, 0, 1)
+    assert torch.equal(ops.maxpool3_dmajor(y), want)
+    assert torch.autograd.gradcheck(ops.maxpool3_dmajor, (y,))
+
+
+@pytest.mark.parametrize("shape", [(7, 1, 5), (3,), (2, 9, 4, 3)])
+def test_affine_equals_autograd(gen, shape):
+    """ops.affine (fused passes, hand-written backward) against the plain expression."""
+    coeffs = [torch.randn((), dtype=F64, generator=gen, requires_grad=True) for _ in range(3)]
+    xs = [torch.randn(shape, dtype=F64, generator=gen, requires_grad=True) for _ in range(2)]
+    g = torch.randn(shape, dtype=F64, generator=gen)
+    inputs = (*coeffs, *xs)
+    for terms in ((coeffs[1], xs[0]), (coeffs[1], xs[0], coeffs[2], xs[1])):
+        got = ops.affine(coeffs[0], *terms)
+        want = coeffs[0] + sum(a * x for a, x in zip(terms[0::2], terms[1::2]))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
+        got_g = torch.autograd.grad(got, inputs, g, allow_unused=True)
+        want_g = torch.autograd.grad(want, inputs, g, allow_unused=True)
+        for a, b in zip(got_g, want_g):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda *t: ops.affine(coeffs[0], *t), terms)
 
 
 def test_minpool_pooled_gradcheck(gen):

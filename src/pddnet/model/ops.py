@@ -616,7 +616,7 @@ def correlation_separable(feat_fixed: Tensor, feat_moving: Tensor, grid, disp_si
 
     ``layout="grid"`` returns ``(G_i, G_j, G_k, L, L, L)`` like :func:`correlation`;
     ``"disp"`` the displacement-major ``(L, L, L, G_i, G_j, G_k)`` of
-    :func:`mean_field_step_dmajor`.
+    :func:`mean_field_step_dmajor_neg`.
     """
     if feat_fixed.shape != feat_moving.shape or feat_fixed.dim() != 5 or feat_fixed.shape[0] != 1:
         raise PddnetError(f"correlation_separable: feature maps must both be (1,C,I,J,K); got "
@@ -690,40 +690,77 @@ def minpool3_pooled(x: Tensor) -> Tensor:
     return torch.neg(v).contiguous().reshape(x.shape)
 
 
-def minpool3_dmajor(x: Tensor) -> Tensor:
-    """:func:`minpool3` over the *first* three axes of ``x`` ``(L_i, L_j, L_k, ...)``.
+def maxpool3_dmajor(x: Tensor) -> Tensor:
+    """3x3x3 max-pooling (stride 1, clipped window) over the *first* three axes of ``x``
+    ``(L_i, L_j, L_k, ...)``: ``-minpool3(-x)`` over those axes.
 
     In this displacement-major layout the trailing axes are the contiguous channels of a
-    channels-last 3x3x3 max-pooling of ``-x``: no transposes, and PyTorch's native pooling
-    backward (one scatter through the saved argmax). Values exactly those of the definition;
-    where neighbours tie, the whole gradient goes to one of them.
+    channels-last pooling: no transposes, and PyTorch's native pooling backward (one scatter
+    through the saved argmax). Where neighbours tie, the whole gradient goes to one of them.
     """
     lead = x.shape[:3]
-    v = torch.neg(x.reshape(1, *lead, -1)).permute(0, 4, 1, 2, 3)  # channels-last view
-    v = F.max_pool3d(v, 3, stride=1, padding=1)
-    return torch.neg(v.permute(0, 2, 3, 4, 1)).reshape(x.shape)
+    v = x.reshape(1, *lead, -1).permute(0, 4, 1, 2, 3)  # channels-last view
+    return F.max_pool3d(v, 3, stride=1, padding=1).permute(0, 2, 3, 4, 1).reshape(x.shape)
 
 
-def mean_field_step_dmajor(cost: Tensor, mode: str = "approx",
-                           penalty: Tensor | float | None = None) -> Tensor:
-    """:func:`mean_field_step` for a displacement-major cost ``(L, L, L, G_i, G_j, G_k)``.
+def mean_field_step_dmajor_neg(neg_cost: Tensor, mode: str = "approx",
+                               penalty: Tensor | float | None = None) -> Tensor:
+    """``-mean_field_step(cost)`` from ``neg_cost = -cost``, both displacement-major
+    ``(L, L, L, G_i, G_j, G_k)``.
 
     The same operations on permuted axes (min-convolution over the first three, grid smoothing
-    over the last three), so the same values up to float rounding; the layout makes the
-    min-pooling transpose-free (:func:`minpool3_dmajor`) and the smoothing products large.
+    over the last three), so the same values up to float rounding. Carrying the cost negated
+    makes the min-pooling a max-pooling as it stands (:func:`maxpool3_dmajor`, no negation
+    passes; the smoothing is linear), and the layout makes it transpose-free and the smoothing
+    products large.
     """
     if mode == "approx":
-        x = minpool3_dmajor(cost)
+        x = maxpool3_dmajor(neg_cost)
     elif mode == "exact":
         if penalty is None:
-            raise PddnetError("mean_field_step_dmajor(mode='exact') needs a penalty")
-        pen = torch.as_tensor(penalty, dtype=cost.dtype, device=cost.device)
-        x = cost
+            raise PddnetError("mean_field_step_dmajor_neg(mode='exact') needs a penalty")
+        pen = torch.as_tensor(penalty, dtype=neg_cost.dtype, device=neg_cost.device)
+        x = -neg_cost
         for axis in (0, 1, 2):
             x = _minconv_exact_1d(x, pen, axis)
+        x = -x
     else:
-        raise PddnetError(f"mean_field_step_dmajor: unknown mode {mode!r}")
+        raise PddnetError(f"mean_field_step_dmajor_neg: unknown mode {mode!r}")
     axes = (0, 1, 2, 3, 4, 5) if mode == "approx" else (3, 4, 5)
     for axis in axes:
         x = _along(x, smoothing_matrix(x.shape[axis], dtype=x.dtype, device=x.device), axis)
     return x
+
+
+def affine(b: Tensor, *terms: Tensor) -> Tensor:
+    """``b + a_0 x_0 + a_1 x_1 + ...`` for scalar tensors ``b, a_i`` and tensors ``x_i`` of one
+    shape (``terms = a_0, x_0, a_1, x_1, ...``): :class:`_Affine`."""
+    return _Affine.apply(b, *terms)
+
+
+class _Affine(torch.autograd.Function):
+    """:func:`affine` as in-place passes over one output tensor. The backward pass gives the
+    coefficients' gradients as dot products (``sum(grad * x_i)`` without forming the product)
+    and each ``x_i`` its scaled gradient: two to three passes over the cost volume fewer than
+    autograd's graph of products and sums, and no product saved."""
+
+    @staticmethod
+    def forward(ctx, b, *terms):
+        coeffs, xs = terms[0::2], terms[1::2]
+        out = torch.mul(xs[0], coeffs[0]).add_(b)
+        for a, x in zip(coeffs[1:], xs[1:]):
+            out.addcmul_(x, a)
+        ctx.save_for_backward(*terms)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        terms = ctx.saved_tensors
+        flat = grad.reshape(-1)
+        grads = [grad.sum() if ctx.needs_input_grad[0] else None]
+        for k in range(0, len(terms), 2):
+            a, x = terms[k], terms[k + 1]
+            grads.append(torch.dot(flat, x.reshape(-1)).reshape(a.shape)
+                         if ctx.needs_input_grad[k + 1] else None)
+            grads.append(grad * a if ctx.needs_input_grad[k + 2] else None)
+        return tuple(grads)

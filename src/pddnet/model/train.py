@@ -183,41 +183,50 @@ class Trainer:
 
 @dataclass
 class FastForward:
-    """What :func:`forward_fast` produces: the cost and the probabilities displacement-major."""
+    """What :func:`forward_fast` produces: the cost (negated) and the probabilities
+    displacement-major."""
 
-    cost: torch.Tensor       # (L, L, L, Gi, Gj, Gk)
+    neg_cost: torch.Tensor   # (L, L, L, Gi, Gj, Gk): minus the model's regularised cost
     probs: torch.Tensor      # (L^3, Gi, Gj, Gk)
     grid_disp: torch.Tensor  # (Gi, Gj, Gk, 3), normalised units
 
     def registration(self) -> Registration:
         """The same as the model's :class:`Registration` (grid-major views)."""
-        return Registration(cost=self.cost.permute(3, 4, 5, 0, 1, 2),
+        return Registration(cost=-self.neg_cost.permute(3, 4, 5, 0, 1, 2),
                             probs=self.probs.permute(1, 2, 3, 0), grid_disp=self.grid_disp)
 
 
 def forward_fast(model: PDDNet, fixed: torch.Tensor, moving: torch.Tensor) -> FastForward:
-    """``model(fixed, moving)`` computed for a cheap backward pass: the correlation in its
-    separable form (:func:`ops.correlation_separable`) and the cost displacement-major through
-    the mean field (:func:`ops.mean_field_step_dmajor`), so the min-pooling runs without
-    transposes. The same values as the model up to float rounding."""
+    """``model(fixed, moving)`` computed for a cheap backward pass: the features channels-last,
+    the correlation in its separable form (:func:`ops.correlation_separable`), and the cost
+    negated and displacement-major through the mean field (:func:`regularise_fast`). The same
+    values as the model up to float rounding."""
     cfg = model.config
     if fixed.shape != moving.shape or fixed.dim() != 5 or fixed.shape[:2] != (1, 1):
         raise PddnetError(f"forward_fast expects fixed and moving as (1, 1, I, J, K) of one "
                           f"shape; got {tuple(fixed.shape)} and {tuple(moving.shape)}")
-    a = model.alpha
-    ssd = ops.correlation_separable(model.features(fixed), model.features(moving), cfg.grid,
-                                    cfg.disp_size, cfg.capture, layout="disp")
-    cost = a[1] + a[0] * ssd
-    # model.regularise, displacement-major
-    mode, pen = cfg.minconv, model.penalty
-    first = ops.mean_field_step_dmajor(cost, mode, pen)
-    cost = ops.mean_field_step_dmajor(a[4] + a[2] * cost + a[3] * first, mode, pen)
+    cl = torch.channels_last_3d
+    ssd = ops.correlation_separable(model.features(fixed, cl), model.features(moving, cl),
+                                    cfg.grid, cfg.disp_size, cfg.capture, layout="disp")
+    neg_cost = regularise_fast(model, ssd)
     L3 = cfg.disp_size ** 3
-    probs = torch.softmax(-a[5] * cost.reshape(L3, *cfg.grid), dim=0)
+    probs = torch.softmax(model.alpha[5] * neg_cost.reshape(L3, *cfg.grid), dim=0)
     disp = ops.displacement_set(cfg.disp_size, cfg.capture, dtype=probs.dtype,
                                 device=probs.device).reshape(L3, 3)
     grid_disp = (disp.T @ probs.reshape(L3, -1)).T.reshape(*cfg.grid, 3)
-    return FastForward(cost=cost, probs=probs, grid_disp=grid_disp)
+    return FastForward(neg_cost=neg_cost, probs=probs, grid_disp=grid_disp)
+
+
+def regularise_fast(model: PDDNet, ssd: torch.Tensor) -> torch.Tensor:
+    """:meth:`PDDNet.regularise` of ``a1 + a0 * ssd`` for a displacement-major ``ssd``,
+    returned negated: the cost is carried as ``-cost``, so that the min-pooling is a
+    max-pooling with no negation passes (:func:`ops.mean_field_step_dmajor_neg`), and the
+    affine mixes are fused passes (:func:`ops.affine`)."""
+    a, mode, pen = model.alpha, model.config.minconv, model.penalty
+    neg = ops.affine(-a[1], -a[0], ssd)  # -(a1 + a0 ssd)
+    first = ops.mean_field_step_dmajor_neg(neg, mode, pen)
+    # -(a4 + a2 cost + a3 first) = -a4 + a2 (-cost) + a3 (-first)
+    return ops.mean_field_step_dmajor_neg(ops.affine(-a[4], a[2], neg, a[3], first), mode, pen)
 
 
 def train(subjects, config: PDDConfig, out, opts: TrainOptions, *, resume=None, init=None,
