@@ -33,9 +33,11 @@ def _grads(out, inputs, grad):
 
 
 # (feature shape I J K, grid, L, capture): odd shapes, control points whose displacements leave
-# the volume (border clamping), a single-voxel axis, and L = 3
+# the volume (border clamping), a single-voxel axis, L = 3, and each axis order by size (the
+# separable forms take the axes largest first)
 CORR_CASES = [((9, 8, 10), (4, 3, 5), 5, 0.4), ((7, 6, 5), (3, 4, 2), 3, 0.9),
-              ((12, 10, 14), (5, 5, 5), 7, 0.3), ((6, 1, 7), (3, 2, 3), 5, 0.5)]
+              ((12, 10, 14), (5, 5, 5), 7, 0.3), ((6, 1, 7), (3, 2, 3), 5, 0.5),
+              ((5, 9, 7), (2, 4, 3), 5, 0.6)]
 
 
 @pytest.mark.parametrize("shape,grid,L,q", CORR_CASES)
@@ -173,7 +175,7 @@ def test_one_hot_matches_torch(gen):
 
 
 LABEL_CASES = [((4, 3, 5), 5, 0.4, (9, 8, 10)), ((3, 4, 2), 3, 0.9, (7, 6, 5)),
-               ((5, 5, 6), 7, 0.3, (12, 10, 14))]
+               ((5, 5, 6), 7, 0.3, (12, 10, 14)), ((2, 5, 3), 5, 0.6, (5, 11, 8))]
 
 
 @pytest.mark.parametrize("grid,L,q,shape", LABEL_CASES)

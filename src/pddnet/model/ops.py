@@ -623,19 +623,31 @@ def correlation_separable(feat_fixed: Tensor, feat_moving: Tensor, grid, disp_si
                           f"{tuple(feat_fixed.shape)} and {tuple(feat_moving.shape)}")
     if layout not in ("grid", "disp"):
         raise PddnetError(f"correlation_separable: layout must be 'grid' or 'disp', got {layout!r}")
-    grid = tuple(int(g) for g in grid)
+    # The intermediates T2 and the cross term's z scale with the size of the axis interpolated
+    # last, T1 with those of the last two: below, "i, j, k" are the feature axes in decreasing
+    # size (a view), and the output is permuted back in the one copy it is written with.
+    order = sorted(range(3), key=lambda a: -int(feat_moving.shape[2 + a]))
+    back = [order.index(a) for a in range(3)]  # where each original axis is in the order
+    feat_fixed = feat_fixed.permute(0, 1, *[2 + a for a in order])
+    feat_moving = feat_moving.permute(0, 1, *[2 + a for a in order])
+    grid = tuple(int(grid[a]) for a in order)
     gj, gk = grid[1], grid[2]
     c, ni, nj, nk = feat_moving.shape[1:]
     L = int(disp_size)
     kw = dict(dtype=feat_moving.dtype, device=feat_moving.device)
     wi, wj, wk = lattice_weights(grid, L, capture, (ni, nj, nk), **kw)
+    # (S, Gj, Lj, Li, Gk, Lk) of a slab -> (Li, Lj, Lk, Gi, Gj, Gk) or (Gi, ..., Lk), original axes
+    lead, tail = (0, 1, 4), (3, 2, 5)  # the slab's G and L axes, in the order's axes
+    g_axes, l_axes = [lead[back[a]] for a in range(3)], [tail[back[a]] for a in range(3)]
+    out_axes = (*l_axes, *g_axes) if layout == "disp" else (*g_axes, *l_axes)
     taps = two_taps(wk)
     # |m|^2 along k: sum_e wk[e]^2 G0[e] + 2 wk[e] wk[e+1] G1[e], as one (2K-1, Gk*L) matrix
     wk_norm = torch.cat([wk.square(), 2.0 * wk[..., :-1] * wk[..., 1:]], dim=-1)
     wk_norm = wk_norm.reshape(gk * L, 2 * nk - 1).T
     wj_sq = wj.square().reshape(gj * L, nj)                               # same voxel twice
     wj_pair = (wj[..., :-1] * wj[..., 1:]).reshape(gj * L, nj - 1)         # voxels b and b + 1
-    fixed = control_features(feat_fixed, grid)[0].permute(1, 2, 3, 0)  # (Gi, Gj, Gk, C)
+    # (Gi, Gj, Gk, C); contiguous first: the sampling products are slow on a strided view
+    fixed = control_features(feat_fixed.contiguous(), grid)[0].permute(1, 2, 3, 0)
     moving = feat_moving[0]
 
     def slab(f: Tensor, m: Tensor, w_i: Tensor) -> Tensor:
@@ -654,15 +666,15 @@ def correlation_separable(feat_fixed: Tensor, feat_moving: Tensor, grid, disp_si
               + wj_pair @ a11.reshape(s, nj - 1, L * (nk - 1)))
         gram = torch.cat([g0.reshape(s, gj, L, L, nk), g1.reshape(s, gj, L, L, nk - 1)], dim=-1)
         norm = (gram @ wk_norm).reshape(s, gj, L, L, gk, L)  # (S, Gj, Lj, Li, Gk, Lk)
-        f_sq = f.square().sum(-1)
-        if layout == "disp":
-            return (norm + cross).permute(3, 2, 5, 0, 1, 4) + f_sq  # (Li, Lj, Lk, S, Gj, Gk)
-        return (norm + cross).permute(0, 1, 4, 3, 2, 5) + f_sq[..., None, None, None]
+        f_sq = f.square().sum(-1).permute(back)  # (S, Gj, Gk), original axes
+        if layout == "grid":
+            f_sq = f_sq[..., None, None, None]
+        return cross.add_(norm).permute(out_axes) + f_sq
 
     step = max(1, min(grid[0], max_elems // (gj * L * L * nk * c)))
     if step >= grid[0]:
         return slab(fixed, moving, wi)
-    axis = 3 if layout == "disp" else 0
+    axis = out_axes.index(0)
     from torch.utils.checkpoint import checkpoint
 
     recompute = torch.is_grad_enabled()
