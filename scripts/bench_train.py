@@ -78,8 +78,8 @@ def profile_parts(trainer: Trainer, iteration: int) -> None:
     disp = ops.displacement_set(cfg.disp_size, cfg.capture).reshape(L3, 3)
     grid_disp = (disp.T @ probs.reshape(L3, -1)).T.reshape(*cfg.grid, 3)
     pool = trainer.opts.label_pool
-    f_oh = losses.soft_labels(losses.one_hot(fl[0, 0], NUM_CLASSES), pool)
-    m_oh = losses.soft_labels(losses.one_hot(ml[0, 0], NUM_CLASSES), pool)
+    f_oh = losses.pooled_one_hot(fl[0, 0], NUM_CLASSES, pool)
+    m_oh = losses.pooled_one_hot(ml[0, 0], NUM_CLASSES, pool)
     label = timed("label loss", lambda: losses.nonlocal_label_loss(
         probs, f_oh, m_oh, cfg.grid, cfg.disp_size, cfg.capture, trainer.weights,
         trainer.opts.class_reduction, layout="disp"))

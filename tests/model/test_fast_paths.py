@@ -174,6 +174,17 @@ def test_one_hot_matches_torch(gen):
         losses.one_hot(lab, 5)
 
 
+@pytest.mark.parametrize("shape", [(8, 6, 10), (7, 5, 9), (3, 4, 5)])
+@pytest.mark.parametrize("factor", [1, 2, 3])
+def test_pooled_one_hot_equals_pooling_the_one_hot(gen, shape, factor):
+    lab = torch.randint(0, 6, shape, generator=gen)
+    want = losses.soft_labels(losses.one_hot(lab, 7), factor)
+    got = losses.pooled_one_hot(lab, 7, factor)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    with pytest.raises(Exception, match="one_hot"):
+        losses.pooled_one_hot(lab, 5, factor)
+
+
 LABEL_CASES = [((4, 3, 5), 5, 0.4, (9, 8, 10)), ((3, 4, 2), 3, 0.9, (7, 6, 5)),
                ((5, 5, 6), 7, 0.3, (12, 10, 14)), ((2, 5, 3), 5, 0.6, (5, 11, 8))]
 

@@ -52,6 +52,26 @@ def soft_labels(labels_onehot: Tensor, factor: int = 2) -> Tensor:
     return F.avg_pool3d(labels_onehot, factor, stride=factor) if factor > 1 else labels_onehot
 
 
+def pooled_one_hot(labels: Tensor, num_classes: int, factor: int = 2) -> Tensor:
+    """``soft_labels(one_hot(labels, num_classes), factor)`` by counting each class in each
+    ``factor^3`` block (one ``bincount``), without the full-resolution one-hot volume.
+
+    Exactly the same values: the block means of a one-hot volume are counts over ``factor^3``.
+    """
+    labels = labels.long()
+    lo, hi = torch.aminmax(labels) if labels.numel() else (0, 0)
+    if factor == 1 or not 0 <= int(lo) <= int(hi) < num_classes:
+        return soft_labels(one_hot(labels, num_classes), factor)  # one_hot refuses bad labels
+    shape = [n // factor for n in labels.shape]  # avg_pool3d drops a partial last block
+    blocks = labels[:shape[0] * factor, :shape[1] * factor, :shape[2] * factor].reshape(
+        shape[0], factor, shape[1], factor, shape[2], factor)
+    n_vox = shape[0] * shape[1] * shape[2]
+    block = torch.arange(n_vox, device=labels.device).reshape(shape[0], 1, shape[1], 1,
+                                                               shape[2], 1)
+    counts = torch.bincount((blocks * n_vox + block).reshape(-1), minlength=num_classes * n_vox)
+    return (counts.float() / factor ** 3).reshape(1, num_classes, *shape)
+
+
 def nonlocal_label_loss(probs: Tensor, fixed_onehot: Tensor, moving_onehot: Tensor, grid,
                         disp_size: int, capture: float, weights: Tensor,
                         reduction: str = "sum", *, layout: str = "grid") -> Tensor:

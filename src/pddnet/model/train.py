@@ -181,8 +181,8 @@ class Trainer:
         cfg = self.model.config
         fast = ops.fast_gradients_enabled()
         pool = self.opts.label_pool
-        f_oh = losses.soft_labels(losses.one_hot(fixed_lab[0, 0], NUM_CLASSES), pool)
-        m_oh = losses.soft_labels(losses.one_hot(moving_lab[0, 0], NUM_CLASSES), pool)
+        f_oh = losses.pooled_one_hot(fixed_lab[0, 0], NUM_CLASSES, pool)
+        m_oh = losses.pooled_one_hot(moving_lab[0, 0], NUM_CLASSES, pool)
         args = (f_oh, m_oh, cfg.grid, cfg.disp_size, cfg.capture, self.weights,
                 self.opts.class_reduction)
         if fast:
