@@ -74,7 +74,7 @@ def profile_parts(trainer: Trainer, iteration: int) -> None:
         *ff, cfg.grid, cfg.disp_size, cfg.capture, layout="disp"))
     neg_cost = timed("mean field", regularise_fast, model, ssd)
     L3 = cfg.disp_size ** 3
-    probs = torch.softmax(model.alpha[5] * neg_cost.reshape(L3, *cfg.grid), dim=0)
+    probs = ops.softmax_scaled(neg_cost.reshape(L3, *cfg.grid), model.alpha[5], 0)
     disp = ops.displacement_set(cfg.disp_size, cfg.capture).reshape(L3, 3)
     grid_disp = (disp.T @ probs.reshape(L3, -1)).T.reshape(*cfg.grid, 3)
     pool = trainer.opts.label_pool

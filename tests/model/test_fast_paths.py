@@ -103,6 +103,18 @@ def test_displacement_major_paths_equal_the_definitions(gen):
     assert torch.autograd.gradcheck(ops.maxpool3_dmajor, (y,))
 
 
+@pytest.mark.parametrize("shape,dim", [((7, 1, 5), 0), ((3,), 0), ((2, 9, 4, 3), 1)])
+def test_softmax_scaled_equals_autograd(gen, shape, dim):
+    x = torch.randn(shape, dtype=F64, generator=gen, requires_grad=True)
+    a = torch.randn((), dtype=F64, generator=gen, requires_grad=True)
+    g = torch.randn(shape, dtype=F64, generator=gen).transpose(0, -1).contiguous().transpose(0, -1)
+    got, want = ops.softmax_scaled(x, a, dim), torch.softmax(a * x, dim)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+    for u, v in zip(_grads(got, (x, a), g), _grads(want, (x, a), g)):
+        torch.testing.assert_close(u, v, rtol=0, atol=1e-13)
+    assert torch.autograd.gradcheck(lambda v, s: ops.softmax_scaled(v, s, dim), (x, a))
+
+
 @pytest.mark.parametrize("shape", [(7, 1, 5), (3,), (2, 9, 4, 3)])
 def test_affine_equals_autograd(gen, shape):
     """ops.affine (fused passes, hand-written backward) against the plain expression."""
@@ -261,3 +273,16 @@ def test_forward_fast_equals_the_model(gen, minconv):
                                    atol=1e-12)
     with pytest.raises(Exception, match="forward_fast"):
         forward_fast(model, fixed, moving[..., :-1])
+
+
+def test_keep_freed_memory_is_accepted_on_glibc():
+    """The allocator setting a Trainer makes (process-wide, once): accepted where glibc runs."""
+    import platform
+    import sys
+
+    from pddnet.model.train import keep_freed_memory
+
+    got = keep_freed_memory()
+    assert keep_freed_memory() is got  # cached: set once
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert got is True

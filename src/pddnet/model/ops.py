@@ -776,3 +776,29 @@ class _Affine(torch.autograd.Function):
                          if ctx.needs_input_grad[k + 1] else None)
             grads.append(grad * a if ctx.needs_input_grad[k + 2] else None)
         return tuple(grads)
+
+
+def softmax_scaled(x: Tensor, scale: Tensor, dim: int) -> Tensor:
+    """``softmax(scale * x, dim)`` for a scalar tensor ``scale``: :class:`_ScaledSoftmax`."""
+    return _ScaledSoftmax.apply(x, scale, dim)
+
+
+class _ScaledSoftmax(torch.autograd.Function):
+    """:func:`softmax_scaled` with a backward pass that scales the softmax gradient in place
+    and gives the scale's gradient as a dot product with ``x``: no product tensor is formed or
+    saved (autograd's graph of the product allocates two cost-volume-sized gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, dim):
+        y = torch.softmax(x * scale, dim)
+        ctx.save_for_backward(x, scale, y)
+        ctx.dim = dim
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, y = ctx.saved_tensors
+        g = torch.ops.aten._softmax_backward_data(grad.contiguous(), y, ctx.dim, y.dtype)
+        g_scale = (torch.dot(g.reshape(-1), x.reshape(-1)).reshape(scale.shape)
+                   if ctx.needs_input_grad[1] else None)
+        return (g.mul_(scale) if ctx.needs_input_grad[0] else None), g_scale, None
