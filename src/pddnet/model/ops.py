@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -248,10 +249,17 @@ def smoothing_matrix(n: int, *, dtype=torch.float32, device=None) -> Tensor:
     authors' ``ReplicationPad3d(2)`` + ``AvgPool3d(3, 1)`` twice) to the identity, so each
     row holds the weights of one output (5 non-zeros, ``[1, 2, 3, 2, 1] / 9`` inside).
     """
+    return _smoothing_matrix64(int(n)).to(dtype=dtype, device=device, copy=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _smoothing_matrix64(n: int) -> Tensor:
+    """:func:`smoothing_matrix` in float64, built once per size (a training step asks for it
+    twelve times; building it costs more than applying it at the ``small`` preset)."""
     eye = torch.eye(n, dtype=torch.float64).unsqueeze(1)  # (n signals, 1, n)
     v = F.pad(eye, (2, 2), mode="replicate")
     v = F.avg_pool1d(F.avg_pool1d(v, 3, stride=1), 3, stride=1)
-    return v[:, 0, :].T.contiguous().to(dtype=dtype, device=device)
+    return v[:, 0, :].T.contiguous()
 
 
 def _along(x: Tensor, matrix: Tensor, axis: int) -> Tensor:
@@ -669,7 +677,7 @@ def correlation_separable(feat_fixed: Tensor, feat_moving: Tensor, grid, disp_si
         f_sq = f.square().sum(-1).permute(back)  # (S, Gj, Gk), original axes
         if layout == "grid":
             f_sq = f_sq[..., None, None, None]
-        return cross.add_(norm).permute(out_axes) + f_sq
+        return (norm + cross).permute(out_axes) + f_sq
 
     step = max(1, min(grid[0], max_elems // (gj * L * L * nk * c)))
     if step >= grid[0]:
