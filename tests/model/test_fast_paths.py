@@ -286,3 +286,25 @@ def test_keep_freed_memory_is_accepted_on_glibc():
     assert keep_freed_memory() is got  # cached: set once
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert got is True
+
+
+def test_augmentation_equals_sampling_at_the_affine_coordinates(gen):
+    """train.apply_affine (grid in grid_sample's order, cached centres) against the definition:
+    grid_sample3d at identity_grid @ theta. Labels may differ where a coordinate's float
+    rounding crosses a voxel boundary (rare)."""
+    from pddnet.model.train import TrainOptions, apply_affine, random_affine
+
+    shape = (13, 10, 17)
+    image = torch.randn(1, 1, *shape, generator=gen)
+    labels = torch.randint(0, 5, (1, 1, *shape), generator=gen)
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
+    opts = TrainOptions(max_rotation_deg=20.0, max_scale=0.2, max_shift=0.2)
+    for _ in range(3):
+        theta = random_affine(rng, opts)
+        mat = torch.as_tensor(theta, dtype=torch.float32)
+        coords = (ops.identity_grid(shape) @ mat[:, :3].T + mat[:, 3])[None]
+        img, lab = apply_affine(image, labels, theta)
+        torch.testing.assert_close(img, ops.grid_sample3d(image, coords), rtol=0, atol=1e-5)
+        want = ops.grid_sample3d(labels.float(), coords, mode="nearest").long()
+        assert lab.dtype == torch.long and (lab != want).float().mean() < 2e-3
+        assert torch.equal(apply_affine(image, labels.float(), theta)[1], lab)

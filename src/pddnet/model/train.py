@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pddnet.errors import PddnetError
 from pddnet.model import losses, ops
@@ -73,14 +74,28 @@ def random_affine(rng: np.random.Generator, opts: TrainOptions) -> np.ndarray:
 
 
 def apply_affine(image: torch.Tensor, labels: torch.Tensor, theta: np.ndarray):
-    """Resample a ``(1,1,I,J,K)`` image (trilinear) and its labels (nearest) with ``theta``."""
-    shape = image.shape[2:]
-    base = ops.identity_grid(shape, device=image.device)
-    mat = torch.as_tensor(theta, dtype=torch.float32, device=image.device)
-    coords = base @ mat[:, :3].T + mat[:, 3]
-    img = ops.grid_sample3d(image, coords[None])
-    lab = ops.grid_sample3d(labels.float(), coords[None], mode="nearest")
-    return img, lab.round().long()
+    """Resample a ``(1,1,I,J,K)`` image (trilinear) and its labels (nearest) with ``theta``.
+
+    :func:`ops.grid_sample3d` at ``identity_grid @ theta``, with the sampling grid written in
+    one pass straight in ``grid_sample``'s ``(k, j, i)`` order (the cell centres cached per
+    shape, ``theta``'s axes reversed). ``labels`` may be given as float (integer values) to
+    save a conversion; nearest sampling returns them exactly.
+    """
+    shape = tuple(image.shape[2:])
+    mat = torch.as_tensor(np.ascontiguousarray(theta[::-1][:, [2, 1, 0, 3]]),
+                          dtype=torch.float32, device=image.device)  # (k, j, i) order
+    coords = torch.addmm(mat[:, 3], _centres_kji(shape, image.device), mat[:, :3].T)
+    grid = coords.reshape(1, *shape, 3)
+    kw = dict(padding_mode="border", align_corners=False)
+    img = F.grid_sample(image, grid, mode="bilinear", **kw)
+    lab = F.grid_sample(labels.float(), grid, mode="nearest", **kw)
+    return img, lab.long()
+
+
+@functools.lru_cache(maxsize=4)
+def _centres_kji(shape: tuple, device) -> torch.Tensor:
+    """``ops.identity_grid(shape)`` in ``(k, j, i)`` order, as ``(I*J*K, 3)``."""
+    return ops.identity_grid(shape, device=device).flip(-1).reshape(-1, 3)
 
 
 def training_device(name: str) -> torch.device:
@@ -151,13 +166,14 @@ class Trainer:
         self.weights = losses.class_weights(labels, NUM_CLASSES,
                                             background=opts.background_weight).to(dev)
         self.labels = [lab.to(dev) for lab in labels]
+        self._labels_float = [lab.float() for lab in self.labels]  # sampled by augmentation
         self.optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
 
     def _sample(self, rng: np.random.Generator, index: int):
-        img, lab = self.images[index], self.labels[index]
         if self.opts.augment:
-            img, lab = apply_affine(img, lab, random_affine(rng, self.opts))
-        return img, lab
+            return apply_affine(self.images[index], self._labels_float[index],
+                                random_affine(rng, self.opts))
+        return self.images[index], self.labels[index]
 
     def learning_rate(self, iteration: int) -> float:
         """Constant, then a cosine from ``lr`` down to ``final_lr_factor * lr`` at the end."""
