@@ -78,24 +78,25 @@ def apply_affine(image: torch.Tensor, labels: torch.Tensor, theta: np.ndarray):
 
     :func:`ops.grid_sample3d` at ``identity_grid @ theta``, with the sampling grid written in
     one pass straight in ``grid_sample``'s ``(k, j, i)`` order (the cell centres cached per
-    shape, ``theta``'s axes reversed). ``labels`` may be given as float (integer values) to
-    save a conversion; nearest sampling returns them exactly.
+    shape, ``theta``'s axes reversed). ``labels`` may be given in the image's float type
+    (integer values) to save a conversion; nearest sampling returns them exactly.
     """
     shape = tuple(image.shape[2:])
     mat = torch.as_tensor(np.ascontiguousarray(theta[::-1][:, [2, 1, 0, 3]]),
-                          dtype=torch.float32, device=image.device)  # (k, j, i) order
-    coords = torch.addmm(mat[:, 3], _centres_kji(shape, image.device), mat[:, :3].T)
+                          dtype=image.dtype, device=image.device)  # (k, j, i) order
+    coords = torch.addmm(mat[:, 3], _centres_kji(shape, image.dtype, image.device),
+                         mat[:, :3].T)
     grid = coords.reshape(1, *shape, 3)
     kw = dict(padding_mode="border", align_corners=False)
     img = F.grid_sample(image, grid, mode="bilinear", **kw)
-    lab = F.grid_sample(labels.float(), grid, mode="nearest", **kw)
+    lab = F.grid_sample(labels.to(image.dtype), grid, mode="nearest", **kw)
     return img, lab.long()
 
 
 @functools.lru_cache(maxsize=4)
-def _centres_kji(shape: tuple, device) -> torch.Tensor:
+def _centres_kji(shape: tuple, dtype, device) -> torch.Tensor:
     """``ops.identity_grid(shape)`` in ``(k, j, i)`` order, as ``(I*J*K, 3)``."""
-    return ops.identity_grid(shape, device=device).flip(-1).reshape(-1, 3)
+    return ops.identity_grid(shape, dtype=dtype, device=device).flip(-1).reshape(-1, 3)
 
 
 def training_device(name: str) -> torch.device:
