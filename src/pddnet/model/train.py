@@ -117,10 +117,10 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees dozens of cost-volume-sized tensors (~40 MB at the
     ``small`` preset). glibc serves blocks above 32 MB with ``mmap`` and unmaps them on free, so
-    every step page-faults them in again: ~12 ms per block on our 2-core Xeon, a fifth of the
-    step. Raising the mmap and trim thresholds to 1 GiB keeps them for reuse; the peak memory
-    is unchanged, but it is not returned to the system until the process ends. A no-op off
-    glibc (macOS, Windows, musl).
+    every step page-faults them in again: on our 2-core Xeon that was 1.2-1.4 s of a 3.1-3.3 s
+    step (docs/benchmarks.md, "The <= 2 s target"). Raising the mmap and trim thresholds to
+    1 GiB keeps them for reuse; the memory is not returned to the system until the process
+    ends. A no-op off glibc (macOS, Windows, musl).
     """
     if not sys.platform.startswith("linux"):
         return False
