@@ -30,7 +30,13 @@ import torch
 
 from pddnet.model import losses, ops
 from pddnet.model.network import PDDNet
-from pddnet.model.train import NUM_CLASSES, Trainer, TrainOptions, load_training_subjects
+from pddnet.model.train import (
+    NUM_CLASSES,
+    Trainer,
+    TrainOptions,
+    load_training_subjects,
+    regularise_fast,
+)
 from pddnet.spec.config import preset
 
 
@@ -61,25 +67,19 @@ def profile_parts(trainer: Trainer, iteration: int) -> None:
         times[name] = time.perf_counter() - t0
         return out
 
-    ff = timed("features (2 images)", lambda: (model.features(fixed), model.features(moving)))
+    cl = torch.channels_last_3d
+    ff = timed("features (2 images)",
+               lambda: (model.features(fixed, cl), model.features(moving, cl)))
     ssd = timed("correlation", lambda: ops.correlation_separable(
         *ff, cfg.grid, cfg.disp_size, cfg.capture, layout="disp"))
-    a = model.alpha
-
-    def mean_field():
-        cost = a[1] + a[0] * ssd
-        first = ops.mean_field_step_dmajor(cost, cfg.minconv, model.penalty)
-        return ops.mean_field_step_dmajor(a[4] + a[2] * cost + a[3] * first, cfg.minconv,
-                                          model.penalty)
-
-    cost = timed("mean field", mean_field)
+    neg_cost = timed("mean field", regularise_fast, model, ssd)
     L3 = cfg.disp_size ** 3
-    probs = torch.softmax(-a[5] * cost.reshape(L3, *cfg.grid), dim=0)
+    probs = ops.softmax_scaled(neg_cost.reshape(L3, *cfg.grid), model.alpha[5], 0)
     disp = ops.displacement_set(cfg.disp_size, cfg.capture).reshape(L3, 3)
     grid_disp = (disp.T @ probs.reshape(L3, -1)).T.reshape(*cfg.grid, 3)
     pool = trainer.opts.label_pool
-    f_oh = losses.soft_labels(losses.one_hot(fl[0, 0], NUM_CLASSES), pool)
-    m_oh = losses.soft_labels(losses.one_hot(ml[0, 0], NUM_CLASSES), pool)
+    f_oh = losses.pooled_one_hot(fl[0, 0], NUM_CLASSES, pool)
+    m_oh = losses.pooled_one_hot(ml[0, 0], NUM_CLASSES, pool)
     label = timed("label loss", lambda: losses.nonlocal_label_loss(
         probs, f_oh, m_oh, cfg.grid, cfg.disp_size, cfg.capture, trainer.weights,
         trainer.opts.class_reduction, layout="disp"))

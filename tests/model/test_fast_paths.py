@@ -33,9 +33,11 @@ def _grads(out, inputs, grad):
 
 
 # (feature shape I J K, grid, L, capture): odd shapes, control points whose displacements leave
-# the volume (border clamping), a single-voxel axis, and L = 3
+# the volume (border clamping), a single-voxel axis, L = 3, and each axis order by size (the
+# separable forms take the axes largest first)
 CORR_CASES = [((9, 8, 10), (4, 3, 5), 5, 0.4), ((7, 6, 5), (3, 4, 2), 3, 0.9),
-              ((12, 10, 14), (5, 5, 5), 7, 0.3), ((6, 1, 7), (3, 2, 3), 5, 0.5)]
+              ((12, 10, 14), (5, 5, 5), 7, 0.3), ((6, 1, 7), (3, 2, 3), 5, 0.5),
+              ((5, 9, 7), (2, 4, 3), 5, 0.6)]
 
 
 @pytest.mark.parametrize("shape,grid,L,q", CORR_CASES)
@@ -92,12 +94,45 @@ def test_displacement_major_paths_equal_the_definitions(gen):
     xd = x.permute(3, 4, 5, 0, 1, 2)
     for mode, pen in (("approx", None), ("exact", 0.7)):
         ref = ops.mean_field_step(x, mode, pen)
-        got = ops.mean_field_step_dmajor(xd, mode, pen).permute(3, 4, 5, 0, 1, 2)
+        got = -ops.mean_field_step_dmajor_neg(-xd, mode, pen).permute(3, 4, 5, 0, 1, 2)
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
         torch.testing.assert_close(_grads(got, x, g)[0], _grads(ref, x, g)[0], rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(ops.minpool3_dmajor,
-                                    (torch.randn(4, 3, 5, 2, 3, dtype=F64, generator=gen,
-                                                 requires_grad=True),))
+    y = torch.randn(4, 3, 5, 2, 3, dtype=F64, generator=gen, requires_grad=True)
+    want = -ops.minpool3_direct(-y.permute(3, 4, 0, 1, 2)).permute(2, 3, 4, 0, 1)
+    assert torch.equal(ops.maxpool3_dmajor(y), want)
+    assert torch.autograd.gradcheck(ops.maxpool3_dmajor, (y,))
+
+
+@pytest.mark.parametrize("shape,dim", [((7, 1, 5), 0), ((3,), 0), ((2, 9, 4, 3), 1)])
+def test_softmax_scaled_equals_autograd(gen, shape, dim):
+    x = torch.randn(shape, dtype=F64, generator=gen, requires_grad=True)
+    a = torch.randn((), dtype=F64, generator=gen, requires_grad=True)
+    g = torch.randn(shape, dtype=F64, generator=gen).transpose(0, -1).contiguous().transpose(0, -1)
+    got, want = ops.softmax_scaled(x, a, dim), torch.softmax(a * x, dim)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+    for u, v in zip(_grads(got, (x, a), g), _grads(want, (x, a), g)):
+        torch.testing.assert_close(u, v, rtol=0, atol=1e-13)
+    assert torch.autograd.gradcheck(lambda v, s: ops.softmax_scaled(v, s, dim), (x, a))
+
+
+@pytest.mark.parametrize("shape", [(7, 1, 5), (3,), (2, 9, 4, 3)])
+def test_affine_equals_autograd(gen, shape):
+    """ops.affine (fused passes, hand-written backward) against the plain expression."""
+    coeffs = [torch.randn((), dtype=F64, generator=gen, requires_grad=True) for _ in range(3)]
+    xs = [torch.randn(shape, dtype=F64, generator=gen, requires_grad=True) for _ in range(2)]
+    g = torch.randn(shape, dtype=F64, generator=gen)
+    inputs = (*coeffs, *xs)
+    for terms in ((coeffs[1], xs[0]), (coeffs[1], xs[0], coeffs[2], xs[1])):
+        got = ops.affine(coeffs[0], *terms)
+        want = coeffs[0] + sum(a * x for a, x in zip(terms[0::2], terms[1::2]))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
+        got_g = torch.autograd.grad(got, inputs, g, allow_unused=True)
+        want_g = torch.autograd.grad(want, inputs, g, allow_unused=True)
+        for a, b in zip(got_g, want_g):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda *t: ops.affine(coeffs[0], *t), terms)
 
 
 def test_minpool_pooled_gradcheck(gen):
@@ -151,8 +186,19 @@ def test_one_hot_matches_torch(gen):
         losses.one_hot(lab, 5)
 
 
+@pytest.mark.parametrize("shape", [(8, 6, 10), (7, 5, 9), (3, 4, 5)])
+@pytest.mark.parametrize("factor", [1, 2, 3])
+def test_pooled_one_hot_equals_pooling_the_one_hot(gen, shape, factor):
+    lab = torch.randint(0, 6, shape, generator=gen)
+    want = losses.soft_labels(losses.one_hot(lab, 7), factor)
+    got = losses.pooled_one_hot(lab, 7, factor)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    with pytest.raises(Exception, match="one_hot"):
+        losses.pooled_one_hot(lab, 5, factor)
+
+
 LABEL_CASES = [((4, 3, 5), 5, 0.4, (9, 8, 10)), ((3, 4, 2), 3, 0.9, (7, 6, 5)),
-               ((5, 5, 6), 7, 0.3, (12, 10, 14))]
+               ((5, 5, 6), 7, 0.3, (12, 10, 14)), ((2, 5, 3), 5, 0.6, (5, 11, 8))]
 
 
 @pytest.mark.parametrize("grid,L,q,shape", LABEL_CASES)
@@ -227,3 +273,38 @@ def test_forward_fast_equals_the_model(gen, minconv):
                                    atol=1e-12)
     with pytest.raises(Exception, match="forward_fast"):
         forward_fast(model, fixed, moving[..., :-1])
+
+
+def test_keep_freed_memory_is_accepted_on_glibc():
+    """The allocator setting a Trainer makes (process-wide, once): accepted where glibc runs."""
+    import platform
+    import sys
+
+    from pddnet.model.train import keep_freed_memory
+
+    got = keep_freed_memory()
+    assert keep_freed_memory() is got  # cached: set once
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert got is True
+
+
+def test_augmentation_equals_sampling_at_the_affine_coordinates(gen):
+    """train.apply_affine (grid in grid_sample's order, cached centres) against the definition:
+    grid_sample3d at identity_grid @ theta. Labels may differ where a coordinate's float
+    rounding crosses a voxel boundary (rare)."""
+    from pddnet.model.train import TrainOptions, apply_affine, random_affine
+
+    shape = (13, 10, 17)
+    image = torch.randn(1, 1, *shape, generator=gen)
+    labels = torch.randint(0, 5, (1, 1, *shape), generator=gen)
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
+    opts = TrainOptions(max_rotation_deg=20.0, max_scale=0.2, max_shift=0.2)
+    for _ in range(3):
+        theta = random_affine(rng, opts)
+        mat = torch.as_tensor(theta, dtype=torch.float32)
+        coords = (ops.identity_grid(shape) @ mat[:, :3].T + mat[:, 3])[None]
+        img, lab = apply_affine(image, labels, theta)
+        torch.testing.assert_close(img, ops.grid_sample3d(image, coords), rtol=0, atol=1e-5)
+        want = ops.grid_sample3d(labels.float(), coords, mode="nearest").long()
+        assert lab.dtype == torch.long and (lab != want).float().mean() < 2e-3
+        assert torch.equal(apply_affine(image, labels.float(), theta)[1], lab)

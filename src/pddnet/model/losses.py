@@ -52,6 +52,26 @@ def soft_labels(labels_onehot: Tensor, factor: int = 2) -> Tensor:
     return F.avg_pool3d(labels_onehot, factor, stride=factor) if factor > 1 else labels_onehot
 
 
+def pooled_one_hot(labels: Tensor, num_classes: int, factor: int = 2) -> Tensor:
+    """``soft_labels(one_hot(labels, num_classes), factor)`` by counting each class in each
+    ``factor^3`` block (one ``bincount``), without the full-resolution one-hot volume.
+
+    Exactly the same values: the block means of a one-hot volume are counts over ``factor^3``.
+    """
+    labels = labels.long()
+    lo, hi = torch.aminmax(labels) if labels.numel() else (0, 0)
+    if factor == 1 or not 0 <= int(lo) <= int(hi) < num_classes:
+        return soft_labels(one_hot(labels, num_classes), factor)  # one_hot refuses bad labels
+    shape = [n // factor for n in labels.shape]  # avg_pool3d drops a partial last block
+    blocks = labels[:shape[0] * factor, :shape[1] * factor, :shape[2] * factor].reshape(
+        shape[0], factor, shape[1], factor, shape[2], factor)
+    n_vox = shape[0] * shape[1] * shape[2]
+    block = torch.arange(n_vox, device=labels.device).reshape(shape[0], 1, shape[1], 1,
+                                                               shape[2], 1)
+    counts = torch.bincount((blocks * n_vox + block).reshape(-1), minlength=num_classes * n_vox)
+    return (counts.float() / factor ** 3).reshape(1, num_classes, *shape)
+
+
 def nonlocal_label_loss(probs: Tensor, fixed_onehot: Tensor, moving_onehot: Tensor, grid,
                         disp_size: int, capture: float, weights: Tensor,
                         reduction: str = "sum", *, layout: str = "grid") -> Tensor:
@@ -110,18 +130,24 @@ def expected_labels(probs: Tensor, moving_onehot: Tensor, grid, disp_size: int,
     """
     if layout not in ("grid", "disp"):
         raise PddnetError(f"expected_labels: layout must be 'grid' or 'disp', got {layout!r}")
-    grid = tuple(int(g) for g in grid)
-    gi, gj, gk = grid
     L = int(disp_size)
     labels = moving_onehot[0].to(probs.dtype)  # (n, I, J, K)
+    if layout == "disp":  # (Li, Lj, Lk, Gi, Gj, Gk) -> the grid-major order, as a view
+        p = probs.reshape(L, L, L, *grid).permute(3, 4, 5, 0, 1, 2)
+    else:
+        p = probs.reshape(*grid, L, L, L)
+    # T2 and Q scale with the size of the label axis spread along last, T2 with the last two:
+    # below, "i, j, k" are the label axes in decreasing size (views)
+    order = sorted(range(3), key=lambda a: -int(labels.shape[1 + a]))
+    back = [order.index(a) for a in range(3)]
+    labels = labels.permute(0, *[1 + a for a in order])
+    p = p.permute(*order, *[3 + a for a in order])
+    grid = tuple(int(grid[a]) for a in order)
+    gi, gj, gk = grid
     n_cls, nk = labels.shape[0], labels.shape[-1]
     wi, wj, wk = ops.lattice_weights(grid, L, capture, labels.shape[1:], dtype=probs.dtype,
                                      device=probs.device)
     taps = ops.two_taps(wk)
-    if layout == "disp":  # (Li, Lj, Lk, Gi, Gj, Gk) -> the grid-major order, as a view
-        p = probs.reshape(L, L, L, gi, gj, gk).permute(3, 4, 5, 0, 1, 2)
-    else:
-        p = probs.reshape(gi, gj, gk, L, L, L)
     step = max(1, min(gi, max_elems // (gj * L * L * nk * gk)))
     parts = []
     for i0 in range(0, gi, step):
@@ -132,7 +158,7 @@ def expected_labels(probs: Tensor, moving_onehot: Tensor, grid, disp_size: int,
         # (n, x) @ (x, Gk) per control column: the gradient for q comes out in q's layout
         pred = t2.reshape(s * gj, -1, n_cls).transpose(1, 2) @ q.reshape(s * gj, -1, gk)
         parts.append(pred.reshape(s, gj, n_cls, gk))
-    return torch.cat(parts, 0).permute(2, 0, 1, 3)
+    return torch.cat(parts, 0).permute(2, *[(0, 1, 3)[b] for b in back])  # original axes
 
 
 def nonlocal_label_loss_direct(probs: Tensor, fixed_onehot: Tensor, moving_onehot: Tensor, grid,

