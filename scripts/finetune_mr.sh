@@ -4,8 +4,8 @@
 #
 #   scripts/finetune_mr.sh [WORK]        (default WORK: /tmp/pddnet-mr; nothing is written in the repo)
 #
-# Environment: ITERS (75), LR (0.01), DW (diffusion weight, 0.5), THREADS (2), PDDNET (the CLI;
-# default .venv/bin/pddnet, else pddnet on PATH).
+# Environment: ITERS (75), LR (0.01), DW (diffusion weight, 0.5), THREADS (2), CKPT (checkpoint
+# every N iterations, 25), PDDNET (the CLI; default .venv/bin/pddnet, else pddnet on PATH).
 #
 # 1. data: a training set of 10 MR-like subjects (seed 21; split 4 train / 2 val / 4 test, the
 #    training split is what fine-tuning sees), a held-out test set of a fresh seed (23; its
@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${1:-/tmp/pddnet-mr}"
-ITERS="${ITERS:-75}"; LR="${LR:-0.01}"; DW="${DW:-0.5}"; THREADS="${THREADS:-2}"
+ITERS="${ITERS:-75}"; LR="${LR:-0.01}"; DW="${DW:-0.5}"; THREADS="${THREADS:-2}"; CKPT="${CKPT:-25}"
 P="${PDDNET:-}"
 if [[ -z "$P" ]]; then
   if [[ -x .venv/bin/pddnet ]]; then P=.venv/bin/pddnet; else P=pddnet; fi
@@ -39,7 +39,7 @@ synth mr-test 8 23
 
 echo "start $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)" > "$WORK/ft.time"
 "$P" train --data "$WORK/mr-train" --init "$INIT" --intensity mr --threads "$THREADS" \
-    --lr "$LR" --diffusion-weight "$DW" --iterations "$ITERS" --checkpoint-every 5 --seed 0 \
+    --lr "$LR" --diffusion-weight "$DW" --iterations "$ITERS" --checkpoint-every "$CKPT" --seed 0 \
     --out "$WORK/ft_mr.pt"
 echo "end $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)" >> "$WORK/ft.time"
 cat "$WORK/ft.time"
