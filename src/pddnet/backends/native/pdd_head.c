@@ -180,10 +180,7 @@ void pdd_head_destroy(pdd_head *h)
     free(h);
 }
 
-/* ints: C, n_i, n_j, n_k, G_i, G_j, G_k, L, mode, threads, isa (-1: best)
- * floats: a1, b1, a2, b2, c2, s, t, pen1, pen2, then 3 L expectation values (axis i, j, k)
- * disp: 3 L displacements (normalised) of the correlation, axis i, j, k
- * Returns NULL when out of memory, the arguments are invalid or the ISA is unavailable. */
+/* the arguments: pdd_head.h */
 pdd_head *pdd_head_create(const int *ints, const float *floats, const double *disp)
 {
     pdd_head *h = (pdd_head *)calloc(1, sizeof(pdd_head));

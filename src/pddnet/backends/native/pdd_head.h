@@ -58,6 +58,26 @@ const pdd_kernels *pdd_kernels_avx2(void);
 const pdd_kernels *pdd_kernels_avx512(void);
 #endif
 
+/* ---- the entry points (called through ctypes by pddnet.backends.native; pdd_head.c) ---- */
+int pdd_abi_version(void);
+int pdd_isa_available(int isa);
+/* ints: C, n_i, n_j, n_k, G_i, G_j, G_k, L, mode, threads, isa (-1: the best auto choice);
+ * floats: a1, b1, a2, b2, c2, s, t, pen1, pen2, then 3 L expectation values; disp: 3 L
+ * normalised displacements.  NULL when out of memory, invalid or the set is unavailable. */
+pdd_head *pdd_head_create(const int *ints, const float *floats, const double *disp);
+void pdd_head_destroy(pdd_head *h);
+int pdd_head_isa(const pdd_head *h);
+int pdd_head_threads(const pdd_head *h);
+size_t pdd_head_bytes(const pdd_head *h);
+/* probs (G^3 L^3) and entropy (G^3) may be NULL; disp: G^3 x 3 */
+int pdd_head_run(pdd_head *h, const float *fixed, const float *moving, float *probs,
+                 float *disp, float *entropy);
+void pdd_head_last_times(double *out);
+int pdd_head_correlation(pdd_head *h, const float *fixed, const float *moving, float *out);
+int pdd_head_minconv(pdd_head *h, const float *in, float *out, float pen);
+int pdd_head_mean_field(pdd_head *h, const float *in, float *out, float pen);
+int pdd_head_softmax(pdd_head *h, const float *cost, float *probs, float *disp, float *entropy);
+
 /* the run-time helper every kernel set shares: fn(ctx, item) for item in [0, n) on T threads */
 void pdd_parallel_for(int threads, long long n, void (*fn)(void *ctx, long long item, int tid),
                       void *ctx);
