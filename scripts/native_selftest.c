@@ -111,8 +111,10 @@ int main(int argc, char **argv)
         const int N = 6 * 5 * 7, k = 4;
         int r_ints[6] = {6, 5, 7, k, 10, 2};
         double params[5] = {0.05, 0.9, 0.999, 1e-8, 0.5}, res[4];
-        double *f = (double *)malloc(sizeof(double) * N * k), *m = (double *)malloc(sizeof(double) * N * k);
-        double *theta = (double *)calloc((size_t)N * 3, sizeof(double)), *u = (double *)malloc(sizeof(double) * N * 3);
+        double *f = (double *)malloc(sizeof(double) * N * k);
+        double *m = (double *)malloc(sizeof(double) * N * k);
+        double *theta = (double *)calloc((size_t)N * 3, sizeof(double));
+        double *u = (double *)malloc(sizeof(double) * N * 3);
         for (int i = 0; i < N * k; ++i) {
             f[i] = uniform() - 0.5;
             m[i] = uniform() - 0.5;
