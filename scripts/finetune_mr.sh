@@ -5,7 +5,8 @@
 #   scripts/finetune_mr.sh [WORK]        (default WORK: /tmp/pddnet-mr; nothing is written in the repo)
 #
 # Environment: ITERS (75), LR (0.01), DW (diffusion weight, 0.5), THREADS (2), CKPT (checkpoint
-# every N iterations, 25), PDDNET (the CLI; default .venv/bin/pddnet, else pddnet on PATH).
+# every N iterations, 25), SUBJECTS (subjects of the training set, 10: its split gives 4 training
+# subjects; 14 gives 8), PDDNET (the CLI; default .venv/bin/pddnet, else pddnet on PATH).
 #
 # 1. data: a training set of 10 MR-like subjects (seed 21; split 4 train / 2 val / 4 test, the
 #    training split is what fine-tuning sees), a held-out test set of a fresh seed (23; its
@@ -19,6 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${1:-/tmp/pddnet-mr}"
 ITERS="${ITERS:-75}"; LR="${LR:-0.01}"; DW="${DW:-0.5}"; THREADS="${THREADS:-2}"; CKPT="${CKPT:-25}"
+SUBJECTS="${SUBJECTS:-10}"
 P="${PDDNET:-}"
 if [[ -z "$P" ]]; then
   if [[ -x .venv/bin/pddnet ]]; then P=.venv/bin/pddnet; else P=pddnet; fi
@@ -30,7 +32,7 @@ synth() {  # OUT SUBJECTS SEED
   [[ -f "$WORK/$1/PddnetSynth_dataset.json" ]] || \
     "$P" data synth --out "$WORK/$1" --subjects "$2" --seed "$3" --preset small --contrast mr --no-progress
 }
-synth mr-train 10 21
+synth mr-train "$SUBJECTS" 21
 synth mr-select 8 22
 synth mr-test 8 23
 
