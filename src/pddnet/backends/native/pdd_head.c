@@ -288,6 +288,15 @@ typedef struct {
     float a, b, pen, p, q, r;
 } pass;
 
+/* a pass over session h, every other field zero; -1 when its kernel set is unavailable */
+static int begin_pass(pass *P, pdd_head *h)
+{
+    memset(P, 0, sizeof(*P));
+    P->h = h;
+    P->k = kernels(h);
+    return P->k ? 0 : -1;
+}
+
 static float *scr(const pass *P, int tid)
 {
     return P->h->scratch + P->h->scratch_per_thread * (size_t)tid;
@@ -357,10 +366,7 @@ int pdd_head_run(pdd_head *h, const float *fixed, const float *moving, float *pr
                  float *disp, float *entropy)
 {
     pass P;
-    memset(&P, 0, sizeof(P));
-    P.h = h;
-    P.k = kernels(h);
-    if (!P.k)
+    if (begin_pass(&P, h) != 0)
         return -1;
     double t0 = now_ms(), t1;
     prepare_pass(&P, fixed, moving);
@@ -390,11 +396,10 @@ int pdd_head_run(pdd_head *h, const float *fixed, const float *moving, float *pr
 int pdd_head_correlation(pdd_head *h, const float *fixed, const float *moving, float *out)
 {
     pass P;
-    memset(&P, 0, sizeof(P));
-    P.h = h; P.k = kernels(h);
-    if (!P.k) return -1;
+    if (begin_pass(&P, h) != 0)
+        return -1;
     prepare_pass(&P, fixed, moving);
-    P.moving = moving; P.ssd = out; P.dst = NULL;
+    P.ssd = out;
     pdd_parallel_for(h->threads, h->G[0], slab_item, &P);
     return 0;
 }
@@ -402,9 +407,8 @@ int pdd_head_correlation(pdd_head *h, const float *fixed, const float *moving, f
 int pdd_head_minconv(pdd_head *h, const float *in, float *out, float pen)
 {
     pass P;
-    memset(&P, 0, sizeof(P));
-    P.h = h; P.k = kernels(h);
-    if (!P.k) return -1;
+    if (begin_pass(&P, h) != 0)
+        return -1;
     P.src = in; P.dst = out; P.a = 1.0f; P.b = 0.0f; P.pen = pen; P.smooth = 0;
     pdd_parallel_for(h->threads, h->G[0], slab_item, &P);
     return 0;
@@ -413,9 +417,8 @@ int pdd_head_minconv(pdd_head *h, const float *in, float *out, float pen)
 int pdd_head_mean_field(pdd_head *h, const float *in, float *out, float pen)
 {
     pass P;
-    memset(&P, 0, sizeof(P));
-    P.h = h; P.k = kernels(h);
-    if (!P.k) return -1;
+    if (begin_pass(&P, h) != 0)
+        return -1;
     P.src = in; P.dst = h->B; P.a = 1.0f; P.b = 0.0f; P.pen = pen; P.smooth = 1;
     pdd_parallel_for(h->threads, h->G[0], slab_item, &P);
     P.src = h->B; P.dst = out; P.base = NULL;
@@ -426,9 +429,8 @@ int pdd_head_mean_field(pdd_head *h, const float *in, float *out, float pen)
 int pdd_head_softmax(pdd_head *h, const float *cost, float *probs, float *disp, float *entropy)
 {
     pass P;
-    memset(&P, 0, sizeof(P));
-    P.h = h; P.k = kernels(h);
-    if (!P.k) return -1;
+    if (begin_pass(&P, h) != 0)
+        return -1;
     P.src = cost; P.probs = probs; P.disp = disp; P.entropy = entropy; P.smooth = 0;
     pdd_parallel_for(h->threads, rows(h), final_item, &P);
     return 0;
