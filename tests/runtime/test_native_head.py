@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers.native_lib import pretend_library_absent
 from pddnet.backends import native
 from pddnet.errors import PddnetError
 from pddnet.spec import contract as C
@@ -263,9 +264,7 @@ def test_library_absent_or_off_falls_back_and_says_so(monkeypatch):
         base = r.run_pair(fixed, moving).outputs
     finally:
         r.close()
-    monkeypatch.delenv(native.ENV)
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_lib_error", "the C kernel library is not built (test)")
+    pretend_library_absent(monkeypatch)
     r = PairRunner(model, "onnxruntime", {"threads": 1})
     try:
         assert r.head_implementation == "onnxruntime"

@@ -16,6 +16,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+from helpers.native_lib import pretend_library_absent
 from pddnet.backends import native
 from pddnet.backends.native import features as natf
 from pddnet.errors import PddnetError
@@ -283,9 +284,7 @@ def test_library_off_or_absent_falls_back_and_says_so(monkeypatch):
         assert r.sampling_implementation == "native"
     finally:
         r.close()
-    monkeypatch.delenv(native.ENV)
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_lib_error", "the C kernel library is not built (test)")
+    pretend_library_absent(monkeypatch)
     r = PairRunner(model, "onnxruntime", {"threads": 1})
     try:
         assert r.sampling_implementation == "onnxruntime"
