@@ -352,17 +352,13 @@ def plan_head(head: Any) -> HeadPlan:
     of :func:`pddnet.graph.split.split_model`). Raises :class:`NotStandardHead` with the reason
     when the graph is not the standard float32 head."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
+    from pddnet.graph.passes.constants import constant_values
     from pddnet.graph.split import _make_part, _value_types
 
     g = head.graph
-    consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
-            for a in n.attribute:
-                if a.name == "value":
-                    consts[n.output[0]] = numpy_helper.to_array(a.t)
+    consts = constant_values(g)
     inputs = {i.name: i for i in g.input if i.name not in consts}
     for name in (C.FIXED_FEATURES, C.MOVING_FEATURES):
         if name not in inputs:

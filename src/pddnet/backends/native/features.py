@@ -130,19 +130,13 @@ def plan_features(features: Any) -> SamplingPlan:
     and after it. Raises :class:`NotStandardFeatures` with the reason when the graph is not
     the standard float32 pattern."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
+    from pddnet.graph.passes.constants import constant_values
     from pddnet.graph.split import _backward, _make_part, _value_types
 
     g = features.graph
-    consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    const_nodes = set()
-    for n in g.node:
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
-            for a in n.attribute:
-                if a.name == "value":
-                    consts[n.output[0]] = numpy_helper.to_array(a.t)
-                    const_nodes.add(n.output[0])
+    consts = constant_values(g)
     ins = [i.name for i in g.input if i.name not in consts]
     outs = [o.name for o in g.output]
     if ins != [C.FEATURES_INPUT] or outs != [C.FEATURES_OUTPUT]:

@@ -7,7 +7,21 @@ weights, so the INT8 preparation turns them into initializers first.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
+
+
+def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Every tensor of ``graph`` whose value is fixed: its initializers and the outputs of its
+    standard ``Constant`` nodes (``value`` attribute), by name."""
+    out = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = numpy_helper.to_array(a.t)
+    return out
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> int:
