@@ -26,6 +26,7 @@ SOURCES = {
     "pdd_head.c": [],
     "pdd_refine.c": [],
     "pdd_sample.c": [],
+    "pdd_conv.c": [],
     "pdd_k_portable.c": ["-fno-tree-vectorize", "-fno-tree-slp-vectorize"],
 }
 if X86:

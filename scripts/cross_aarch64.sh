@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 WORK="${1:-/tmp/pddnet-aarch64}"
 N=src/pddnet/backends/native
 FLAGS=(-O3 -ffp-contract=off -fno-math-errno -fno-trapping-math -pthread -I "$N")
-PORTABLE=("$N/pdd_head.c" "$N/pdd_refine.c" "$N/pdd_sample.c" "$N/pdd_k_portable.c")
+PORTABLE=("$N/pdd_head.c" "$N/pdd_refine.c" "$N/pdd_sample.c" "$N/pdd_conv.c" "$N/pdd_k_portable.c")
 mkdir -p "$WORK"
 for tool in aarch64-linux-gnu-gcc qemu-aarch64; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install gcc-aarch64-linux-gnu qemu-user" >&2; exit 2; }

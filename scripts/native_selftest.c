@@ -106,6 +106,19 @@ int main(int argc, char **argv)
         free(X); free(o0); free(o1); free(Y);
     }
 
+    /* the Winograd 3x3x3 convolution: 13 -> 20 channels, 7 x 5 x 9, bias and relu */
+    {
+        int c_ints[8] = {13, 20, 7, 5, 9, 1, 2, isa};
+        float *X = randoms(13LL * 7 * 5 * 9, -1.0, 1.0);
+        float *U = randoms(64LL * 13 * 20, -0.3, 0.3), *b = randoms(20, -0.2, 0.2);
+        float *Y = (float *)malloc(sizeof(float) * 20 * 7 * 5 * 9);
+        float *work = (float *)malloc(sizeof(float) * (size_t)pdd_conv3_work_floats(c_ints));
+        if (pdd_conv3_winograd(c_ints, U, b, X, Y, work) != 0)
+            return 7;
+        show("conv3", Y, 20LL * 7 * 5 * 9);
+        free(X); free(U); free(b); free(Y); free(work);
+    }
+
     /* the features refinement loop: 6 x 5 x 7 grid, 4 channels, 10 Adam steps */
     {
         const int N = 6 * 5 * 7, k = 4;

@@ -124,7 +124,8 @@ class PairRunner:
                                   "reason": f"the C sampling does not run this model: {exc}"}
             return None
         self.sampling_impl = {"implementation": "native", "reason": None,
-                              "threads": b.threads, "nodes": list(b.plan.nodes)}
+                              "threads": b.threads, "nodes": list(b.plan.nodes),
+                              "conv": b.conv_status()}
         return b
 
     def _native_head(self, head: Any, backend: str, options: dict[str, Any], suffix: str,

@@ -51,7 +51,7 @@ ISAS = ("portable", "sse2", "avx2", "avx512")
 #: asked for: on the Xeon of docs/benchmarks.md it was slower than ``avx2`` (the head's passes
 #: are bound by the L1/L2 traffic of the L^3 blocks, not by vector width)
 AUTO_ORDER = ("avx2", "sse2", "portable")
-ABI_VERSION = 4
+ABI_VERSION = 5
 #: where the build puts the library: a folder that is not a Python package, so nothing that
 #: walks the package's modules tries to import it as an extension module
 _HERE = Path(__file__).resolve().parent / "lib"
@@ -110,6 +110,11 @@ def _load() -> ctypes.CDLL | None:
     lib.pdd_feature_refine.argtypes = [ctypes.POINTER(ctypes.c_int), dp, dp, dp, dp, dp, dp]
     lib.pdd_obelisk_sample.restype = ctypes.c_int
     lib.pdd_obelisk_sample.argtypes = [ctypes.POINTER(ctypes.c_int), f32p, f32p, f32p, f32p]
+    lib.pdd_conv3_work_floats.restype = ctypes.c_longlong
+    lib.pdd_conv3_work_floats.argtypes = [ctypes.POINTER(ctypes.c_int)]
+    lib.pdd_conv3_winograd.restype = ctypes.c_int
+    lib.pdd_conv3_winograd.argtypes = [ctypes.POINTER(ctypes.c_int), f32p, f32p, f32p, f32p,
+                                       f32p]
     _lib, _lib_path = lib, str(path)
     return lib
 

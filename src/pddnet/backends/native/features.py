@@ -10,9 +10,12 @@ difference in one pass of the C library (``pdd_sample.c``, :func:`obelisk_sample
 
 :func:`plan_features` reads the sampling from the graph (the two nodes and their ``Sub``, the
 offsets -- initializers or ``Constant`` nodes -- and ``output_shape``) and refuses, with the
-reason, any features part that is not that float32 pattern (a ``Cast`` or a Q/DQ pair around
-the nodes, more or fewer nodes, another reader of the sampled tensors); the runtime then runs
-the plain ONNX Runtime features session (:class:`pddnet.runtime.runner.PairRunner`).
+reason, any features part that is not that pattern in float32 (a sampled map of another type,
+more or fewer nodes, another reader of the sampled tensors); the runtime then runs the plain
+ONNX Runtime features session (:class:`pddnet.runtime.runner.PairRunner`). What surrounds the
+sampling stays in the ONNX Runtime parts as the graph has it: an INT8 graph's
+``QuantizeLinear`` on the difference (``Conv1`` in INT8) or a ``DequantizeLinear`` / ``Cast``
+giving a float32 map, so the C pass computes exactly the float32 nodes the graph holds.
 """
 
 from __future__ import annotations
@@ -28,12 +31,9 @@ import numpy as np
 
 from pddnet.backends import native as nat
 from pddnet.backends.base import Backend, TensorSpec
+from pddnet.backends.native.conv import ConvPlan, conv3x3x3, plan_conv, work_floats
 from pddnet.errors import PddnetError
 from pddnet.spec import contract as C
-
-#: ops around the sampling that mean another precision (the C sampling is float32 only)
-_PRECISION_OPS = ("Cast", "CastLike", "QuantizeLinear", "DequantizeLinear",
-                  "DynamicQuantizeLinear")
 
 
 class NotStandardFeatures(PddnetError):
@@ -194,23 +194,17 @@ def plan_features(features: Any) -> SamplingPlan:
     y_name = sub.output[0]
     if y_name in outs:
         raise NotStandardFeatures("the sampled difference is the features part's output")
-    p = producer.get(x_name)
-    if p is not None and p.op_type in _PRECISION_OPS:
-        raise NotStandardFeatures(f"the sampled map comes from a {p.op_type} node ({p.name!r}): "
-                                  "another precision")
-    for r in readers.get(y_name, []):
-        if r.op_type in _PRECISION_OPS:
-            raise NotStandardFeatures(f"the sampled difference goes to a {r.op_type} node "
-                                      f"({r.name!r}): another precision")
     types = dict(_value_types(features))
     xt = types.get(x_name)
     if xt is None:
         raise NotStandardFeatures(f"the type of the sampled map {x_name!r} is unknown")
     tt = xt.tensor_type
     if tt.elem_type != onnx.TensorProto.FLOAT:
+        p = producer.get(x_name)
+        src = f" (from {p.op_type} {p.name!r})" if p is not None else ""
         raise NotStandardFeatures(f"the sampled map {x_name!r} is "
-                                  f"{onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)}, not "
-                                  "float32")
+                                  f"{onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)}{src}, "
+                                  "not float32: another precision")
     dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
     if len(dims) != 5 or dims[0] != 1 or min(dims) < 1:
         raise NotStandardFeatures(f"the sampled map {x_name!r} has shape {dims}, expected static "
@@ -258,14 +252,20 @@ class NativeFeaturesBackend(Backend):
     name = "native"
 
     def __init__(self, model: Any, *, label: str = "features", threads: int | None = None,
-                 **ort_options: Any):
+                 conv: bool = True, **ort_options: Any):
         super().__init__(model, label=label)
         self.threads = int(threads or os.cpu_count() or 1)
         self._ort_options = dict(ort_options)
-        self._pre = self._post = None
+        self._want_conv = conv
+        self._pre = self._post = self._post_b = None
         self._y: np.ndarray | None = None
+        self._conv_bufs: tuple[np.ndarray, np.ndarray] | None = None
         self._lock = threading.Lock()
         self.plan: SamplingPlan | None = None
+        #: the 3x3x3 convolution after the sampling in C (``None``: in ONNX Runtime, see
+        #: :attr:`conv_reason`)
+        self.conv: ConvPlan | None = None
+        self.conv_reason: str | None = None
         #: milliseconds of the last run's three parts
         self.last_parts_ms: dict[str, float] = {}
 
@@ -276,22 +276,32 @@ class NativeFeaturesBackend(Backend):
         if not ok:
             raise PddnetError(f"the C sampling is off: {why}")
         self.plan = plan_features(self._model)
+        post = self.plan.post
+        self.conv, self.conv_reason = None, "not asked for"
+        if self._want_conv:
+            try:
+                self.conv = plan_conv(post, self.plan.y_name, C.FEATURES_OUTPUT)
+                self.conv_reason = None
+            except PddnetError as exc:
+                self.conv_reason = str(exc)
         opts = dict(self._ort_options, threads=self.threads, stages=False)
-        self._pre = OnnxRuntimeBackend(self.plan.pre, label=f"{self.label}_pre",
-                                       **opts).activate()
         try:
-            self._post = OnnxRuntimeBackend(self.plan.post, label=f"{self.label}_post",
-                                            **opts).activate()
+            self._pre = OnnxRuntimeBackend(self.plan.pre, label=f"{self.label}_pre",
+                                           **opts).activate()
+            self._post = OnnxRuntimeBackend(self.conv.before if self.conv else post,
+                                            label=f"{self.label}_post", **opts).activate()
+            if self.conv:
+                self._post_b = OnnxRuntimeBackend(self.conv.after, label=f"{self.label}_post2",
+                                                  **opts).activate()
         except BaseException:
-            self._pre.deactivate()
-            self._pre = None
+            self._unload_impl()
             raise
 
     def _unload_impl(self) -> None:
-        for b in (self._pre, self._post):
+        for b in (self._pre, self._post, self._post_b):
             if b is not None:
                 b.deactivate()
-        self._pre = self._post = self._y = None
+        self._pre = self._post = self._post_b = self._y = self._conv_bufs = None
 
     def _input_specs_impl(self) -> list[TensorSpec]:
         return self._pre.input_specs
@@ -315,10 +325,30 @@ class NativeFeaturesBackend(Backend):
                                out=self._y)
             t2 = time.perf_counter()
             out = self._post.run({p.y_name: y})
-        t3 = time.perf_counter()
+            t3 = t4 = time.perf_counter()
+            if self.conv is not None:
+                out = self._run_conv(out[self.conv.x_name])
+                t4 = time.perf_counter()
+                out = self._post_b.run({self.conv.y_name: out})
+        t5 = time.perf_counter()
         self.last_parts_ms = {"pre": (t1 - t0) * 1e3, "sampling": (t2 - t1) * 1e3,
-                              "post": (t3 - t2) * 1e3}
+                              "post": (t5 - t2) * 1e3}
+        if self.conv is not None:
+            self.last_parts_ms["conv"] = (t4 - t3) * 1e3
         return {C.FEATURES_OUTPUT: out[C.FEATURES_OUTPUT]}
+
+    def _run_conv(self, x: np.ndarray) -> np.ndarray:
+        cp = self.conv
+        if x.shape != (1, cp.cin, *cp.shape):
+            raise PddnetError(f"{self.label}: the input of {cp.node!r} has shape {x.shape}, "
+                              f"expected {(1, cp.cin, *cp.shape)}")
+        if self._conv_bufs is None:  # reused: their pages are touched once
+            self._conv_bufs = (np.empty((1, cp.cout, *cp.shape), np.float32),
+                               np.empty(work_floats(cp.cin, cp.cout, cp.shape, self.threads),
+                                        np.float32))
+        out, work = self._conv_bufs
+        return conv3x3x3(x, cp.u, cp.bias, relu=cp.relu, threads=self.threads, out=out,
+                         work=work)
 
     def describe(self) -> dict[str, Any]:
         if not self.is_active:
@@ -327,4 +357,12 @@ class NativeFeaturesBackend(Backend):
         d["label"] = self.label
         d["native_sampling"] = {"threads": self.threads, "library": nat._lib_path,
                                 "plan": self.plan.describe()}
+        d["native_conv"] = self.conv_status()
         return d
+
+    def conv_status(self) -> dict[str, Any]:
+        """Where the 3x3x3 convolution after the sampling runs: ``winograd`` (C) with its
+        plan, or ``onnxruntime`` with the reason."""
+        if self.conv is not None:
+            return {"implementation": "winograd", "reason": None, **self.conv.describe()}
+        return {"implementation": "onnxruntime", "reason": self.conv_reason}

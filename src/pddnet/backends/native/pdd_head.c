@@ -48,7 +48,7 @@ int pdd_isa_available(int isa)
 }
 
 /* the best available set (isa < 0), or the one asked for (NULL when not available) */
-static const pdd_kernels *pick(int isa, int *chosen)
+const pdd_kernels *pdd_pick_kernels(int isa, int *chosen)
 {
     if (isa < 0)
         /* avx512 only when asked for: slower than avx2 where measured (docs/benchmarks.md) */
@@ -201,7 +201,7 @@ pdd_head *pdd_head_create(const int *ints, const float *floats, const double *di
         free(h);
         return NULL;
     }
-    k = pick(ints[10], &chosen);
+    k = pdd_pick_kernels(ints[10], &chosen);
     if (!k) {
         free(h);
         return NULL;
@@ -274,7 +274,7 @@ size_t pdd_head_bytes(const pdd_head *h)
 static const pdd_kernels *kernels(const pdd_head *h)
 {
     int chosen;
-    return pick(h->isa, &chosen);
+    return pdd_pick_kernels(h->isa, &chosen);
 }
 
 /* ---- passes ------------------------------------------------------------------------------- */

@@ -6,7 +6,7 @@
 
 #include <stddef.h>
 
-#define PDD_ABI_VERSION 4
+#define PDD_ABI_VERSION 5
 
 enum { PDD_ISA_PORTABLE = 0, PDD_ISA_SSE2 = 1, PDD_ISA_AVX2 = 2, PDD_ISA_AVX512 = 3 };
 enum { PDD_MODE_APPROX = 0, PDD_MODE_EXACT = 1 };
@@ -34,6 +34,20 @@ typedef struct pdd_head {
     size_t scratch_per_thread; /* floats */
 } pdd_head;
 
+/* one 3x3x3 convolution (stride 1, zero padding 1, one group) by Winograd F(2x2x2, 3x3x3)
+ * (pdd_conv.c): the output in 2x2x2 tiles, PDD_WINO_TB tiles along k per block */
+#define PDD_WINO_TB 18
+#define PDD_WINO_ROWS 6  /* rows of the products per step */
+#define PDD_WINO_TBP ((PDD_WINO_TB + PDD_WINO_ROWS - 1) / PDD_WINO_ROWS * PDD_WINO_ROWS)
+typedef struct pdd_wino {
+    int Cin, Cout, n[3], t[3];  /* t: tiles per axis, (n + 1) / 2 */
+    int relu;
+    const float *U;             /* transformed weights (64, Cin, Cout) */
+    const float *bias;          /* Cout, or NULL */
+    const float *Xc;            /* the input channels-last (n_i, n_j, n_k, Cin) */
+    float *Y;                   /* the output (Cout, n_i, n_j, n_k) */
+} pdd_wino;
+
 typedef struct pdd_kernels {
     const char *name;
     void (*prepare)(pdd_head *h, const float *fixed, const float *moving);
@@ -49,6 +63,9 @@ typedef struct pdd_kernels {
     /* i-smoothing of src at (gi, gj) then the softmax, expectation and entropy of each g_k */
     void (*final_row)(pdd_head *h, int gi, int gj, const float *src, float *probs, float *disp,
                       float *entropy, int smooth, float *scr);
+    /* the Winograd convolution of tiles (ti, tj, tk0 .. tk0 + tb - 1), tb <= PDD_WINO_TB;
+     * scr: pdd_wino_scratch_floats(w) floats */
+    void (*wino_block)(const pdd_wino *w, int ti, int tj, int tk0, int tb, float *scr);
 } pdd_kernels;
 
 const pdd_kernels *pdd_kernels_portable(void);
@@ -57,6 +74,10 @@ const pdd_kernels *pdd_kernels_sse2(void);
 const pdd_kernels *pdd_kernels_avx2(void);
 const pdd_kernels *pdd_kernels_avx512(void);
 #endif
+
+/* the kernel set for isa (< 0: the best auto choice), its id in *chosen; NULL when this
+ * CPU or build lacks it (pdd_head.c) */
+const pdd_kernels *pdd_pick_kernels(int isa, int *chosen);
 
 /* ---- the entry points (called through ctypes by pddnet.backends.native; pdd_head.c) ---- */
 int pdd_abi_version(void);
@@ -96,5 +117,16 @@ int pdd_feature_refine(const int *ints, const double *params, const double *fixe
  * sample(off1).  Returns 0, -1 (bad arguments) or -2 (out of memory). */
 int pdd_obelisk_sample(const int *ints, const float *X, const float *off0, const float *off1,
                        float *Y);
+
+/* 3x3x3 convolution, stride 1, zero padding 1, one group, by Winograd F(2x2x2, 3x3x3)
+ * (pdd_conv.c; docs/ops.md).  ints: Cin, Cout, n_i, n_j, n_k, relu, threads, isa (-1: auto);
+ * U (64, Cin, Cout): the weights transformed (pddnet.backends.native.conv); bias: Cout or
+ * NULL; X (1, Cin, n_i, n_j, n_k); Y (1, Cout, n_i, n_j, n_k) = [relu](conv(X) + bias);
+ * work: pdd_conv3_work_floats(ints) floats the caller keeps between calls.  Returns 0, -1
+ * (bad arguments), -3 (the kernel set is not available here). */
+long long pdd_conv3_work_floats(const int *ints);
+int pdd_conv3_winograd(const int *ints, const float *U, const float *bias, const float *X,
+                       float *Y, float *work);
+long long pdd_wino_scratch_floats(const pdd_wino *w);
 
 #endif
