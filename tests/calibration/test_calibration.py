@@ -316,6 +316,26 @@ def test_qdq_structure(setup, int8):
     assert any(line.startswith("fixed/Relu_1 ") for line in cache)
 
 
+def test_int8_for_a_pair_and_no_preprocessing_advice(setup, caplog):
+    """``int8_for_pair`` (pddnet bench's INT8 row) quantises the default blocks on one pair,
+    and the quantiser's advice to pre-process (not for our users) is not logged; its other
+    warnings still are."""
+    import logging
+
+    from pddnet.calibration.blocks import DEFAULT_INT8_BLOCKS
+    from pddnet.calibration.int8 import int8_for_pair, qdq_summary
+
+    rng = np.random.default_rng()
+    feeds = {k: rng.normal(size=(1, 1) + SHAPE).astype(np.float32) for k in ("fixed", "moving")}
+    with caplog.at_level(logging.WARNING):
+        q, desc = int8_for_pair(setup["model"], feeds)
+        logging.getLogger().warning("still logged before quantization")  # the filter is gone
+    assert desc["blocks"] == list(DEFAULT_INT8_BLOCKS)
+    assert sorted(desc["nodes"]) == sorted(qdq_summary(q)["quantised_nodes"])
+    assert [r.getMessage() for r in caplog.records
+            if "before quantization" in r.getMessage()] == ["still logged before quantization"]
+
+
 def test_int8_inside_custom_ops_inlines_those_calls_only(setup):
     from pddnet.calibration.data import ArrayReader
     from pddnet.calibration.int8 import build_int8, qdq_summary

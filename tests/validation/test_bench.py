@@ -172,7 +172,12 @@ def test_bench_tiny_reports_every_field(tmp_path):
     assert r["settings"]["image_shape"] == [24, 24, 24] and r["settings"]["threads"] == 1
     assert set(r["runs"]) == {"pytorch", "onnxruntime", "onnxruntime-no-mem-pattern",
                               "runtime", "runtime-no-mem-pattern", "runtime-arena",
-                              "runtime-ort-head"}
+                              "runtime-ort-head", "runtime-int8"}
+    # the INT8 row runs the Q/DQ graph, with the C sampling where the library is built
+    assert r["settings"]["int8"]["blocks"] == ["conv1", "conv2"]
+    assert len(r["settings"]["int8"]["nodes"]) == 4  # two convolutions in each branch
+    assert r["runs"]["runtime-int8"]["precision"] == "int8"
+    assert r["runs"]["runtime"]["precision"] == "fp32"
     # the runtime as a user gets it: the C head where the library is built, else ORT (said)
     from pddnet.backends import native
 
@@ -185,7 +190,8 @@ def test_bench_tiny_reports_every_field(tmp_path):
     assert r["runs"]["runtime-ort-head"]["sampling_impl"]["implementation"] == "onnxruntime"
     assert r["runtime_sampling"]["implementation"] == smp
     assert "runtime: features' OBELISK sampling in " in res.output
-    for name in ("runtime", "runtime-ort-head"):
+    assert r["runs"]["runtime-int8"]["sampling_impl"]["implementation"] == smp
+    for name in ("runtime", "runtime-ort-head", "runtime-int8"):
         parts = r["runs"][name]["parts"]
         assert all(parts[k]["p50_ms"] > 0 for k in ("features", "head", "extra"))
     assert "runtime (pair runner)" in res.output
@@ -205,7 +211,9 @@ def test_bench_tiny_reports_every_field(tmp_path):
     assert g["gflops"] >= g["gflops_median"] > 0 and r["gemm"]["torch"]["gflops"] > 0
     assert r["floor"]["floor_ms"] == pytest.approx(
         r["flops"]["total"] / (r["gemm"]["onnxruntime"]["gflops"] * 1e9) * 1e3)
-    assert max(r["check"]["disp_max_abs_diff_vs_pytorch_vox"].values()) < 1e-4
+    diffs = dict(r["check"]["disp_max_abs_diff_vs_pytorch_vox"])
+    assert np.isfinite(diffs.pop("runtime-int8"))  # INT8 moves the field: a speed row
+    assert max(diffs.values()) < 1e-4
     p = r["profile"]
     assert p["runs"] == 1 and set(p["by_prefix"]) >= {"fixed", "moving", "head"}
     assert set(p["by_function"]) >= {"DeformableSample3D", "Correlation", "MeanFieldStep"}

@@ -38,6 +38,7 @@ Torch-free.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -312,6 +313,14 @@ def in_branches(model: onnx.ModelProto, tensors: Iterable[str]) -> bool:
 # ---------------------------------------------------------------------------------------------
 # 3. quantise
 # ---------------------------------------------------------------------------------------------
+class _QuietAdvice(logging.Filter):
+    """Drops ``quantize_static``'s advice to run ONNX Runtime's pre-processing (shape
+    inference, which the exporter's graphs already carry) from the root logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "before quantization" not in record.getMessage()
+
+
 def quantise(model: onnx.ModelProto, node_names: Sequence[str], ranges, *,
              method: str = "minmax") -> onnx.ModelProto:
     """``quantize_static`` of ``model`` (already :func:`prepare` d) on ``node_names`` with
@@ -333,13 +342,18 @@ def quantise(model: onnx.ModelProto, node_names: Sequence[str], ranges, *,
         src = Path(tmp) / "in.onnx"
         dst = Path(tmp) / "out.onnx"
         onnx.save_model(model, str(src))
-        quantize_static(
-            str(src), str(dst), None, quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            nodes_to_quantize=list(node_names), op_types_to_quantize=list(QUANT_OP_TYPES),
-            calibrate_method=_method(method), calibration_cache_path=str(cache),
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                           "QuantizeBias": False})
+        advice = _QuietAdvice()  # its "pre-process before quantization" is not for our users
+        logging.getLogger().addFilter(advice)
+        try:
+            quantize_static(
+                str(src), str(dst), None, quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                nodes_to_quantize=list(node_names), op_types_to_quantize=list(QUANT_OP_TYPES),
+                calibrate_method=_method(method), calibration_cache_path=str(cache),
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                               "QuantizeBias": False})
+        finally:
+            logging.getLogger().removeFilter(advice)
         out = onnx.load(str(dst))
     # quantize_static keeps metadata_props; make sure (older releases dropped them)
     have = {p.key for p in out.metadata_props}
@@ -477,3 +491,18 @@ def build_int8(model: onnx.ModelProto, blocks: Sequence[str], reader, *, method:
                                                                "seed")})
     set_metadata(q, C.META_PRECISION, meta)
     return q, ranges, {"nodes": names, "inlined": inlined, "pairs": pairs, "reader": desc}
+
+
+def int8_for_pair(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                  blocks: Sequence[str] | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The INT8 graph of ``model`` with ``blocks`` (default
+    :data:`~pddnet.calibration.blocks.DEFAULT_INT8_BLOCKS`) calibrated on one pair's feeds:
+    what ``pddnet bench`` times on the pair it times (a speed row, not an accuracy figure).
+    Returns ``(INT8 model, {"blocks", "nodes", "calibration"})``."""
+    from pddnet.calibration.blocks import DEFAULT_INT8_BLOCKS
+    from pddnet.calibration.data import ArrayReader
+
+    blocks = list(blocks or DEFAULT_INT8_BLOCKS)
+    q, _, info = build_int8(model, blocks, ArrayReader([feeds]), table=False)
+    return q, {"blocks": blocks, "nodes": list(info["nodes"]),
+               "calibration": "the timed pair (minmax)"}

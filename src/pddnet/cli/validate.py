@@ -122,11 +122,14 @@ def validate_cmd(checkpoint, onnx_model, data_dir, split, max_pairs, out_dir, th
               help="Side of the square GEMM that measures the fp32 rate (0: skip the floor).")
 @click.option("--profile-runs", default=2, show_default=True, type=click.IntRange(min=0),
               help="ONNX Runtime runs to profile per block (0: no profile).")
+@click.option("--int8/--no-int8", default=True, show_default=True,
+              help="Also time the runtime on the INT8 graph (the default INT8 blocks, calibrated "
+                   "on the timed pair: a speed row; `pddnet validate --int8` measures accuracy).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @friendly
 def bench_cmd(preset_name, shape, threads, repeats, warmup, checkpoint, fixed, moving, gemm_size,
-              profile_runs, seed, out) -> None:
+              profile_runs, int8, seed, out) -> None:
     """Time PyTorch eager, ONNX Runtime and the runtime on one pair; FLOPs, GEMM floor,
     per-block profile.
 
@@ -134,16 +137,19 @@ def bench_cmd(preset_name, shape, threads, repeats, warmup, checkpoint, fixed, m
     with and without enable_mem_pattern. The runtime (features in ONNX Runtime, the head in
     the C kernels where they are built) is timed per pair, for the correlation + head, and per
     further moving scan with the fixed features reused, beside the same runner with the head in
-    ONNX Runtime.
+    ONNX Runtime, and on the INT8 graph.
     """
 
     from pddnet._files import write_json
+    from pddnet.calibration.int8 import int8_for_pair
     from pddnet.validation.bench import format_bench, run_bench
 
     result = run_bench(preset_name, shape=tuple(shape) if shape else None, threads=threads,
                        warmup=warmup, repeats=repeats, checkpoint=checkpoint, seed=seed,
                        fixed=fixed, moving=moving, gemm_size=gemm_size,
-                       profile_runs=profile_runs, echo=lambda s: click.echo(s, err=True))
+                       profile_runs=profile_runs,
+                       int8_graph=int8_for_pair if int8 else None,
+                       echo=lambda s: click.echo(s, err=True))
     click.echo(format_bench(result))
     if out:
         write_json(out, result)

@@ -22,6 +22,11 @@ One run measures, on the same input pair and with the same thread count:
   scan with the fixed scan's features reused; beside the same runner without the library
   (``runtime-ort-head``: the head and the sampling in ONNX Runtime). The settings
   (:data:`RUNTIME_MODES`) re-measure ``enable_mem_pattern`` and the CPU arena with the library;
+* the runtime on an INT8 graph (``runtime-int8``, when ``int8_graph`` builds one: ``pddnet
+  bench`` passes :func:`pddnet.calibration.int8.int8_for_pair`, the default INT8 blocks
+  calibrated on the timed pair itself) -- a speed row: its displacement difference says what
+  INT8 moved, not an accuracy figure (``pddnet validate --int8`` measures that on held-out
+  pairs);
 * the largest difference between the backends' displacement fields (a sanity check).
 
 The result schema is documented in ``docs/benchmarks.md``.
@@ -52,6 +57,8 @@ RUNTIME_MODES: dict[str, tuple[bool, dict[str, Any]]] = {
     "runtime-arena": (True, {"mem_arena": True}),
     "runtime-ort-head": (False, {}),
 }
+#: the runtime (default settings, the library where built) on the INT8 graph
+INT8_MODE = "runtime-int8"
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,6 +239,7 @@ def profile_ort(model: str, feeds_path: str, threads: int, runs: int, mem_patter
 def run_bench(preset_name: str, *, shape: Sequence[int] | None = None, threads: int = 2,
               warmup: int = 1, repeats: int = 5, checkpoint=None, seed: int = 0,
               fixed=None, moving=None, gemm_size: int = 2048, profile_runs: int = 2,
+              int8_graph: Callable[[Any, dict], tuple[Any, dict]] | None = None,
               echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark (module docstring) and return the result dict.
 
@@ -239,7 +247,8 @@ def run_bench(preset_name: str, *, shape: Sequence[int] | None = None, threads: 
     the default shape (``PRESET_IMAGE_SHAPES``); ``checkpoint`` replaces the randomly
     initialised network (seeded by ``seed``) with trained weights (its config wins);
     ``fixed``/``moving`` (NIfTI) replace the random pair, pre-processed onto the model grid as
-    ``pddnet register`` does. ``profile_runs=0`` skips the profile, ``gemm_size=0`` the floor.
+    ``pddnet register`` does. ``profile_runs=0`` skips the profile, ``gemm_size=0`` the floor;
+    ``int8_graph(fp32 proto, feeds) -> (INT8 proto, description)`` adds the INT8 row.
     """
     import onnx
 
@@ -278,6 +287,14 @@ def run_bench(preset_name: str, *, shape: Sequence[int] | None = None, threads: 
         proto = export_model(net, image_shape)
         onnx.save(proto, str(model_path))
         feeds = _make_feeds(proto, image_shape, seed, fixed, moving)
+        runtime_models = {name: model_path for name in RUNTIME_MODES}
+        int8_desc = None
+        if int8_graph is not None:
+            say("INT8 graph for the runtime-int8 row")
+            q, int8_desc = int8_graph(proto, feeds)
+            runtime_models[INT8_MODE] = work / "model.int8.onnx"
+            onnx.save(q, str(runtime_models[INT8_MODE]))
+            del q
         del proto, net
         feeds_path = work / "feeds.npz"
         np.savez(feeds_path, **feeds)
@@ -296,15 +313,18 @@ def run_bench(preset_name: str, *, shape: Sequence[int] | None = None, threads: 
                 warmup, repeats, {"mem_pattern": pattern}, str(work / f"disp_{name}.npy"),
                 gemm_size if i == 0 and gemm_size else None)
             runs[name]["mem_pattern"] = pattern
-        for name, (use_native, opts) in RUNTIME_MODES.items():
+        for name, path in runtime_models.items():
+            use_native, opts = RUNTIME_MODES.get(name, (True, {}))
             say(f"{name} (pair runner, C head {'on' if use_native else 'off'}, {opts or 'defaults'}"
-                f"): {warmup} warm-up + {repeats} timed runs per part, {threads} thread(s)")
+                f"{', INT8 graph' if name == INT8_MODE else ''}): {warmup} warm-up + {repeats} "
+                f"timed runs per part, {threads} thread(s)")
             runs[name] = _isolated(
-                name, bench_runtime, str(model_path), str(feeds_path), threads, warmup, repeats,
+                name, bench_runtime, str(path), str(feeds_path), threads, warmup, repeats,
                 use_native, opts, str(work / f"disp_{name}.npy"))
+            runs[name]["precision"] = "int8" if name == INT8_MODE else "fp32"
         d_torch = np.load(work / "disp_torch.npy")
         diffs = {name: float(np.abs(np.load(work / f"disp_{name}.npy") - d_torch).max())
-                 for name in (*ORT_MODES, *RUNTIME_MODES)}
+                 for name in (*ORT_MODES, *runtime_models)}
         prof = None
         if profile_runs:
             best = min(ORT_MODES, key=lambda n: runs[n]["latency"]["p50_ms"])
@@ -316,7 +336,7 @@ def run_bench(preset_name: str, *, shape: Sequence[int] | None = None, threads: 
     flops = count_flops(cfg, image_shape)
     t_p50 = runs["pytorch"]["latency"]["p50_ms"]
     speedup = {name: t_p50 / runs[name]["latency"]["p50_ms"]
-               for name in (*ORT_MODES, *RUNTIME_MODES)}
+               for name in (*ORT_MODES, *runtime_models)}
     gemm = {"onnxruntime": runs["onnxruntime"].pop("gemm", None),
             "torch": runs["pytorch"].pop("gemm", None)}
     floor = None
@@ -341,7 +361,8 @@ def run_bench(preset_name: str, *, shape: Sequence[int] | None = None, threads: 
                      f"random initialisation (seed {seed})",
                      "input": (f"{fixed} / {moving}" if fixed is not None
                                else f"random uniform normalised intensities (seed {seed})"),
-                     "gemm_size": gemm_size, "profile_runs": profile_runs},
+                     "gemm_size": gemm_size, "profile_runs": profile_runs,
+                     "int8": int8_desc},
         "machine": mach,
         "flops": flops.as_dict(),
         "runs": runs,
