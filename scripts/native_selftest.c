@@ -106,17 +106,24 @@ int main(int argc, char **argv)
         free(X); free(o0); free(o1); free(Y);
     }
 
-    /* the Winograd 3x3x3 convolution: 13 -> 20 channels, 7 x 5 x 9, bias and relu */
+    /* the Winograd 3x3x3 convolution: 13 -> 20 channels, 7 x 5 x 9, bias and relu; then with
+     * a 1x1x1 convolution 9 -> 13 (bias, relu) fused before it */
     {
-        int c_ints[8] = {13, 20, 7, 5, 9, 1, 2, isa};
-        float *X = randoms(13LL * 7 * 5 * 9, -1.0, 1.0);
+        int c_ints[10] = {13, 20, 7, 5, 9, 1, 2, isa, 0, 0};
+        float *X = randoms(13LL * 7 * 5 * 9, -1.0, 1.0), *Xp = randoms(9LL * 7 * 5 * 9, -1.0, 1.0);
         float *U = randoms(64LL * 13 * 20, -0.3, 0.3), *b = randoms(20, -0.2, 0.2);
+        float *Wp = randoms(9LL * 13, -0.4, 0.4), *bp = randoms(13, -0.2, 0.2);
         float *Y = (float *)malloc(sizeof(float) * 20 * 7 * 5 * 9);
         float *work = (float *)malloc(sizeof(float) * (size_t)pdd_conv3_work_floats(c_ints));
-        if (pdd_conv3_winograd(c_ints, U, b, X, Y, work) != 0)
+        if (pdd_conv3_winograd(c_ints, U, b, NULL, NULL, X, Y, work) != 0)
             return 7;
         show("conv3", Y, 20LL * 7 * 5 * 9);
-        free(X); free(U); free(b); free(Y); free(work);
+        c_ints[8] = 9;
+        c_ints[9] = 1;
+        if (pdd_conv3_winograd(c_ints, U, b, Wp, bp, Xp, Y, work) != 0)
+            return 8;
+        show("conv3_pre", Y, 20LL * 7 * 5 * 9);
+        free(X); free(Xp); free(U); free(b); free(Wp); free(bp); free(Y); free(work);
     }
 
     /* the features refinement loop: 6 x 5 x 7 grid, 4 channels, 10 Adam steps */

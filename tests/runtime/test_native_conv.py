@@ -11,6 +11,7 @@ Fresh random inputs on every run. Not tested here: speed (docs/benchmarks.md).
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from helpers import features_models as FM
@@ -62,6 +63,32 @@ def test_every_kernel_set_matches_the_float64_convolution(case):
                 assert (got >= 0).all()
 
 
+@pytest.mark.parametrize("cpre,cin,cout,n", [(7, 5, 9, (5, 3, 7)), (128, 64, 64, (6, 7, 9)),
+                                            (33, 40, 17, (1, 1, 50)), (2, 1, 3, (4, 4, 3))],
+                         ids=["odd", "paper-channels", "tails", "tiny"])
+def test_the_fused_pointwise_convolution_before_matches_float64(cpre, cin, cout, n):
+    """conv3x3x3(pre=...) is relu(conv3(relu(conv1x1(x) + b1)) + b2): voxel counts that are not
+    a multiple of the 6-voxel step or the 48-voxel block, outputs not a multiple of 16/32."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((1, cpre, *n)).astype(np.float32)
+    w1 = (rng.standard_normal((cin, cpre)) / np.sqrt(cpre)).astype(np.float32)
+    b1 = rng.standard_normal(cin).astype(np.float32)
+    w2 = (rng.standard_normal((cout, cin, 3, 3, 3)) / np.sqrt(27 * cin)).astype(np.float32)
+    b2 = rng.standard_normal(cout).astype(np.float32)
+    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    mid = torch.relu(torch.nn.functional.conv3d(t(x), t(w1)[..., None, None, None], t(b1)))
+    for relu_pre in (True, False):
+        m = mid if relu_pre else torch.nn.functional.conv3d(t(x), t(w1)[..., None, None, None],
+                                                             t(b1))
+        want = torch.relu(torch.nn.functional.conv3d(m, t(w2), t(b2), padding=1)).numpy()
+        scale = float(np.abs(want).max())
+        for isa in _isas():
+            got = natc.conv3x3x3(x, natc.winograd_weights(w2), b2, relu=True, threads=2, isa=isa,
+                                 pre=(np.ascontiguousarray(w1.T), b1, relu_pre))
+            np.testing.assert_allclose(got, want, rtol=0, atol=3e-6 * scale * np.sqrt(cpre + cin),
+                                       err_msg=f"{isa} relu_pre={relu_pre}")
+
+
 def test_threads_and_reused_buffers_change_no_number():
     rng = np.random.default_rng()
     x = rng.standard_normal((1, 8, 11, 6, 41)).astype(np.float32)
@@ -103,6 +130,10 @@ def test_bad_arguments_are_refused_with_the_reason():
         natc.conv3x3x3(x, u, None, work=np.zeros(10, np.float32))
     with pytest.raises(PddnetError, match="unknown kernel set"):
         natc.conv3x3x3(x, u, None, isa="neon9")
+    with pytest.raises(PddnetError, match="1x1x1 weight"):
+        natc.conv3x3x3(x, u, None, pre=(np.zeros((3, 4), np.float32), None, True))
+    with pytest.raises(PddnetError, match="1x1x1 bias"):
+        natc.conv3x3x3(x, u, None, pre=(np.zeros((4, 4), np.float32), np.zeros(3), True))
 
 
 # ---- in the features -------------------------------------------------------------------------
@@ -118,6 +149,9 @@ def test_features_with_the_c_convolution_equal_onnx_runtime():
         st = with_conv.conv_status()
         assert st["implementation"] == "winograd" and st["node"].endswith("Conv2_0")
         assert st["relu"] and st["in_channels"] == 16 and st["out_channels"] == 16
+        # Conv1 (+ ReLU) fused into the pass: no ONNX Runtime session between sampling and it
+        assert st["fused_before"]["node"].endswith("Conv1_0") and st["fused_before"]["relu"]
+        assert st["fused_before"]["in_channels"] == 32 and with_conv._post is None
         assert without.conv_status() == {"implementation": "onnxruntime",
                                          "reason": "not asked for"}
         assert with_conv.describe()["native_conv"]["implementation"] == "winograd"
@@ -131,6 +165,74 @@ def test_features_with_the_c_convolution_equal_onnx_runtime():
     finally:
         for be in (with_conv, without, ort):
             be.deactivate()
+
+
+def _edited_features(edit):
+    f = FM.features_part(FM.export())
+    edit(f.graph)
+    onnx.checker.check_model(f)
+    return f
+
+
+def _identity_before_conv2(g):
+    """Conv2 reads Identity(Relu(Conv1)): not the fusable pattern."""
+    from onnx import helper
+
+    conv2 = next(n for n in g.node if n.name.endswith("Conv2_0"))
+    at = list(g.node).index(conv2)
+    g.node.insert(at, helper.make_node("Identity", [conv2.input[0]], ["conv2_in"], name="id"))
+    conv2.input[0] = "conv2_in"
+
+
+def _conv1_read_after_conv2(g):
+    """The features plus 0 * mean(Conv1's output): the part after Conv2 reads from before."""
+    from onnx import helper
+
+    conv1 = next(n for n in g.node if n.name.endswith("Conv1_0"))
+    out = g.output[0].name
+    last = next(n for n in g.node if out in n.output)
+    last.output[:] = ["feat_raw"]
+    g.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float32), "zero_c"))
+    g.node.extend([
+        helper.make_node("ReduceMean", [conv1.output[0]], ["c1_mean"], keepdims=1, name="m"),
+        helper.make_node("Mul", ["c1_mean", "zero_c"], ["c1_zero"], name="z"),
+        helper.make_node("Add", ["feat_raw", "c1_zero"], [out], name="a")])
+
+
+def test_conv1_behind_another_node_runs_in_onnx_runtime_before_the_c_convolution():
+    from pddnet.backends.native import features as natf
+
+    f = _edited_features(_identity_before_conv2)
+    be = natf.NativeFeaturesBackend(f, threads=2).activate()
+    ort = FM.onnx_features(f)
+    try:
+        st = be.conv_status()
+        assert st["implementation"] == "winograd" and "fused_before" not in st
+        assert be._post is not None  # Conv1, Relu, Identity in ONNX Runtime
+        img = FM.image()
+        FM.assert_same_features(be.run({C.FEATURES_INPUT: img})[C.FEATURES_OUTPUT],
+                                ort.run({C.FEATURES_INPUT: img})[C.FEATURES_OUTPUT])
+    finally:
+        be.deactivate()
+        ort.deactivate()
+
+
+def test_a_graph_that_does_not_cut_at_conv2_keeps_it_in_onnx_runtime_and_says_why():
+    from pddnet.backends.native import features as natf
+
+    f = _edited_features(_conv1_read_after_conv2)
+    be = natf.NativeFeaturesBackend(f, threads=2).activate()
+    ort = FM.onnx_features(f)
+    try:
+        st = be.conv_status()
+        assert st["implementation"] == "onnxruntime"
+        assert "does not cut at Conv" in st["reason"]
+        img = FM.image()
+        FM.assert_same_features(be.run({C.FEATURES_INPUT: img})[C.FEATURES_OUTPUT],
+                                ort.run({C.FEATURES_INPUT: img})[C.FEATURES_OUTPUT])
+    finally:
+        be.deactivate()
+        ort.deactivate()
 
 
 def test_the_int8_graph_keeps_its_convolution_in_onnx_runtime_and_says_why():

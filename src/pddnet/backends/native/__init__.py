@@ -113,8 +113,7 @@ def _load() -> ctypes.CDLL | None:
     lib.pdd_conv3_work_floats.restype = ctypes.c_longlong
     lib.pdd_conv3_work_floats.argtypes = [ctypes.POINTER(ctypes.c_int)]
     lib.pdd_conv3_winograd.restype = ctypes.c_int
-    lib.pdd_conv3_winograd.argtypes = [ctypes.POINTER(ctypes.c_int), f32p, f32p, f32p, f32p,
-                                       f32p]
+    lib.pdd_conv3_winograd.argtypes = [ctypes.POINTER(ctypes.c_int)] + [f32p] * 7
     _lib, _lib_path = lib, str(path)
     return lib
 

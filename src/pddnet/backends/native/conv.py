@@ -50,13 +50,22 @@ class ConvPlan:
     u: np.ndarray          # winograd_weights of the Conv's weight
     bias: np.ndarray | None
     relu: bool
-    before: Any = None     # onnx.ModelProto: the part's input -> x_name
+    #: the 1x1x1 Conv (+ Relu) that alone computes its input from the part's input, fused:
+    #: ``(node, weight (Cin, Cpre), bias or None, relu)``; ``None``: ``before`` runs in ONNX
+    #: Runtime
+    pre: tuple[str, np.ndarray, np.ndarray | None, bool] | None = None
+    pre_input: str = ""    # the part's input, which ``pre`` reads
+    before: Any = None     # onnx.ModelProto: the part's input -> x_name (None with ``pre``)
     after: Any = None      # onnx.ModelProto: y_name -> the part's output
 
     def describe(self) -> dict[str, Any]:
-        return {"node": self.node, "in_channels": self.cin, "out_channels": self.cout,
-                "shape": list(self.shape), "relu": self.relu, "algorithm": "winograd F(2,3)",
-                "isa": conv_isa()}
+        d = {"node": self.node, "in_channels": self.cin, "out_channels": self.cout,
+             "shape": list(self.shape), "relu": self.relu, "algorithm": "winograd F(2,3)",
+             "isa": conv_isa()}
+        if self.pre is not None:
+            d["fused_before"] = {"node": self.pre[0], "in_channels": int(self.pre[1].shape[0]),
+                                 "relu": self.pre[3]}
+        return d
 
 
 def plan_conv(part: Any, input_name: str, output_name: str) -> ConvPlan:
@@ -119,8 +128,13 @@ def plan_conv(part: Any, input_name: str, output_name: str) -> ConvPlan:
                     bias=bias, relu=relu)
     if plan.x_name == input_name or y_name == output_name:
         raise PddnetError(f"Conv {conv.name!r} reads the part's input or writes its output")
-    before = _backward(g, [plan.x_name], stop={input_name}, part="features")
-    after = _backward(g, [output_name], stop={y_name}, part="features")
+    plan.pre = _pointwise_before(g, consts, plan.x_name, input_name, outs)
+    plan.pre_input = input_name
+    try:
+        before = _backward(g, [plan.x_name], stop={input_name}, part="features")
+        after = _backward(g, [output_name], stop={y_name}, part="features")
+    except PddnetError as exc:
+        raise PddnetError(f"the part does not cut at Conv {conv.name!r}: {exc}") from exc
     fused = {tuple(conv.output)} | ({tuple(readers[0].output)} if relu else set())
     key = lambda n: tuple(n.output)  # noqa: E731
     if any(key(n) in fused for n in before + after) or \
@@ -128,29 +142,66 @@ def plan_conv(part: Any, input_name: str, output_name: str) -> ConvPlan:
         raise PddnetError(f"the part does not cut at Conv {conv.name!r}")
     types[y_name] = helper.make_tensor_type_proto(onnx.TensorProto.FLOAT,
                                                   (1, plan.cout, *plan.shape))
-    plan.before = _make_part(part, before, "features_conv_in", inputs=[(input_name, input_name)],
-                             outputs=[(plan.x_name, plan.x_name)], types=types)
+    if plan.pre is None:
+        plan.before = _make_part(part, before, "features_conv_in",
+                                 inputs=[(input_name, input_name)],
+                                 outputs=[(plan.x_name, plan.x_name)], types=types)
     plan.after = _make_part(part, after, "features_conv_out", inputs=[(y_name, y_name)],
                             outputs=[(output_name, output_name)], types=types)
     return plan
 
 
+def _pointwise_before(g, consts, x_name: str, input_name: str, outs: set[str]):
+    """``(node, W (Cpre, Cin), bias, relu)`` when ``x_name`` is ``[Relu](Conv_1x1x1(input))``
+    with a constant float32 weight (stride 1, no padding, one group) and nothing else reads
+    the intermediate tensors; else ``None``."""
+    from onnx import helper
+
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for x in n.input:
+            readers[x] = readers.get(x, 0) + 1
+    node, relu = producer.get(x_name), False
+    if node is not None and node.op_type == "Relu" and node.input[0] not in outs and \
+            readers.get(node.input[0]) == 1:
+        node, relu = producer.get(node.input[0]), True
+    if node is None or node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or \
+            node.input[0] != input_name or len(node.input) < 2:
+        return None
+    w = consts.get(node.input[1])
+    at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if w is None or w.dtype != np.float32 or w.ndim != 5 or w.shape[2:] != (1, 1, 1) or \
+            at.get("group", 1) != 1 or any(v != 1 for v in at.get("strides", [1])) or \
+            any(v != 1 for v in at.get("dilations", [1])) or any(at.get("pads", [0])) or \
+            at.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return None
+    b = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if len(node.input) > 2 and node.input[2] and (b is None or b.shape != (w.shape[0],)):
+        return None
+    wt = np.ascontiguousarray(w.reshape(w.shape[0], w.shape[1]).T, dtype=np.float32)
+    return (node.name, wt, None if b is None else np.asarray(b, np.float32), relu)
+
+
 def work_floats(cin: int, cout: int, shape, threads: int) -> int:
     """Floats of the work buffer :func:`conv3x3x3` needs (the input channels-last, scratch)."""
     lib = _lib()
-    n = lib.pdd_conv3_work_floats(_ints(cin, cout, shape, False, threads, -1))
+    n = lib.pdd_conv3_work_floats(_ints(cin, cout, shape, False, threads, -1, 0, False))
     if n < 0:
         raise PddnetError(f"conv3x3x3: invalid sizes Cin={cin}, Cout={cout}, shape={shape}")
     return int(n)
 
 
 def conv3x3x3(x: np.ndarray, u: np.ndarray, bias: np.ndarray | None, *, relu: bool = False,
+              pre: tuple[np.ndarray, np.ndarray | None, bool] | None = None,
               threads: int = 1, isa: str | None = None, out: np.ndarray | None = None,
               work: np.ndarray | None = None) -> np.ndarray:
-    """``[relu](conv3d(x, w, padding=1) + bias)`` with ``u = winograd_weights(w)``.
+    """``[relu](conv3d(x, w, padding=1) + bias)`` with ``u = winograd_weights(w)``; with
+    ``pre = (W (Cpre, Cin), b, relu_pre)`` of ``x = [relu_pre](W^T x_pre + b)``, ``x`` is
+    ``x_pre`` and that 1x1x1 convolution runs first, into the channels-last input.
 
     Args:
-        x: ``(1, Cin, I, J, K)`` float32.
+        x: ``(1, Cin, I, J, K)`` float32 (``(1, Cpre, I, J, K)`` with ``pre``).
         u: ``(64, Cin, Cout)`` float32 from :func:`winograd_weights`.
         bias: ``(Cout,)`` or ``None``.
         threads: pthreads over tile blocks (results do not depend on it).
@@ -163,6 +214,17 @@ def conv3x3x3(x: np.ndarray, u: np.ndarray, bias: np.ndarray | None, *, relu: bo
     if x.ndim != 5 or x.shape[0] != 1 or min(x.shape) < 1:
         raise PddnetError(f"conv3x3x3: x must be (1, Cin, I, J, K), got {x.shape}")
     cin, shape = x.shape[1], x.shape[2:]
+    wp = bp = None
+    if pre is not None:
+        wp = np.ascontiguousarray(pre[0], dtype=np.float32)
+        if wp.ndim != 2 or wp.shape[0] != cin:
+            raise PddnetError(f"conv3x3x3: the 1x1x1 weight must be ({cin}, Cin), got "
+                              f"{wp.shape}")
+        cin = wp.shape[1]
+        if pre[1] is not None:
+            bp = np.ascontiguousarray(pre[1], dtype=np.float32)
+            if bp.shape != (cin,):
+                raise PddnetError(f"conv3x3x3: the 1x1x1 bias must be ({cin},), got {bp.shape}")
     if u.ndim != 3 or u.shape[:2] != (64, cin):
         raise PddnetError(f"conv3x3x3: u must be (64, {cin}, Cout), got {u.shape}")
     cout = u.shape[2]
@@ -186,10 +248,11 @@ def conv3x3x3(x: np.ndarray, u: np.ndarray, bias: np.ndarray | None, *, relu: bo
         raise PddnetError(f"conv3x3x3: unknown kernel set {isa!r}; one of {nat.ISAS}")
     isa_id = nat.ISAS.index(isa)
     fp = ctypes.POINTER(ctypes.c_float)
-    rc = lib.pdd_conv3_winograd(_ints(cin, cout, shape, relu, threads, isa_id),
-                                u.ctypes.data_as(fp), b.ctypes.data_as(fp) if b is not None
-                                else None, x.ctypes.data_as(fp), out.ctypes.data_as(fp),
-                                work.ctypes.data_as(fp))
+    ptr = lambda a: None if a is None else a.ctypes.data_as(fp)  # noqa: E731
+    ints = _ints(cin, cout, shape, relu, threads, isa_id, 0 if wp is None else x.shape[1],
+                 bool(pre[2]) if pre is not None else False)
+    rc = lib.pdd_conv3_winograd(ints, ptr(u), ptr(b), ptr(wp), ptr(bp), ptr(x), ptr(out),
+                                ptr(work))
     if rc == -3:
         raise PddnetError(f"conv3x3x3: the {isa} kernel set is not available on this CPU")
     if rc != 0:
@@ -222,6 +285,6 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-def _ints(cin, cout, shape, relu, threads, isa_id):
-    return (ctypes.c_int * 8)(int(cin), int(cout), *(int(s) for s in shape), int(bool(relu)),
-                              max(1, int(threads)), int(isa_id))
+def _ints(cin, cout, shape, relu, threads, isa_id, cpre, relu_pre):
+    return (ctypes.c_int * 10)(int(cin), int(cout), *(int(s) for s in shape), int(bool(relu)),
+                               max(1, int(threads)), int(isa_id), int(cpre), int(relu_pre))

@@ -288,8 +288,9 @@ class NativeFeaturesBackend(Backend):
         try:
             self._pre = OnnxRuntimeBackend(self.plan.pre, label=f"{self.label}_pre",
                                            **opts).activate()
-            self._post = OnnxRuntimeBackend(self.conv.before if self.conv else post,
-                                            label=f"{self.label}_post", **opts).activate()
+            if self.conv is None or self.conv.before is not None:
+                self._post = OnnxRuntimeBackend(self.conv.before if self.conv else post,
+                                                label=f"{self.label}_post", **opts).activate()
             if self.conv:
                 self._post_b = OnnxRuntimeBackend(self.conv.after, label=f"{self.label}_post2",
                                                   **opts).activate()
@@ -324,10 +325,11 @@ class NativeFeaturesBackend(Backend):
             y = obelisk_sample(x, p.offsets0, p.offsets1, p.out_shape, threads=self.threads,
                                out=self._y)
             t2 = time.perf_counter()
-            out = self._post.run({p.y_name: y})
+            if self._post is not None:  # everything after, or what comes before the conv
+                out = self._post.run({p.y_name: y})
             t3 = t4 = time.perf_counter()
             if self.conv is not None:
-                out = self._run_conv(out[self.conv.x_name])
+                out = self._run_conv(out[self.conv.x_name] if self._post is not None else y)
                 t4 = time.perf_counter()
                 out = self._post_b.run({self.conv.y_name: out})
         t5 = time.perf_counter()
@@ -338,17 +340,20 @@ class NativeFeaturesBackend(Backend):
         return {C.FEATURES_OUTPUT: out[C.FEATURES_OUTPUT]}
 
     def _run_conv(self, x: np.ndarray) -> np.ndarray:
+        """The C convolution on its input, or on the part's input with the 1x1x1
+        convolution before it fused (``conv.pre``)."""
         cp = self.conv
-        if x.shape != (1, cp.cin, *cp.shape):
+        want = (1, cp.cin if cp.pre is None else cp.pre[1].shape[0], *cp.shape)
+        if x.shape != want:
             raise PddnetError(f"{self.label}: the input of {cp.node!r} has shape {x.shape}, "
-                              f"expected {(1, cp.cin, *cp.shape)}")
+                              f"expected {want}")
         if self._conv_bufs is None:  # reused: their pages are touched once
             self._conv_bufs = (np.empty((1, cp.cout, *cp.shape), np.float32),
                                np.empty(work_floats(cp.cin, cp.cout, cp.shape, self.threads),
                                         np.float32))
         out, work = self._conv_bufs
         return conv3x3x3(x, cp.u, cp.bias, relu=cp.relu, threads=self.threads, out=out,
-                         work=work)
+                         work=work, pre=cp.pre[1:] if cp.pre is not None else None)
 
     def describe(self) -> dict[str, Any]:
         if not self.is_active:

@@ -48,6 +48,18 @@ typedef struct pdd_wino {
     float *Y;                   /* the output (Cout, n_i, n_j, n_k) */
 } pdd_wino;
 
+/* a 1x1x1 convolution before it (the feature network's Conv1 + ReLU), written channels-last:
+ * Xc[v][o] = [relu](sum_c X[c][v] W[c][o] + b[o]) */
+typedef struct pdd_pointwise {
+    int Cin, Cout, relu;
+    long long nv;               /* voxels */
+    const float *W;             /* (Cin, Cout): the ONNX weight (Cout, Cin, 1, 1, 1) transposed */
+    const float *bias;          /* Cout, or NULL */
+    const float *X;             /* (Cin, nv) */
+    float *Xc;                  /* (nv, Cout) */
+} pdd_pointwise;
+#define PDD_PW_BLOCK 48         /* voxels per block: the block's input lines stay in L1 */
+
 typedef struct pdd_kernels {
     const char *name;
     void (*prepare)(pdd_head *h, const float *fixed, const float *moving);
@@ -66,6 +78,8 @@ typedef struct pdd_kernels {
     /* the Winograd convolution of tiles (ti, tj, tk0 .. tk0 + tb - 1), tb <= PDD_WINO_TB;
      * scr: pdd_wino_scratch_floats(w) floats */
     void (*wino_block)(const pdd_wino *w, int ti, int tj, int tk0, int tb, float *scr);
+    /* the pointwise convolution of voxels [v0, v0 + PDD_PW_BLOCK) (fewer at the end) */
+    void (*pw_block)(const pdd_pointwise *p, long long v0);
 } pdd_kernels;
 
 const pdd_kernels *pdd_kernels_portable(void);
@@ -119,14 +133,16 @@ int pdd_obelisk_sample(const int *ints, const float *X, const float *off0, const
                        float *Y);
 
 /* 3x3x3 convolution, stride 1, zero padding 1, one group, by Winograd F(2x2x2, 3x3x3)
- * (pdd_conv.c; docs/ops.md).  ints: Cin, Cout, n_i, n_j, n_k, relu, threads, isa (-1: auto);
+ * (pdd_conv.c; docs/ops.md), optionally after a 1x1x1 convolution.  ints: Cin, Cout, n_i,
+ * n_j, n_k, relu, threads, isa (-1: auto), Cpre (0: no 1x1x1 convolution before), relu_pre;
  * U (64, Cin, Cout): the weights transformed (pddnet.backends.native.conv); bias: Cout or
- * NULL; X (1, Cin, n_i, n_j, n_k); Y (1, Cout, n_i, n_j, n_k) = [relu](conv(X) + bias);
+ * NULL; Wpre (Cpre, Cin) and bpre (Cin or NULL): the 1x1x1 convolution; X (1, Cpre or Cin,
+ * n_i, n_j, n_k); Y (1, Cout, n_i, n_j, n_k) = [relu](conv([relu](Wpre X + bpre)) + bias);
  * work: pdd_conv3_work_floats(ints) floats the caller keeps between calls.  Returns 0, -1
  * (bad arguments), -3 (the kernel set is not available here). */
 long long pdd_conv3_work_floats(const int *ints);
-int pdd_conv3_winograd(const int *ints, const float *U, const float *bias, const float *X,
-                       float *Y, float *work);
+int pdd_conv3_winograd(const int *ints, const float *U, const float *bias, const float *Wpre,
+                       const float *bpre, const float *X, float *Y, float *work);
 long long pdd_wino_scratch_floats(const pdd_wino *w);
 
 #endif
