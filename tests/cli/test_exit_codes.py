@@ -189,3 +189,36 @@ def test_sighup_ends_a_command_like_ctrl_c(base, tmp_path):
     assert err.strip().splitlines()[-1] == "interrupted by SIGHUP: no partial outputs were left"
     assert all(ln.startswith("note: ") for ln in err.strip().splitlines()[:-1]), err
     assert not out.exists() and sorted(x.name for x in tmp_path.iterdir()) == []
+
+
+def test_a_signal_inside_a_destructor_still_ends_the_command(tmp_path):
+    """A signal whose handler runs inside ``__del__`` (nibabel's OrderedSet, for one) raises
+    where Python can only print "Exception ignored" and go on; the command must still end as
+    interrupted (status 143, the one line, no traceback) instead of running to its end."""
+    script = """
+        import os, signal, sys, time
+        from pddnet.cli.errors import friendly, install_signal_handlers
+
+        class KilledWhileCollected:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(100000):  # the handler runs here, inside the destructor
+                    pass
+
+        @friendly
+        def command():
+            obj = KilledWhileCollected()
+            del obj
+            for _ in range(1000):
+                time.sleep(0.001)
+            print("RAN TO ITS END", flush=True)
+
+        install_signal_handlers()
+        command()
+    """
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert r.returncode == 143, (r.stdout, r.stderr)
+    assert "RAN TO ITS END" not in r.stdout
+    assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+    assert r.stderr.strip() == "interrupted by SIGTERM: no partial outputs were left"

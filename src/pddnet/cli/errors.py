@@ -20,11 +20,14 @@ module, so the command modules share it without importing :mod:`pddnet.cli` (whi
 
 from __future__ import annotations
 
+import _thread
 import errno
 import functools
 import os
 import signal
 import sys
+import threading
+import time
 
 import click
 
@@ -54,6 +57,24 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
+def _redeliver_swallowed(unraisable, previous_hook=sys.__unraisablehook__) -> None:
+    """An interruption raised inside a ``__del__``, a weakref callback or the garbage collector
+    cannot propagate: Python prints it as "Exception ignored" and goes on, so the signal would be
+    lost and the command would run to its end. Send the signal to the main thread again instead,
+    silently, from a helper thread once this hook has returned: the handler then raises in the
+    interrupted code, where the exception propagates (sent from here, it would run at the
+    hook's next call and be ignored again)."""
+    if isinstance(unraisable.exc_value, Interrupted):
+        _thread.start_new_thread(_send_to_main_thread, (unraisable.exc_value.signum,))
+        return
+    previous_hook(unraisable)
+
+
+def _send_to_main_thread(signum: int) -> None:
+    time.sleep(0.002)  # let the hook return first: it holds the GIL until it does
+    signal.pthread_kill(threading.main_thread().ident, signum)
+
+
 def install_signal_handlers() -> None:
     """SIGINT (Ctrl-C), SIGTERM (timeouts, systemd, ``docker stop``) and SIGHUP (a closed
     terminal) end a command alike, as an exception every writer cleans up after. Only possible
@@ -63,6 +84,9 @@ def install_signal_handlers() -> None:
             signal.signal(sig, _raise_interrupted)
         except ValueError:  # not the main thread (e.g. a test runner's worker)
             return
+    if getattr(sys.unraisablehook, "func", None) is not _redeliver_swallowed:
+        sys.unraisablehook = functools.partial(_redeliver_swallowed,
+                                               previous_hook=sys.unraisablehook)
 
 
 def debug_enabled() -> bool:
