@@ -301,6 +301,16 @@ def test_cli_validate_passes_writes_report_and_isolates_backends(setup, tmp_path
     ref, ort = rep["candidates"]["pytorch"], rep["candidates"]["onnxruntime-fp32"]
     assert ref["memory"]["isolated"] and ref["memory"]["torch_loaded"]
     assert not ort["memory"]["torch_loaded"]  # the ORT child never imported torch
+    # the text says which implementation ran each part of the candidate
+    assert "head of pytorch: torch (the C head serves the onnxruntime backend only)" in res.output
+    d = ort["describe"]
+    assert f"head of onnxruntime-fp32: {d['head']['implementation']}" in res.output
+    if d["sampling"]["implementation"] == "native":
+        conv = d["sampling"]["conv"]
+        line = f"features' 3x3x3 convolution of onnxruntime-fp32: {conv['implementation']}"
+        assert line in res.output, res.output
+        if conv["implementation"] == "winograd":
+            assert f"winograd ({conv['isa']}" in res.output
     assert sorted(p.name for p in out.iterdir()) == ["figures", "report.html", "report.json",
                                                      "report.md"]  # renderings: test_report_render
     # an existing report is refused before any work, and left untouched

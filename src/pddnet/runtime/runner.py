@@ -112,7 +112,7 @@ class PairRunner:
         if why is None:
             ok, why = natf.sampling_status()
         if why is not None:
-            self.sampling_impl = {"implementation": "onnxruntime", "reason": why}
+            self.sampling_impl = {"implementation": backend, "reason": why}
             return None
         ort_opts = {k: v for k, v in options.items() if k not in ("threads", "stages")}
         try:
@@ -139,7 +139,7 @@ class PairRunner:
             if st["isa"] is None:
                 why = st["reason"]
         if why is not None:
-            self.head_impl = {"implementation": "onnxruntime", "reason": why}
+            self.head_impl = {"implementation": backend, "reason": why}
             return None
         ort_opts = {k: v for k, v in options.items() if k not in ("threads", "stages")}
         try:
@@ -157,13 +157,14 @@ class PairRunner:
 
     @property
     def head_implementation(self) -> str:
-        """``"native-avx2"`` / ``"native-sse2"`` / ``"native-portable"`` or ``"onnxruntime"``."""
+        """``"native-avx2"`` / ``"native-sse2"`` / ``"native-portable"``, or the backend that ran
+        it (``"onnxruntime"``, ``"torch"``, ...)."""
         return self.head_impl["implementation"]
 
     @property
     def sampling_implementation(self) -> str:
-        """``"native"`` (the features' OBELISK sampling ran in the C library) or
-        ``"onnxruntime"``."""
+        """``"native"`` (the features' OBELISK sampling ran in the C library) or the backend that
+        ran it (``"onnxruntime"``, ``"torch"``, ...)."""
         return self.sampling_impl["implementation"]
 
     @property
@@ -221,7 +222,7 @@ def _not_native(what: str, backend: str, options: dict[str, Any], native: bool) 
     if not native:
         return f"{what} was not asked for"
     if backend != "onnxruntime":
-        return f"backend {backend!r} ({what} serves the onnxruntime backend)"
+        return f"{what} serves the onnxruntime backend only"
     if options.get("profile") is not None:
         return "profiling ONNX Runtime's nodes"
     provs = options.get("providers") or ["cpu"]

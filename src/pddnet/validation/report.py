@@ -81,6 +81,9 @@ def format_table(report: dict[str, Any]) -> str:
         if smp:
             why = f" ({smp['reason']})" if smp.get("reason") else ""
             lines.append(f"features' OBELISK sampling of {name}: {smp['implementation']}{why}")
+            conv = smp.get("conv")
+            if conv:
+                lines.append(f"features' 3x3x3 convolution of {name}: {_conv_line(conv)}")
     if any(c.get("mode", "ff") != "ff" for c in report["candidates"].values()):
         lines += format_modes(report)
     for name, c in report["candidates"].items():
@@ -91,6 +94,15 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"note: {n}")
     lines.append(f"status: {report['status'].upper()}")
     return "\n".join(lines)
+
+
+def _conv_line(conv: dict[str, Any]) -> str:
+    """``winograd (avx512, Conv1 fused)`` or ``onnxruntime (why)``."""
+    if conv["implementation"] != "winograd":
+        return f"{conv['implementation']}" + (f" ({conv['reason']})" if conv.get("reason") else "")
+    fused = conv.get("fused_before")
+    extra = f", {fused['node'].split('/')[-1].rsplit('_', 1)[0]} fused" if fused else ""
+    return f"winograd ({conv.get('isa', '?')}{extra})"
 
 
 def format_modes(report: dict[str, Any]) -> list[str]:
