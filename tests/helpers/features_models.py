@@ -4,9 +4,12 @@ sizes, fresh random weights and images on every call."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from pddnet.backends.native import features as natf
+from pddnet.spec import contract as C
 
 SHAPE = (31, 26, 35)
 
@@ -41,8 +44,27 @@ def onnx_features(features):
     return OnnxRuntimeBackend(features, threads=2).activate()
 
 
-def both(features):
-    return natf.NativeFeaturesBackend(features, threads=2).activate(), onnx_features(features)
+@contextlib.contextmanager
+def both(features, **native_options):
+    """``(C features backend, ONNX Runtime backend)`` of one features part, released after."""
+    nb = natf.NativeFeaturesBackend(features, threads=2, **native_options).activate()
+    try:
+        ob = onnx_features(features)
+    except BaseException:
+        nb.deactivate()
+        raise
+    try:
+        yield nb, ob
+    finally:
+        nb.deactivate()
+        ob.deactivate()
+
+
+def features_of_both(nb, ob, img=None):
+    """Both backends' features of one (fresh random) image."""
+    img = image() if img is None else img
+    return (nb.run({C.FEATURES_INPUT: img})[C.FEATURES_OUTPUT],
+            ob.run({C.FEATURES_INPUT: img})[C.FEATURES_OUTPUT])
 
 
 def assert_same_features(a, b):

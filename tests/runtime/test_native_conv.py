@@ -200,39 +200,23 @@ def _conv1_read_after_conv2(g):
 
 
 def test_conv1_behind_another_node_runs_in_onnx_runtime_before_the_c_convolution():
-    from pddnet.backends.native import features as natf
 
     f = _edited_features(_identity_before_conv2)
-    be = natf.NativeFeaturesBackend(f, threads=2).activate()
-    ort = FM.onnx_features(f)
-    try:
+    with FM.both(f) as (be, ort):
         st = be.conv_status()
         assert st["implementation"] == "winograd" and "fused_before" not in st
         assert be._post is not None  # Conv1, Relu, Identity in ONNX Runtime
-        img = FM.image()
-        FM.assert_same_features(be.run({C.FEATURES_INPUT: img})[C.FEATURES_OUTPUT],
-                                ort.run({C.FEATURES_INPUT: img})[C.FEATURES_OUTPUT])
-    finally:
-        be.deactivate()
-        ort.deactivate()
+        FM.assert_same_features(*FM.features_of_both(be, ort))
 
 
 def test_a_graph_that_does_not_cut_at_conv2_keeps_it_in_onnx_runtime_and_says_why():
-    from pddnet.backends.native import features as natf
 
     f = _edited_features(_conv1_read_after_conv2)
-    be = natf.NativeFeaturesBackend(f, threads=2).activate()
-    ort = FM.onnx_features(f)
-    try:
+    with FM.both(f) as (be, ort):
         st = be.conv_status()
         assert st["implementation"] == "onnxruntime"
         assert "does not cut at Conv" in st["reason"]
-        img = FM.image()
-        FM.assert_same_features(be.run({C.FEATURES_INPUT: img})[C.FEATURES_OUTPUT],
-                                ort.run({C.FEATURES_INPUT: img})[C.FEATURES_OUTPUT])
-    finally:
-        be.deactivate()
-        ort.deactivate()
+        FM.assert_same_features(*FM.features_of_both(be, ort))
 
 
 def test_the_int8_graph_keeps_its_convolution_in_onnx_runtime_and_says_why():

@@ -95,8 +95,7 @@ def test_features_with_and_without_the_library_agree():
     plan = natf.plan_features(FM.features_part(model))
     assert plan.offsets == 8 and plan.channels == 4 and plan.nodes[2].endswith("ObeliskDiff_0")
     assert (np.abs(np.concatenate([plan.offsets0, plan.offsets1])) > 1.0).any()
-    nb, ob = FM.both(FM.features_part(model))
-    try:
+    with FM.both(FM.features_part(model)) as (nb, ob):
         for _ in range(2):  # the difference buffer is reused
             img = FM.image()
             a, b = nb.run({C.FEATURES_INPUT: img}), ob.run({C.FEATURES_INPUT: img})
@@ -105,9 +104,6 @@ def test_features_with_and_without_the_library_agree():
         assert set(nb.last_parts_ms) >= {"pre", "sampling", "post"}
         d = nb.describe()
         assert d["backend"] == "onnxruntime" and d["native_sampling"]["plan"]["offsets"] == 8
-    finally:
-        nb.deactivate()
-        ob.deactivate()
 
 
 def test_offsets_from_constant_nodes():
@@ -129,14 +125,8 @@ def test_offsets_from_constant_nodes():
     got = {n.input[1] for n in g.node if n.op_type == "DeformableSample3D"}
     assert got == set(want)
     assert any(np.array_equal(plan.offsets0, v) for v in want.values())
-    nb, ob = FM.both(f)
-    try:
-        img = FM.image()
-        FM.assert_same_features(nb.run({C.FEATURES_INPUT: img})[C.FEATURES_OUTPUT],
-                              ob.run({C.FEATURES_INPUT: img})[C.FEATURES_OUTPUT])
-    finally:
-        nb.deactivate()
-        ob.deactivate()
+    with FM.both(f) as (nb, ob):
+        FM.assert_same_features(*FM.features_of_both(nb, ob))
 
 
 def _edited(edit):
@@ -189,14 +179,8 @@ def test_a_qdq_pair_before_the_sampling_stays_in_onnx_runtime():
     plan = natf.plan_features(f)
     assert plan.x_name == "x_dq"
     assert {n.op_type for n in plan.pre.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
-    nb, ob = FM.both(f)
-    try:
-        img = FM.image()
-        FM.assert_same_features(nb.run({C.FEATURES_INPUT: img})[C.FEATURES_OUTPUT],
-                              ob.run({C.FEATURES_INPUT: img})[C.FEATURES_OUTPUT])
-    finally:
-        nb.deactivate()
-        ob.deactivate()
+    with FM.both(f) as (nb, ob):
+        FM.assert_same_features(*FM.features_of_both(nb, ob))
 
 
 def test_the_int8_graph_samples_in_c_with_its_convolutions_in_int8():
@@ -218,11 +202,9 @@ def test_the_int8_graph_samples_in_c_with_its_convolutions_in_int8():
         ["QuantizeLinear"]
     assert post_ops.count("Conv") == 3 and post_ops.count("DequantizeLinear") >= 4
     assert all(n.domain != C.DOMAIN for n in plan.post.graph.node)
-    nb, ob = FM.both(f)
-    try:
+    with FM.both(f) as (nb, ob):
         img = FM.image()
-        a = nb.run({C.FEATURES_INPUT: img})[C.FEATURES_OUTPUT]
-        b = ob.run({C.FEATURES_INPUT: img})[C.FEATURES_OUTPUT]
+        a, b = FM.features_of_both(nb, ob, img)
         scale = float(np.abs(b).max())
         close = np.isclose(a, b, rtol=1e-4, atol=1e-5 * scale)
         # a flipped rounding spreads through Conv2 (27 voxels, every channel): most stay equal
@@ -235,9 +217,6 @@ def test_the_int8_graph_samples_in_c_with_its_convolutions_in_int8():
                 np.abs(a - b).max()
         finally:
             fb.deactivate()
-    finally:
-        nb.deactivate()
-        ob.deactivate()
 
 
 def test_fp16_sampling_runs_in_onnx_runtime_and_says_why():
