@@ -200,7 +200,6 @@ def _conv1_read_after_conv2(g):
 
 
 def test_conv1_behind_another_node_runs_in_onnx_runtime_before_the_c_convolution():
-
     f = _edited_features(_identity_before_conv2)
     with FM.both(f) as (be, ort):
         st = be.conv_status()
@@ -210,7 +209,6 @@ def test_conv1_behind_another_node_runs_in_onnx_runtime_before_the_c_convolution
 
 
 def test_a_graph_that_does_not_cut_at_conv2_keeps_it_in_onnx_runtime_and_says_why():
-
     f = _edited_features(_conv1_read_after_conv2)
     with FM.both(f) as (be, ort):
         st = be.conv_status()
