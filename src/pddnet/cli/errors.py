@@ -65,7 +65,10 @@ def _redeliver_swallowed(unraisable, previous_hook=sys.__unraisablehook__) -> No
     interrupted code, where the exception propagates (sent from here, it would run at the
     hook's next call and be ignored again)."""
     if isinstance(unraisable.exc_value, Interrupted):
-        _thread.start_new_thread(_send_to_main_thread, (unraisable.exc_value.signum,))
+        try:
+            _thread.start_new_thread(_send_to_main_thread, (unraisable.exc_value.signum,))
+        except RuntimeError:  # the interpreter is shutting down: the command has ended anyway
+            pass
         return
     previous_hook(unraisable)
 
