@@ -45,19 +45,14 @@ def onnx_features(features):
 
 
 @contextlib.contextmanager
-def both(features, **native_options):
+def both(features):
     """``(C features backend, ONNX Runtime backend)`` of one features part, released after."""
-    nb = natf.NativeFeaturesBackend(features, threads=2, **native_options).activate()
-    try:
+    with contextlib.ExitStack() as release:
+        nb = natf.NativeFeaturesBackend(features, threads=2).activate()
+        release.callback(nb.deactivate)
         ob = onnx_features(features)
-    except BaseException:
-        nb.deactivate()
-        raise
-    try:
+        release.callback(ob.deactivate)
         yield nb, ob
-    finally:
-        nb.deactivate()
-        ob.deactivate()
 
 
 def features_of_both(nb, ob, img=None):

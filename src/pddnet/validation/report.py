@@ -72,18 +72,16 @@ def format_table(report: dict[str, Any]) -> str:
                  f"latency: model execution, {st['warmup']} warm-up + {st['repeats']} timed runs, "
                  f"threads {st['threads'] or 'default'}; peak MB: process peak RSS "
                  f"({'one process per backend' if st['isolated'] else 'shared process'})")
-    for name, c in report["candidates"].items():  # which implementation ran the head
+    for name, c in report["candidates"].items():  # which implementation ran each part
         head = (c.get("describe") or {}).get("head")
         if head:
-            why = f" ({head['reason']})" if head.get("reason") else ""
-            lines.append(f"head of {name}: {head['implementation']}{why}")
+            lines.append(f"head of {name}: {_implementation(head)}")
         smp = (c.get("describe") or {}).get("sampling")
         if smp:
-            why = f" ({smp['reason']})" if smp.get("reason") else ""
-            lines.append(f"features' OBELISK sampling of {name}: {smp['implementation']}{why}")
+            lines.append(f"features' OBELISK sampling of {name}: {_implementation(smp)}")
             conv = smp.get("conv")
             if conv:
-                lines.append(f"features' 3x3x3 convolution of {name}: {_conv_line(conv)}")
+                lines.append(f"features' 3x3x3 convolution of {name}: {_implementation(conv)}")
     if any(c.get("mode", "ff") != "ff" for c in report["candidates"].values()):
         lines += format_modes(report)
     for name, c in report["candidates"].items():
@@ -96,13 +94,12 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _conv_line(conv: dict[str, Any]) -> str:
-    """``winograd (avx512, Conv1 fused)`` or ``onnxruntime (why)``."""
-    if conv["implementation"] != "winograd":
-        return f"{conv['implementation']}" + (f" ({conv['reason']})" if conv.get("reason") else "")
-    fused = conv.get("fused_before")
-    extra = f", {fused['node'].split('/')[-1].rsplit('_', 1)[0]} fused" if fused else ""
-    return f"winograd ({conv.get('isa', '?')}{extra})"
+def _implementation(part: dict[str, Any]) -> str:
+    """``native-avx2``, ``winograd (avx512, fixed/Conv1_0 fused)`` or ``onnxruntime (why)``."""
+    if part["implementation"] == "winograd":
+        fused = part.get("fused_before")
+        return f"winograd ({part['isa']}{', ' + fused['node'] + ' fused' if fused else ''})"
+    return part["implementation"] + (f" ({part['reason']})" if part.get("reason") else "")
 
 
 def format_modes(report: dict[str, Any]) -> list[str]:
